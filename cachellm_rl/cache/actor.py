@@ -1,0 +1,411 @@
+"""``SharedPriorCache``: the adaptive cache as a named async Ray actor shared by all rollout
+workers (DESIGN §2, §3, §6). A thin shell around :class:`AdaptiveCache` and
+:class:`MetaOptimizer`; the LM is reached through the ``PriorServer`` Serve application.
+
+Reliability: an LM call has a timeout; on failure or timeout the caller gets the nearest cached
+prior (marked stale) or the uniform prior, counted, never an exception. Snapshots are written
+atomically (no pickle) and a restarted actor restores the latest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from cachellm_rl.cache.adaptive import AdaptiveCache, CacheConfig, CacheStats, align_prior
+from cachellm_rl.cache.meta import CacheParams, MetaConfig, MetaOptimizer, WindowSignals
+from cachellm_rl.contracts import (
+    CacheQuery,
+    HitTier,
+    LookupResult,
+    PriorRequest,
+    PriorResponse,
+    PriorResult,
+    PriorSource,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_NAME = "cachellm_prior_cache"
+DEFAULT_NAMESPACE = "cachellm_rl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedCacheConfig:
+    """Settings of the shared cache actor.
+
+    Attributes:
+        cache: Cache semantics (K, tau, rho, coverage, index).
+        meta: Meta-optimisation of (K, tau, rho).
+        prior_app: Name of the ``PriorServer`` Serve application; None means no LM (every miss
+            falls back, useful only for exact-replay tools).
+        encoder_tag: Tag of the state encoder the callers use.
+        lm_timeout_s: Timeout of one LM call; then the fallback prior is used.
+        snapshot_dir: Where snapshots go and are restored from (None: no persistence).
+        snapshot_interval_s: Minimum seconds between automatic snapshots (0: only explicit).
+        max_restarts: Ray restarts of the actor after a crash (-1: unlimited).
+        num_cpus: CPUs reserved for the actor.
+    """
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(mode="static"))
+    prior_app: str | None = "cachellm_prior"
+    encoder_tag: str = ""
+    lm_timeout_s: float = 30.0
+    snapshot_dir: str | None = None
+    snapshot_interval_s: float = 60.0
+    max_restarts: int = 3
+    num_cpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lm_timeout_s > 0:
+            raise ValueError(f"SharedCacheConfig.lm_timeout_s must be > 0, got {self.lm_timeout_s}")
+        if self.snapshot_interval_s < 0:
+            raise ValueError("SharedCacheConfig.snapshot_interval_s must be >= 0")
+
+
+def uniform_logp(n: int) -> np.ndarray:
+    """Uniform log-prior over ``n`` candidates."""
+    return np.full(n, -math.log(n), dtype=np.float32)
+
+
+class SharedPriorCache:
+    """Async actor class; create it with :func:`get_or_create_cache`.
+
+    Args:
+        config: Actor settings.
+    """
+
+    def __init__(self, config: SharedCacheConfig) -> None:
+        self.config = config
+        self._cache = self._restore_or_new()
+        self._meta = MetaOptimizer(config.meta)
+        self._handle = None
+        self._inflight: dict[bytes, asyncio.Future] = {}
+        self._inflight_near: dict[bytes, tuple[np.ndarray, frozenset[str]]] = {}
+        self._background: set[asyncio.Task] = set()
+        self._last_snapshot = time.monotonic()
+        self._version_checked = False
+        self.refresh_failures = 0
+
+    # -- setup --------------------------------------------------------------------------------
+    def _restore_or_new(self) -> AdaptiveCache:
+        cfg = self.config
+        if cfg.snapshot_dir and AdaptiveCache.latest_snapshot(cfg.snapshot_dir) is not None:
+            cache = AdaptiveCache.restore(cfg.snapshot_dir, cfg.cache)
+            logger.info("restored %d cache entries from %s", len(cache), cfg.snapshot_dir)
+            if cache.encoder_tag != cfg.encoder_tag:
+                cache.encoder_tag = cfg.encoder_tag
+            return cache
+        return AdaptiveCache(cfg.cache, encoder_tag=cfg.encoder_tag)
+
+    def _lm(self):
+        if self._handle is None:
+            if self.config.prior_app is None:
+                raise RuntimeError("no prior_app configured")
+            from ray import serve
+
+            self._handle = serve.get_app_handle(self.config.prior_app)
+        return self._handle
+
+    async def versions(self) -> tuple[str, str]:
+        """``(prior model version, encoder tag)``: what callers hash into exact keys."""
+        if not self._version_checked and self.config.prior_app is not None:
+            try:
+                version = await asyncio.wait_for(
+                    self._lm().model_version.remote(), self.config.lm_timeout_s
+                )
+                self._cache.model_version = version
+                self._version_checked = True
+            except Exception as exc:
+                logger.warning("could not read the prior's model version: %r", exc)
+        return self._cache.model_version, self._cache.encoder_tag
+
+    def ping(self) -> bool:
+        """Liveness check."""
+        return True
+
+    # -- main path ----------------------------------------------------------------------------
+    def _validate(self, queries: list[CacheQuery]) -> None:
+        if not isinstance(queries, list | tuple):
+            raise ValueError(f"queries must be a list of CacheQuery, got {type(queries).__name__}")
+        for q in queries:
+            self._cache._check_query(q)
+
+    def _spsa_tau(self, caller_id: int | None) -> tuple[int, float | None]:
+        spsa = self._meta.spsa
+        if spsa is None:
+            return 0, None
+        sign = spsa.sign_for(caller_id)
+        return sign, self._cache.min_cosine_similarity + sign * self.config.meta.spsa_delta
+
+    async def lookup_batch(self, queries: list[CacheQuery]) -> list[LookupResult]:
+        """Look states up without any LM call (records decisions; schedules no refresh)."""
+        self._validate(queries)
+        return [self._cache.lookup(q) for q in queries]
+
+    async def get_priors(
+        self, queries: list[CacheQuery], caller_id: int | None = None
+    ) -> list[PriorResult]:
+        """Lookup, coalesced miss resolution through the LM, insert; one call per vector step.
+
+        Args:
+            queries: One query per sub-env.
+            caller_id: Stable id of the calling env runner (SPSA sign assignment).
+
+        Returns:
+            One usable prior per query, aligned to its candidates.
+        """
+        t0 = time.perf_counter()
+        self._validate(queries)
+        sign, tau = self._spsa_tau(caller_id)
+        results: list[PriorResult | None] = [None] * len(queries)
+        misses: list[int] = []
+        lm_before = self._cache.stats.lm_queries
+        for i, q in enumerate(queries):
+            r = self._cache.lookup(q, min_cosine_similarity=tau)
+            if r.hit:
+                ms = (time.perf_counter() - t0) * 1e3
+                src = PriorSource.CACHE_EXACT if r.tier is HitTier.EXACT else PriorSource.CACHE_SEMANTIC
+                results[i] = PriorResult(
+                    logp=r.logp, source=src, latency_ms=ms, model_version=self._cache.model_version
+                )
+                self._cache.stats.latency_hit.record(ms)
+                if r.refresh:
+                    self._spawn(self._refresh(q, r))
+            else:
+                misses.append(i)
+        if misses:
+            resolved = await asyncio.gather(*[self._resolve_miss(queries[i], t0) for i in misses])
+            for i, res in zip(misses, resolved, strict=True):
+                results[i] = res
+        self._after_decisions(len(queries), sign, self._cache.stats.lm_queries - lm_before)
+        return results  # type: ignore[return-value]
+
+    async def _call_lm(self, request: PriorRequest) -> PriorResponse:
+        self._cache.stats.lm_queries += 1
+        self._cache.window.lm_queries += 1
+        try:
+            return await asyncio.wait_for(self._lm().remote(request), self.config.lm_timeout_s)
+        except asyncio.TimeoutError:
+            self._cache.stats.lm_timeouts += 1
+            raise
+
+    def _near_inflight(self, q: CacheQuery) -> bytes | None:
+        if q.embedding is None or not self._inflight_near:
+            return None
+        cands = q.request.candidates
+        for key, (emb, leader_cands) in self._inflight_near.items():
+            if float(np.dot(emb, q.embedding)) >= self._cache.min_cosine_similarity:
+                cov = sum(1 for c in cands if c in leader_cands) / len(cands)
+                if cov >= self._cache.config.min_candidate_coverage:
+                    return key
+        return None
+
+    async def _resolve_miss(self, q: CacheQuery, t0: float) -> PriorResult:
+        key = q.exact_key
+        leader = key if key in self._inflight else self._near_inflight(q)
+        if leader is not None:
+            self._cache.stats.coalesced_misses += 1
+            outcome = await asyncio.shield(self._inflight[leader])
+            if outcome is not None:
+                leader_req, resp = outcome
+                logp, _ = align_prior(
+                    leader_req.candidates, resp.logp, q.request.candidates,
+                    self._cache.config.missing_action_margin,
+                )
+                return self._miss_result(logp, PriorSource.COALESCED, t0, resp.model_version)
+            return self._fallback(q, t0)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        if q.embedding is not None:
+            self._inflight_near[key] = (q.embedding, frozenset(q.request.candidates))
+        try:
+            resp = await self._call_lm(q.request)
+            self._cache.insert(q, resp)
+            fut.set_result((q.request, resp))
+            return self._miss_result(resp.logp, PriorSource.LM, t0, resp.model_version)
+        except Exception as exc:
+            if not isinstance(exc, asyncio.TimeoutError):
+                self._cache.stats.lm_failures += 1
+                logger.warning("LM call failed, using the fallback prior: %r", exc)
+            fut.set_result(None)
+            return self._fallback(q, t0)
+        finally:
+            self._inflight.pop(key, None)
+            self._inflight_near.pop(key, None)
+
+    def _miss_result(
+        self, logp: np.ndarray, source: PriorSource, t0: float, version: str, stale: bool = False
+    ) -> PriorResult:
+        ms = (time.perf_counter() - t0) * 1e3
+        self._cache.stats.latency_miss.record(ms)
+        return PriorResult(
+            logp=np.asarray(logp, np.float32), source=source, latency_ms=ms, stale=stale,
+            model_version=version,
+        )
+
+    def _fallback(self, q: CacheQuery, t0: float) -> PriorResult:
+        near = self._cache.nearest(q)
+        if near is not None:
+            self._cache.stats.fallbacks_stale += 1
+            return self._miss_result(
+                near[0], PriorSource.FALLBACK_STALE, t0, self._cache.model_version, stale=True
+            )
+        self._cache.stats.fallbacks_uniform += 1
+        return self._miss_result(
+            uniform_logp(len(q.request.candidates)), PriorSource.FALLBACK_UNIFORM, t0, "", True
+        )
+
+    # -- background work ----------------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh(self, q: CacheQuery, hit: LookupResult) -> None:
+        try:
+            fresh = await self._call_lm(q.request)
+            kl, _ = self._cache.apply_refresh(q, hit.logp, fresh, hit.entry_id)
+            if self._meta.spsa is not None:
+                self._meta.spsa.record(self._meta.spsa.sign_for(None), kl=kl)
+        except Exception as exc:
+            self.refresh_failures += 1
+            logger.debug("refresh failed: %r", exc)
+
+    async def drain(self) -> int:
+        """Wait for background refreshes to finish; returns how many were pending."""
+        pending = list(self._background)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+    # -- meta-optimisation and snapshots ------------------------------------------------------
+    def _params(self) -> CacheParams:
+        c = self._cache
+        return CacheParams(c.capacity_entries, c.min_cosine_similarity, c.refresh_probability)
+
+    def _after_decisions(self, n: int, sign: int, lm_queries: int) -> None:
+        cache, meta = self._cache, self._meta
+        if meta.spsa is not None:
+            meta.spsa.record(sign, decisions=n, lm_queries=lm_queries)
+            new_tau = meta.spsa.maybe_step(cache.min_cosine_similarity)
+            if new_tau != cache.min_cosine_similarity:
+                cache.set_params(min_cosine_similarity=new_tau)
+                cache.stats.meta_updates += 1
+        elif meta.due(cache.window.decisions):
+            signals = WindowSignals.from_window(
+                cache.take_window(),
+                unused_fraction=cache.unused_fraction(),
+                return_trend=meta.return_trend(),
+            )
+            new = meta.step(self._params(), signals)
+            cache.set_params(new.capacity_entries, new.min_cosine_similarity, new.refresh_probability)
+            cache.stats.meta_updates += 1
+        elif meta.cfg.mode == "static" and cache.window.decisions >= meta.cfg.window_decisions:
+            cache.take_window()
+        if (
+            self.config.snapshot_dir
+            and self.config.snapshot_interval_s > 0
+            and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
+        ):
+            self.save()
+
+    def report_episode_returns(self, returns: list[float], caller_id: int | None = None) -> None:
+        """Episode returns for the meta-reward (return trend; SPSA groups)."""
+        returns = [float(r) for r in returns]
+        self._meta.record_returns(returns)
+        if self._meta.spsa is not None:
+            self._meta.spsa.record_returns(self._meta.spsa.sign_for(caller_id), returns)
+
+    def set_params(
+        self,
+        capacity_entries: int | None = None,
+        min_cosine_similarity: float | None = None,
+        refresh_probability: float | None = None,
+    ) -> CacheParams:
+        """Set (K, tau, rho); None keeps a value. Returns the parameters in force."""
+        self._cache.set_params(capacity_entries, min_cosine_similarity, refresh_probability)
+        return self._params()
+
+    def stats(self) -> CacheStats:
+        """Counters, gauges and latency histograms."""
+        return self._cache.snapshot_stats()
+
+    def meta_history(self) -> list[dict[str, float]]:
+        """Every heuristic meta-update so far."""
+        return list(self._meta.history)
+
+    def save(self, path: str | None = None) -> str:
+        """Write a snapshot (atomically) to ``path`` or the configured ``snapshot_dir``."""
+        target = path or self.config.snapshot_dir
+        if target is None:
+            raise ValueError("save() needs a path: no snapshot_dir is configured")
+        out = self._cache.save(target)
+        self._last_snapshot = time.monotonic()
+        return str(out)
+
+    def restore(self, path: str) -> int:
+        """Replace the cache with the latest snapshot under ``path``; returns its entry count."""
+        self._cache = AdaptiveCache.restore(Path(path), self.config.cache)
+        self._cache.encoder_tag = self.config.encoder_tag
+        return len(self._cache)
+
+    def size(self) -> int:
+        """Number of entries."""
+        return len(self._cache)
+
+
+def get_or_create_cache(
+    config: SharedCacheConfig | None = None,
+    *,
+    name: str = DEFAULT_CACHE_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    detached: bool = False,
+):
+    """The one way to reach the shared cache: get the named actor, creating it if needed.
+
+    A non-detached named actor dies when its creator's handle is garbage-collected, so the
+    creator (the driver) keeps the returned handle; env runners call this with the same name and
+    namespace and get the same actor.
+
+    Args:
+        config: Settings used only when the actor is created.
+        name: Actor name.
+        namespace: Ray namespace.
+        detached: Survive the creating driver (remove it with :func:`kill_cache`).
+
+    Returns:
+        The actor handle.
+    """
+    cfg = config or SharedCacheConfig()
+    cls = ray.remote(SharedPriorCache)
+    return cls.options(
+        name=name,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached" if detached else None,
+        max_restarts=cfg.max_restarts,
+        max_task_retries=0,
+        num_cpus=cfg.num_cpus,
+        max_concurrency=1000,
+    ).remote(cfg)
+
+
+def kill_cache(
+    name: str = DEFAULT_CACHE_NAME, namespace: str = DEFAULT_NAMESPACE, *, no_restart: bool = True
+) -> bool:
+    """Kill the named cache actor; returns False when there was none."""
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    ray.kill(handle, no_restart=no_restart)
+    return True

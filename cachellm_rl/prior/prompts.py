@@ -1,0 +1,93 @@
+"""Prompt construction for candidate scoring (DESIGN §4.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class FewShotExample:
+    """One solved step shown to the LM before the current state.
+
+    Attributes:
+        state: State text of the example.
+        action: The expert's action in that state.
+    """
+
+    state: str
+    action: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptConfig:
+    """How prompts are laid out.
+
+    Attributes:
+        objective_header: Label before the task objective.
+        state_header: Label before the current observation.
+        inventory_header: Label before the inventory (omitted when the env has none).
+        candidates_header: Label before the list of admissible actions; None omits the list.
+        action_header: Text the candidate is appended to; the scored tokens follow it.
+        max_listed_candidates: At most this many candidates are listed in the prompt body.
+    """
+
+    objective_header: str = "Goal:"
+    state_header: str = "Observation:"
+    inventory_header: str = "Inventory:"
+    candidates_header: str | None = "Admissible actions:"
+    action_header: str = "Next action:"
+    max_listed_candidates: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_listed_candidates < 0:
+            raise ValueError("PromptConfig.max_listed_candidates must be >= 0")
+
+
+def build_prompt(
+    *,
+    state: str,
+    objective: str = "",
+    inventory: str | None = None,
+    candidates: Sequence[str] = (),
+    examples: Sequence[FewShotExample] = (),
+    config: PromptConfig | None = None,
+) -> str:
+    """Build the text after which each candidate action is scored.
+
+    The layout is: optional k-shot block, objective, state, inventory, the listed candidates, then
+    the action header. The prompt ends without a trailing space: the scorer prepends
+    ``ScorerConfig.candidate_prefix`` (a space by default) to each candidate, which is how BPE
+    tokenizers see a new word.
+
+    Args:
+        state: Current observation text.
+        objective: Task or objective text.
+        inventory: Inventory text, or None when the env has no inventory.
+        candidates: Candidate actions listed in the prompt body (optional).
+        examples: Few-shot (state, action) pairs shown first.
+        config: Layout; defaults to :class:`PromptConfig`.
+
+    Returns:
+        The prompt string.
+
+    Example:
+        >>> build_prompt(state="You see a key.", objective="Open the door.")
+        'Goal: Open the door.\\nObservation: You see a key.\\nAdmissible actions: \\nNext action:'
+    """
+    cfg = config or PromptConfig()
+    if not isinstance(state, str):
+        raise ValueError(f"state must be a string, got {type(state).__name__}")
+    parts: list[str] = []
+    for ex in examples:
+        parts.append(f"{cfg.state_header} {ex.state.strip()}\n{cfg.action_header} {ex.action.strip()}\n")
+    if objective:
+        parts.append(f"{cfg.objective_header} {objective.strip()}\n")
+    parts.append(f"{cfg.state_header} {state.strip()}\n")
+    if inventory is not None:
+        parts.append(f"{cfg.inventory_header} {inventory.strip()}\n")
+    if cfg.candidates_header is not None:
+        listed = list(candidates)[: cfg.max_listed_candidates]
+        parts.append(f"{cfg.candidates_header} {', '.join(listed)}\n")
+    parts.append(cfg.action_header)
+    return "".join(parts)

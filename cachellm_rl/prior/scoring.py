@@ -1,0 +1,400 @@
+"""Candidate scoring with a causal LM: the prior ``p(a|s)`` of DESIGN §4.1.
+
+The score of candidate ``a`` is the mean token log-likelihood of ``a``'s tokens after the prompt
+(length-normalised so short commands are not favoured); the prior is
+``softmax(score / prior_temperature)`` over the candidates.
+
+Prefix sharing: the prompt's forward pass runs once and its key/value cache is repeated for all
+candidates of that prompt, so a prompt of ``P`` tokens with ``C`` candidates of ``L`` tokens costs
+``P + C*L`` token positions instead of ``C*(P+L)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachellm_rl.contracts import PriorRequest, PriorResponse
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerConfig:
+    """How the LM prior is loaded and evaluated.
+
+    Attributes:
+        model_dir: Local Hugging Face model directory (``config.json`` + ``*.safetensors``).
+        adapter_dir: Optional LoRA adapter directory (peft) applied on top of the base model.
+        dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"`` or
+            ``"float16"``. Ignored for GPTQ checkpoints, whose quantization config decides.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
+        trust_remote_code: Passed to ``from_pretrained``; off unless the user asks.
+        load_in_4bit: Quantise with bitsandbytes 4-bit on load (needs CUDA and bitsandbytes).
+        prior_temperature: ``T_prior`` of the softmax over candidate scores; > 0.
+        candidate_prefix: Text put before each candidate (a space, so BPE sees a new word).
+        max_context_tokens: Context length; None reads it from the model config.
+        max_candidates_per_forward: Candidates of one prompt scored per forward pass (memory cap).
+    """
+
+    model_dir: str
+    adapter_dir: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    load_in_4bit: bool = False
+    prior_temperature: float = 1.0
+    candidate_prefix: str = " "
+    max_context_tokens: int | None = None
+    max_candidates_per_forward: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(
+                f"ScorerConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
+            )
+        if not self.prior_temperature > 0:
+            raise ValueError(
+                f"ScorerConfig.prior_temperature must be > 0, got {self.prior_temperature}"
+            )
+        if self.max_candidates_per_forward < 1:
+            raise ValueError("ScorerConfig.max_candidates_per_forward must be >= 1")
+        if self.max_context_tokens is not None and self.max_context_tokens < 2:
+            raise ValueError("ScorerConfig.max_context_tokens must be >= 2")
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """Check that a directory holds a loadable safetensors checkpoint.
+
+    Args:
+        model_dir: Directory to check.
+
+    Returns:
+        The directory as a resolved Path.
+
+    Raises:
+        FileNotFoundError: The directory or its ``config.json`` is missing.
+        ValueError: The directory has no ``*.safetensors`` weights (``.bin`` pickles are refused).
+    """
+    path = Path(model_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    if not list(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (
+            f" It holds pickled weights {pickled}; re-save them with "
+            "`model.save_pretrained(dir, safe_serialization=True)`: pickles are not loaded."
+            if pickled
+            else ""
+        )
+        raise ValueError(f"model directory {str(path)!r} has no *.safetensors weights.{hint}")
+    return path
+
+
+def weights_version(*dirs: str | Path | None, extra: str = "") -> str:
+    """Content hash of the safetensors weights (and adapter) in ``dirs``: the model version.
+
+    Args:
+        *dirs: Model and adapter directories; None entries are skipped.
+        extra: Extra text mixed into the hash (e.g. the prior temperature).
+
+    Returns:
+        16 hex characters.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for d in dirs:
+        if d is None:
+            continue
+        for f in sorted(Path(d).glob("*.safetensors")):
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+        cfg = Path(d) / "adapter_config.json"
+        if cfg.is_file():
+            h.update(cfg.read_bytes())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_causal_lm(config: ScorerConfig) -> tuple[torch.nn.Module, object, torch.device]:
+    """Load model and tokenizer from a local directory (safetensors only).
+
+    Args:
+        config: Scorer configuration.
+
+    Returns:
+        ``(model, tokenizer, device)`` with the model in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(config.model_dir)
+    device = _pick_device(config.device)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    quant = getattr(hf_config, "quantization_config", None)
+    kwargs: dict = {"use_safetensors": True, "trust_remote_code": config.trust_remote_code}
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if method == "gptq":
+            try:
+                import gptqmodel  # noqa: F401
+            except ImportError as exc:
+                raise ImportError(
+                    f"{str(path)!r} is a GPTQ checkpoint; install the `gptq` extra "
+                    "(gptqmodel, the backend transformers uses; auto-gptq is unmaintained)"
+                ) from exc
+        kwargs["device_map"] = "auto" if device.type == "cuda" else {"": str(device)}
+    elif config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if device.type != "cuda":
+            raise ValueError("ScorerConfig.load_in_4bit needs a CUDA device")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        kwargs["device_map"] = {"": str(device)}
+    else:
+        if config.dtype == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        else:
+            dtype = _DTYPES[config.dtype]
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.adapter_dir is not None:
+        from peft import PeftModel
+
+        check_adapter = Path(config.adapter_dir)
+        if not (check_adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"adapter directory {str(check_adapter)!r} has no adapter_config.json"
+            )
+        model = PeftModel.from_pretrained(model, str(check_adapter))
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    return model, tokenizer, device
+
+
+def _context_length(model: torch.nn.Module, override: int | None) -> int:
+    if override is not None:
+        return override
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def candidate_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    candidate_ids: Sequence[Sequence[int]],
+    *,
+    device: torch.device,
+    max_candidates_per_forward: int = 64,
+) -> list[np.ndarray]:
+    """Per-token log-likelihoods of each candidate after one prompt, with prefix sharing.
+
+    The prompt runs once with ``use_cache=True``; its key/value cache is repeated for the
+    candidates, which run in one right-padded batch. Padding sits after each candidate's last
+    real token, so causal attention keeps it out of the real tokens' outputs.
+
+    Args:
+        model: Causal LM in eval mode.
+        prompt_ids: Prompt token ids (non-empty).
+        candidate_ids: Token ids of each candidate (each non-empty).
+        device: Device of the model.
+        max_candidates_per_forward: Candidates per forward pass.
+
+    Returns:
+        One float64 array per candidate with the log-probability of each of its tokens.
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: scoring needs at least one context token")
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    p_len = prompt.shape[1]
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        prompt_out = model(input_ids=prompt, use_cache=True)
+        first_logp = torch.log_softmax(prompt_out.logits[0, -1].float(), dim=-1)  # (V,)
+        base_cache = prompt_out.past_key_values
+        for start in range(0, len(candidate_ids), max_candidates_per_forward):
+            chunk = candidate_ids[start : start + max_candidates_per_forward]
+            n = len(chunk)
+            max_len = max(len(c) for c in chunk)
+            ids_CL = torch.zeros((n, max_len), dtype=torch.long, device=device)
+            for i, c in enumerate(chunk):
+                ids_CL[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+            if max_len > 1:
+                cache = copy.deepcopy(base_cache) if start + n < len(candidate_ids) else base_cache
+                cache.batch_repeat_interleave(n)
+                positions_CL = torch.arange(p_len, p_len + max_len - 1, device=device).expand(
+                    n, -1
+                )
+                cand_out = model(
+                    input_ids=ids_CL[:, :-1],
+                    past_key_values=cache,
+                    position_ids=positions_CL,
+                    attention_mask=torch.ones((n, p_len + max_len - 1), device=device),
+                    use_cache=True,
+                )
+                rest_logp_CLV = torch.log_softmax(cand_out.logits.float(), dim=-1)
+            for i, c in enumerate(chunk):
+                lp = [first_logp[c[0]].item()]
+                if len(c) > 1:
+                    tgt = ids_CL[i, 1 : len(c)]
+                    lp.extend(
+                        rest_logp_CLV[i, : len(c) - 1].gather(-1, tgt[:, None]).squeeze(-1).tolist()
+                    )
+                out.append(np.asarray(lp, dtype=np.float64))
+    return out
+
+
+def candidate_token_logprobs_full(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    candidate_ids: Sequence[Sequence[int]],
+    *,
+    device: torch.device,
+) -> list[np.ndarray]:
+    """Reference computation without prefix sharing: each prompt+candidate run separately.
+
+    Used to check :func:`candidate_token_logprobs` and as the benchmark's baseline.
+    """
+    out: list[np.ndarray] = []
+    p_len = len(prompt_ids)
+    with torch.inference_mode():
+        for c in candidate_ids:
+            seq = torch.tensor([list(prompt_ids) + list(c)], dtype=torch.long, device=device)
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), dim=-1)
+            tgt = seq[0, p_len:]
+            out.append(
+                logp[p_len - 1 : p_len - 1 + len(c)].gather(-1, tgt[:, None]).squeeze(-1).double()
+                .cpu()
+                .numpy()
+            )
+    return out
+
+
+def prior_from_token_logprobs(
+    token_logprobs: Sequence[np.ndarray], prior_temperature: float = 1.0
+) -> np.ndarray:
+    """Length-normalised scores → normalised prior log-probabilities.
+
+    Args:
+        token_logprobs: Per-token log-likelihoods of each candidate.
+        prior_temperature: Softmax temperature over the mean scores.
+
+    Returns:
+        float32 log-probabilities with logsumexp 0.
+
+    Example:
+        >>> lp = prior_from_token_logprobs([np.log([0.5]), np.log([0.5, 0.5])])
+        >>> np.allclose(np.exp(lp), [0.5, 0.5])
+        True
+    """
+    scores = np.array([float(np.mean(t)) for t in token_logprobs], dtype=np.float64)
+    z = scores / prior_temperature
+    z = z - z.max()
+    logp = z - np.log(np.exp(z).sum())
+    return logp.astype(np.float32)
+
+
+class CandidateScorer:
+    """Scores the candidate actions of states with a causal LM (DESIGN §4.1, §4.2).
+
+    Any Hugging Face causal LM in a local directory works: the project's embedded default prior,
+    a user's bf16 checkpoint, a GPTQ checkpoint (with the ``gptq`` extra), or bitsandbytes 4-bit.
+
+    Args:
+        config: Scorer configuration.
+    """
+
+    def __init__(self, config: ScorerConfig) -> None:
+        self.config = config
+        self.model, self.tokenizer, self.device = load_causal_lm(config)
+        self.context_tokens = _context_length(self.model, config.max_context_tokens)
+        self.model_version = weights_version(
+            config.model_dir,
+            config.adapter_dir,
+            extra=json.dumps({"T_prior": config.prior_temperature, "pre": config.candidate_prefix}),
+        )
+        self.num_truncated_prompts = 0
+
+    def encode(self, request: PriorRequest) -> tuple[list[int], list[list[int]]]:
+        """Tokenise a request: prompt ids (left-truncated to the context) and candidate ids."""
+        tok = self.tokenizer
+        cand_ids = [
+            list(tok(self.config.candidate_prefix + c, add_special_tokens=False)["input_ids"])
+            for c in request.candidates
+        ]
+        for c, ids in zip(request.candidates, cand_ids, strict=True):
+            if not ids:
+                raise ValueError(f"candidate {c!r} tokenises to no tokens")
+        prompt_ids = list(tok(request.prompt)["input_ids"])
+        if not prompt_ids:
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start is None:
+                raise ValueError("empty prompt and the tokenizer has no BOS/EOS token to start")
+            prompt_ids = [start]
+        budget = self.context_tokens - max(len(c) for c in cand_ids)
+        if budget < 1:
+            raise ValueError(
+                f"a candidate of {max(len(c) for c in cand_ids)} tokens does not fit the "
+                f"model's context of {self.context_tokens} tokens"
+            )
+        if len(prompt_ids) > budget:
+            # Keep the end of the prompt: the current state and the action header are last.
+            prompt_ids = prompt_ids[-budget:]
+            self.num_truncated_prompts += 1
+        return prompt_ids, cand_ids
+
+    def token_logprobs(self, request: PriorRequest) -> list[np.ndarray]:
+        """Per-token log-likelihoods of each candidate of one request (prefix shared)."""
+        prompt_ids, cand_ids = self.encode(request)
+        return candidate_token_logprobs(
+            self.model,
+            prompt_ids,
+            cand_ids,
+            device=self.device,
+            max_candidates_per_forward=self.config.max_candidates_per_forward,
+        )
+
+    def score(self, requests: Sequence[PriorRequest]) -> list[PriorResponse]:
+        """Score several requests.
+
+        Args:
+            requests: States to score; each has a non-empty, duplicate-free candidate list.
+
+        Returns:
+            One :class:`PriorResponse` per request, ``logp`` aligned with its candidates.
+        """
+        responses = []
+        for req in requests:
+            if not isinstance(req, PriorRequest):
+                raise ValueError(f"score() takes PriorRequest items, got {type(req).__name__}")
+            logp = prior_from_token_logprobs(
+                self.token_logprobs(req), self.config.prior_temperature
+            )
+            responses.append(PriorResponse(logp=logp, model_version=self.model_version))
+        return responses

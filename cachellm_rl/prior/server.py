@@ -1,0 +1,133 @@
+"""``PriorServer``: the LM prior behind a Ray Serve deployment with request batching (DESIGN §2).
+
+The deployment is a thin shell around :class:`~cachellm_rl.prior.scoring.CandidateScorer`:
+``@serve.batch`` gathers concurrent :class:`PriorRequest` objects and scores them in one call.
+The HTTP proxy is off unless asked; callers use a ``DeploymentHandle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from cachellm_rl.contracts import PriorRequest, PriorResponse
+from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+
+DEFAULT_APP_NAME = "cachellm_prior"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorServerConfig:
+    """Deployment settings of :class:`PriorServer`.
+
+    Attributes:
+        scorer: Model and scoring settings.
+        max_batch_size: Most requests scored in one batch.
+        batch_wait_timeout_s: Longest wait for a batch to fill.
+        max_ongoing_requests: Requests a replica accepts at once (>= ``max_batch_size``).
+        num_replicas: Serve replicas.
+        num_cpus: CPUs reserved per replica (fractions allowed on small machines).
+        num_gpus: GPUs per replica.
+        http: Start the Serve HTTP proxy on loopback (off by default).
+    """
+
+    scorer: ScorerConfig
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.005
+    max_ongoing_requests: int = 64
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    http: bool = False
+    extra_actor_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("PriorServerConfig.max_batch_size must be >= 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"PriorServerConfig.max_ongoing_requests ({self.max_ongoing_requests}) must be "
+                f">= max_batch_size ({self.max_batch_size}) or batches can never fill"
+            )
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError("PriorServerConfig.batch_wait_timeout_s must be >= 0")
+        if self.num_replicas < 1:
+            raise ValueError("PriorServerConfig.num_replicas must be >= 1")
+
+
+@serve.deployment(name="PriorServer", max_ongoing_requests=64)
+class PriorServer:
+    """Ray Serve deployment scoring candidate actions with a causal LM.
+
+    Args:
+        config: Deployment settings; its ``scorer`` says which model to load.
+    """
+
+    def __init__(self, config: PriorServerConfig) -> None:
+        self._scorer = CandidateScorer(config.scorer)
+        self.score_batch.set_max_batch_size(config.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._batch_sizes: list[int] = []
+
+    async def __call__(self, request: PriorRequest) -> PriorResponse:
+        """Score one request (batched with concurrent ones)."""
+        ok, value = await self.score_batch(request)
+        if not ok:
+            raise value
+        return value
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def score_batch(self, requests: list[PriorRequest]) -> list[tuple[bool, object]]:
+        """Score a batch; a bad request fails alone, not its batch-mates."""
+        self._batch_sizes.append(len(requests))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._score_each, requests)
+
+    def _score_each(self, requests: list[PriorRequest]) -> list[tuple[bool, object]]:
+        out: list[tuple[bool, object]] = []
+        for r in requests:
+            try:
+                out.append((True, self._scorer.score([r])[0]))
+            except Exception as exc:  # returned to that caller only
+                out.append((False, exc))
+        return out
+
+    def model_version(self) -> str:
+        """Hash of the served weights (and adapter)."""
+        return self._scorer.model_version
+
+    def batch_sizes(self) -> list[int]:
+        """Sizes of the batches scored so far (for tests and benchmarks)."""
+        return list(self._batch_sizes)
+
+
+def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_APP_NAME):
+    """Start Serve (proxy off unless ``config.http``) and deploy :class:`PriorServer`.
+
+    Args:
+        config: Deployment settings.
+        app_name: Serve application name the cache actor looks up.
+
+    Returns:
+        The application's ``DeploymentHandle``.
+    """
+    if config.http:
+        serve.start(http_options={"host": "127.0.0.1"})
+    else:
+        serve.start(proxy_location="Disabled")
+    actor_options = {"num_cpus": config.num_cpus, **config.extra_actor_options}
+    if config.num_gpus:
+        actor_options["num_gpus"] = config.num_gpus
+    app = PriorServer.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options=actor_options,
+    ).bind(config)
+    return serve.run(
+        app,
+        name=app_name,
+        route_prefix="/prior" if config.http else None,
+        logging_config={"enable_access_log": False},
+    )

@@ -1,0 +1,132 @@
+"""Prior scoring math against a direct full-sequence computation, and bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cachellm_rl.contracts import PriorRequest
+from cachellm_rl.prior.prompts import FewShotExample, PromptConfig, build_prompt
+from cachellm_rl.prior.scoring import (
+    CandidateScorer,
+    ScorerConfig,
+    candidate_token_logprobs,
+    candidate_token_logprobs_full,
+    prior_from_token_logprobs,
+    weights_version,
+)
+
+CANDS = ("go north", "take red apple", "open fridge", "put apple in fridge", "eat red apple")
+PROMPT = "goal : eat the apple . observation : you are in the kitchen . next action :"
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    return CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir)))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+def test_prefix_sharing_matches_full_sequences(scorer, chunk):
+    prompt_ids, cand_ids = scorer.encode(PriorRequest(prompt=PROMPT, candidates=CANDS))
+    assert len({len(c) for c in cand_ids}) > 1  # different lengths exercise the padding
+    shared = candidate_token_logprobs(
+        scorer.model, prompt_ids, cand_ids, device=scorer.device, max_candidates_per_forward=chunk
+    )
+    full = candidate_token_logprobs_full(scorer.model, prompt_ids, cand_ids, device=scorer.device)
+    for a, b, ids in zip(shared, full, cand_ids, strict=True):
+        assert a.shape == (len(ids),)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_prior_is_softmax_of_mean_token_logprob(scorer):
+    req = PriorRequest(prompt=PROMPT, candidates=CANDS)
+    prompt_ids, cand_ids = scorer.encode(req)
+    full = candidate_token_logprobs_full(scorer.model, prompt_ids, cand_ids, device=scorer.device)
+    means = np.array([f.mean() for f in full])
+    expected = means - np.log(np.exp(means - means.max()).sum()) - means.max()
+    (resp,) = scorer.score([req])
+    assert resp.logp.dtype == np.float32 and resp.logp.shape == (len(CANDS),)
+    np.testing.assert_allclose(resp.logp, expected, atol=1e-5)
+    assert abs(np.log(np.exp(resp.logp.astype(np.float64)).sum())) < 1e-5
+    assert resp.model_version == scorer.model_version
+
+
+def test_prior_temperature_flattens():
+    lp = [np.array([-1.0]), np.array([-3.0, -3.0])]
+    cold = prior_from_token_logprobs(lp, 0.5)
+    hot = prior_from_token_logprobs(lp, 5.0)
+    assert cold[0] - cold[1] > hot[0] - hot[1] > 0
+
+
+def test_several_prompts_in_one_call(scorer):
+    reqs = [
+        PriorRequest(prompt=PROMPT, candidates=CANDS),
+        PriorRequest(prompt="observation : you are in the hallway .", candidates=("go south", "go north")),
+    ]
+    batch = scorer.score(reqs)
+    single = [scorer.score([r])[0] for r in reqs]
+    for b, s in zip(batch, single, strict=True):
+        np.testing.assert_allclose(b.logp, s.logp, atol=1e-6)
+
+
+def test_long_prompt_is_truncated_from_the_left(tiny_model_dir):
+    scorer = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir), max_context_tokens=24))
+    long_prompt = "you see a fridge . " * 40 + PROMPT
+    req = PriorRequest(prompt=long_prompt, candidates=CANDS)
+    prompt_ids, cand_ids = scorer.encode(req)
+    assert len(prompt_ids) + max(len(c) for c in cand_ids) <= 24
+    full_ids = list(scorer.tokenizer(long_prompt)["input_ids"])
+    assert prompt_ids == full_ids[-len(prompt_ids):]  # the end (current state) is kept
+    resp = scorer.score([req])[0]
+    assert np.isfinite(resp.logp).all() and scorer.num_truncated_prompts >= 1
+
+
+def test_bad_requests_get_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        PriorRequest(prompt="x", candidates=())
+    with pytest.raises(ValueError, match="duplicate"):
+        PriorRequest(prompt="x", candidates=("go north", "go north"))
+    with pytest.raises(ValueError, match="empty candidate"):
+        PriorRequest(prompt="x", candidates=("go", "  "))
+
+
+def test_model_directory_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CandidateScorer(ScorerConfig(model_dir=str(tmp_path / "nope")))
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", no_weights / "config.json")
+    with pytest.raises(ValueError, match=r"no \*\.safetensors"):
+        CandidateScorer(ScorerConfig(model_dir=str(no_weights)))
+    (no_weights / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="pickled weights"):
+        CandidateScorer(ScorerConfig(model_dir=str(no_weights)))
+    with pytest.raises(ValueError, match="prior_temperature"):
+        ScorerConfig(model_dir="x", prior_temperature=0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        ScorerConfig(model_dir="x", dtype="int3")
+
+
+def test_model_version_is_a_weights_hash(tmp_path, tiny_model_dir):
+    from tests.helpers import make_tiny_model_dir
+
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    assert weights_version(tiny_model_dir) == weights_version(tiny_model_dir)
+    assert weights_version(tiny_model_dir) != weights_version(other)
+
+
+def test_prompt_builder_layout():
+    p = build_prompt(
+        state="You see a key.",
+        objective="Open the door.",
+        inventory="a lamp",
+        candidates=["take key", "go west"],
+        examples=[FewShotExample(state="A dark room.", action="light lamp")],
+    )
+    order = [p.index(s) for s in ("A dark room.", "Goal:", "You see a key.", "Inventory:", "take key")]
+    assert order == sorted(order)
+    assert p.endswith("Next action:")
+    no_list = build_prompt(state="s", config=PromptConfig(candidates_header=None))
+    assert "Admissible" not in no_list
