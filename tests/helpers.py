@@ -45,7 +45,13 @@ def query(key: str, emb: np.ndarray | None, candidates=("a", "b", "c")) -> Cache
 
 
 def small_config(**kw) -> CacheConfig:
-    base = {"dim": 8, "capacity_entries": 100, "min_cosine_similarity": 0.9,
-            "refresh_probability": 0.0, "min_candidate_coverage": 0.5, "visit_bonus_steps": 0.0}
+    base = {
+        "dim": 8,
+        "capacity_entries": 100,
+        "min_cosine_similarity": 0.9,
+        "refresh_probability": 0.0,
+        "min_candidate_coverage": 0.5,
+        "visit_bonus_steps": 0.0,
+    }
     base.update(kw)
     return CacheConfig(**base)

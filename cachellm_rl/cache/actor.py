@@ -173,7 +173,11 @@ class SharedPriorCache:
             r = self._cache.lookup(q, min_cosine_similarity=tau)
             if r.hit:
                 ms = (time.perf_counter() - t0) * 1e3
-                src = PriorSource.CACHE_EXACT if r.tier is HitTier.EXACT else PriorSource.CACHE_SEMANTIC
+                src = (
+                    PriorSource.CACHE_EXACT
+                    if r.tier is HitTier.EXACT
+                    else PriorSource.CACHE_SEMANTIC
+                )
                 results[i] = PriorResult(
                     logp=r.logp, source=src, latency_ms=ms, model_version=self._cache.model_version
                 )
@@ -218,7 +222,9 @@ class SharedPriorCache:
             if outcome is not None:
                 leader_req, resp = outcome
                 logp, _ = align_prior(
-                    leader_req.candidates, resp.logp, q.request.candidates,
+                    leader_req.candidates,
+                    resp.logp,
+                    q.request.candidates,
                     self._cache.config.missing_action_margin,
                 )
                 return self._miss_result(logp, PriorSource.COALESCED, t0, resp.model_version)
@@ -248,7 +254,10 @@ class SharedPriorCache:
         ms = (time.perf_counter() - t0) * 1e3
         self._cache.stats.latency_miss.record(ms)
         return PriorResult(
-            logp=np.asarray(logp, np.float32), source=source, latency_ms=ms, stale=stale,
+            logp=np.asarray(logp, np.float32),
+            source=source,
+            latency_ms=ms,
+            stale=stale,
             model_version=version,
         )
 
@@ -307,7 +316,9 @@ class SharedPriorCache:
                 return_trend=meta.return_trend(),
             )
             new = meta.step(self._params(), signals)
-            cache.set_params(new.capacity_entries, new.min_cosine_similarity, new.refresh_probability)
+            cache.set_params(
+                new.capacity_entries, new.min_cosine_similarity, new.refresh_probability
+            )
             cache.stats.meta_updates += 1
         elif meta.cfg.mode == "static" and cache.window.decisions >= meta.cfg.window_decisions:
             cache.take_window()

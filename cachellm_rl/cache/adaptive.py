@@ -83,9 +83,7 @@ class CacheConfig:
     hnsw_ef_construction: int = 80
 
     def __post_init__(self) -> None:
-        validate_params(
-            self.capacity_entries, self.min_cosine_similarity, self.refresh_probability
-        )
+        validate_params(self.capacity_entries, self.min_cosine_similarity, self.refresh_probability)
         if self.dim < 1:
             raise ValueError(f"CacheConfig.dim must be >= 1, got {self.dim}")
         if not 0.0 <= self.min_candidate_coverage <= 1.0:
@@ -299,9 +297,7 @@ class AdaptiveCache:
     ) -> None:
         """Set (K, tau, rho); None keeps a value. Shrinking K evicts at once."""
         k = self.capacity_entries if capacity_entries is None else int(capacity_entries)
-        tau = (
-            self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
-        )
+        tau = self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
         rho = self.refresh_probability if refresh_probability is None else refresh_probability
         validate_params(k, tau, rho)
         self.capacity_entries, self.min_cosine_similarity, self.refresh_probability = k, tau, rho
@@ -556,7 +552,9 @@ class AdaptiveCache:
         s.refreshes_applied += 1
         s.refresh_kl_last = kl
         d = self.config.refresh_kl_ema_decay
-        s.refresh_kl_ema = kl if math.isnan(s.refresh_kl_ema) else (1 - d) * s.refresh_kl_ema + d * kl
+        s.refresh_kl_ema = (
+            kl if math.isnan(s.refresh_kl_ema) else (1 - d) * s.refresh_kl_ema + d * kl
+        )
         s.refresh_eps_max = max(s.refresh_eps_max, eps)
         self.window.refresh_kls.append(kl)
         old = self._entries.get(entry_id)
@@ -604,9 +602,7 @@ class AdaptiveCache:
             for e in entries
         ]
         (tmp / "entries.json").write_text(json.dumps(records))
-        stats = {
-            k: v for k, v in self.stats.as_flat_dict().items() if not k.startswith("latency_")
-        }
+        stats = {k: v for k, v in self.stats.as_flat_dict().items() if not k.startswith("latency_")}
         meta = {
             "format": SNAPSHOT_FORMAT,
             "config": asdict(self.config),
@@ -691,8 +687,10 @@ class AdaptiveCache:
         cache._next_id = int(meta["next_id"])
         cache._ghost = OrderedDict((bytes.fromhex(k), None) for k in meta["ghost"])
         for k, v in meta["stats"].items():
-            if hasattr(cache.stats, k) and k not in ("hits", "hit_rate") and not isinstance(
-                getattr(type(cache.stats), k, None), property
+            if (
+                hasattr(cache.stats, k)
+                and k not in ("hits", "hit_rate")
+                and not isinstance(getattr(type(cache.stats), k, None), property)
             ):
                 setattr(cache.stats, k, type(getattr(cache.stats, k))(v))
         cache.stats.size = len(cache._entries)

@@ -10,6 +10,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -95,10 +96,13 @@ class TextStateEncoder:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._model = SentenceTransformer(model_dir, device=device, local_files_only=True)
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension
+        )
+        self.dim = int(get_dim())
         h = hashlib.blake2b(digest_size=6)
         h.update(model_dir.rsplit("/", 1)[-1].encode())
-        for p in sorted(__import__("pathlib").Path(model_dir).glob("*.safetensors")):
+        for p in sorted(Path(model_dir).glob("*.safetensors")):
             h.update(str(p.stat().st_size).encode())
         self.tag = f"text-{self.dim}-{h.hexdigest()}"
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -130,7 +130,9 @@ class PriorIndex:
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (unknown ids are ignored)."""
-        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1) if int(i) in self._vectors]
+        ids = [
+            int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1) if int(i) in self._vectors
+        ]
         if not ids:
             return
         for i in ids:

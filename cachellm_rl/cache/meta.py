@@ -243,8 +243,12 @@ class SPSATau:
         self._win = {+1: _SignWindow(), -1: _SignWindow()}
         self._single_caller_sign = +1
         new = tau + self.cfg.spsa_learning_rate * float(np.clip(g, -1.0, 1.0))
-        return float(min(max(new, self.cfg.tau_min + self.cfg.spsa_delta),
-                         self.cfg.tau_max - self.cfg.spsa_delta))
+        return float(
+            min(
+                max(new, self.cfg.tau_min + self.cfg.spsa_delta),
+                self.cfg.tau_max - self.cfg.spsa_delta,
+            )
+        )
 
 
 class MetaOptimizer:

@@ -80,7 +80,9 @@ def build_prompt(
         raise ValueError(f"state must be a string, got {type(state).__name__}")
     parts: list[str] = []
     for ex in examples:
-        parts.append(f"{cfg.state_header} {ex.state.strip()}\n{cfg.action_header} {ex.action.strip()}\n")
+        parts.append(
+            f"{cfg.state_header} {ex.state.strip()}\n{cfg.action_header} {ex.action.strip()}\n"
+        )
     if objective:
         parts.append(f"{cfg.objective_header} {objective.strip()}\n")
     parts.append(f"{cfg.state_header} {state.strip()}\n")

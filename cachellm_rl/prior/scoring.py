@@ -248,9 +248,7 @@ def candidate_token_logprobs(
             if max_len > 1:
                 cache = copy.deepcopy(base_cache) if start + n < len(candidate_ids) else base_cache
                 cache.batch_repeat_interleave(n)
-                positions_CL = torch.arange(p_len, p_len + max_len - 1, device=device).expand(
-                    n, -1
-                )
+                positions_CL = torch.arange(p_len, p_len + max_len - 1, device=device).expand(n, -1)
                 cand_out = model(
                     input_ids=ids_CL[:, :-1],
                     past_key_values=cache,
@@ -289,7 +287,10 @@ def candidate_token_logprobs_full(
             logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), dim=-1)
             tgt = seq[0, p_len:]
             out.append(
-                logp[p_len - 1 : p_len - 1 + len(c)].gather(-1, tgt[:, None]).squeeze(-1).double()
+                logp[p_len - 1 : p_len - 1 + len(c)]
+                .gather(-1, tgt[:, None])
+                .squeeze(-1)
+                .double()
                 .cpu()
                 .numpy()
             )

@@ -83,7 +83,9 @@ def build_word_tokenizer(texts: Iterable[str], max_vocab: int = 5000):
     )
 
 
-def make_tiny_causal_lm(out_dir: str | Path, texts: Iterable[str], config: TinyLMConfig | None = None):
+def make_tiny_causal_lm(
+    out_dir: str | Path, texts: Iterable[str], config: TinyLMConfig | None = None
+):
     """Build a randomly initialised GPT-2 and its word tokenizer, save both to ``out_dir``.
 
     Args:

@@ -63,7 +63,9 @@ def test_prior_temperature_flattens():
 def test_several_prompts_in_one_call(scorer):
     reqs = [
         PriorRequest(prompt=PROMPT, candidates=CANDS),
-        PriorRequest(prompt="observation : you are in the hallway .", candidates=("go south", "go north")),
+        PriorRequest(
+            prompt="observation : you are in the hallway .", candidates=("go south", "go north")
+        ),
     ]
     batch = scorer.score(reqs)
     single = [scorer.score([r])[0] for r in reqs]
@@ -78,7 +80,7 @@ def test_long_prompt_is_truncated_from_the_left(tiny_model_dir):
     prompt_ids, cand_ids = scorer.encode(req)
     assert len(prompt_ids) + max(len(c) for c in cand_ids) <= 24
     full_ids = list(scorer.tokenizer(long_prompt)["input_ids"])
-    assert prompt_ids == full_ids[-len(prompt_ids):]  # the end (current state) is kept
+    assert prompt_ids == full_ids[-len(prompt_ids) :]  # the end (current state) is kept
     resp = scorer.score([req])[0]
     assert np.isfinite(resp.logp).all() and scorer.num_truncated_prompts >= 1
 
@@ -125,7 +127,9 @@ def test_prompt_builder_layout():
         candidates=["take key", "go west"],
         examples=[FewShotExample(state="A dark room.", action="light lamp")],
     )
-    order = [p.index(s) for s in ("A dark room.", "Goal:", "You see a key.", "Inventory:", "take key")]
+    order = [
+        p.index(s) for s in ("A dark room.", "Goal:", "You see a key.", "Inventory:", "take key")
+    ]
     assert order == sorted(order)
     assert p.endswith("Next action:")
     no_list = build_prompt(state="s", config=PromptConfig(candidates_header=None))

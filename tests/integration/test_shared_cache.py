@@ -1,0 +1,187 @@
+"""The shared named cache actor: sharing, single flight, restart restore, LM fallback."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache, kill_cache
+from cachellm_rl.cache.adaptive import CacheConfig
+from cachellm_rl.cache.client import PriorCacheClient, TextState
+from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorSource
+
+pytestmark = pytest.mark.integration
+
+CANDS = ("go north", "take red apple", "open fridge")
+
+
+def q(key: str, emb=None, cands=CANDS) -> CacheQuery:
+    return CacheQuery(
+        exact_key=key.encode(),
+        embedding=emb,
+        request=PriorRequest(prompt=f"observation : {key} . next action :", candidates=cands),
+    )
+
+
+def make_cache(app, **kw):
+    name = f"cache-{uuid.uuid4().hex[:8]}"
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(
+            dim=8, capacity_entries=1000, min_cosine_similarity=0.9, refresh_probability=0.0
+        ),
+        prior_app=app,
+        **kw,
+    )
+    return name, get_or_create_cache(cfg, name=name)
+
+
+def test_actor_is_shared_by_two_separate_workers(ray_session, prior_app):
+    ray = ray_session
+    app, _ = prior_app
+    name, handle = make_cache(app)
+
+    @ray.remote(num_cpus=0)
+    def worker(key):
+        from cachellm_rl.cache.actor import get_or_create_cache
+
+        actor = get_or_create_cache(name=name)  # same name: the existing actor
+        res = ray.get(actor.get_priors.remote([q(key)]))
+        return res[0].source.value, ray.get(actor.size.remote())
+
+    @ray.remote(num_cpus=0)
+    class Runner:
+        def run(self, key):
+            actor = ray.get_actor(name, namespace="cachellm_rl")
+            return [r.source.value for r in ray.get(actor.get_priors.remote([q(key)]))]
+
+    first = ray.get(worker.remote("kitchen"))
+    assert first == (PriorSource.LM.value, 1)
+    assert ray.get(Runner.remote().run.remote("kitchen")) == [PriorSource.CACHE_EXACT.value]
+    stats = ray.get(handle.stats.remote())
+    assert stats.lm_queries == 1 and stats.hits_exact == 1 and stats.size == 1
+    kill_cache(name)
+
+
+def test_single_flight_coalesces_concurrent_misses(ray_session, prior_app):
+    ray = ray_session
+    app, _ = prior_app
+    name, handle = make_cache(app)
+    refs = [handle.get_priors.remote([q("brand new state")]) for _ in range(8)]
+    results = [r[0] for r in ray.get(refs)]
+    stats = ray.get(handle.stats.remote())
+    assert stats.lm_queries == 1
+    assert stats.coalesced_misses == 7
+    assert sorted(r.source.value for r in results).count(PriorSource.COALESCED.value) == 7
+    for r in results:
+        np.testing.assert_allclose(r.logp, results[0].logp, atol=1e-6)
+    kill_cache(name)
+
+
+def test_killed_actor_restores_its_snapshot(ray_session, prior_app, tmp_path):
+    ray = ray_session
+    app, _ = prior_app
+    name, handle = make_cache(app, snapshot_dir=str(tmp_path / "snap"), max_restarts=2)
+    emb = np.eye(8, dtype=np.float32)
+    before = ray.get(handle.get_priors.remote([q(f"s{i}", emb[i]) for i in range(4)]))
+    ray.get(handle.save.remote())
+    ray.kill(handle, no_restart=False)  # simulate a crash; Ray restarts the actor
+    deadline = time.time() + 60
+    restored = None
+    while restored is None:  # the old instance may answer once more before it dies
+        try:
+            s = ray.get(handle.stats.remote(), timeout=10)
+            if s.restored_entries:
+                restored = s
+        except Exception:
+            if time.time() > deadline:
+                raise
+        time.sleep(0.5)
+    assert restored.size == 4
+    after = ray.get(handle.get_priors.remote([q(f"s{i}", emb[i]) for i in range(4)]))
+    assert all(r.source is PriorSource.CACHE_EXACT for r in after)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-6)
+    stats = ray.get(handle.stats.remote())
+    assert stats.restored_entries == 4 and stats.lm_queries == 4  # counters survive too
+    kill_cache(name)
+
+
+def test_lm_timeout_falls_back_and_is_counted(ray_session, prior_app):
+    ray = ray_session
+    app, _ = prior_app
+    name, handle = make_cache(app, lm_timeout_s=1e-4)
+    emb = np.eye(8, dtype=np.float32)
+    (r,) = ray.get(handle.get_priors.remote([q("slow", emb[0])]))
+    assert r.source is PriorSource.FALLBACK_UNIFORM and r.stale
+    np.testing.assert_allclose(r.logp, np.full(3, -np.log(3)), atol=1e-6)
+    stats = ray.get(handle.stats.remote())
+    assert stats.lm_timeouts == 1 and stats.fallbacks_uniform == 1
+    kill_cache(name)
+
+
+def test_unreachable_lm_falls_back_to_nearest_cached_prior(ray_session, prior_app):
+    ray = ray_session
+    app, _ = prior_app
+    emb = np.eye(8, dtype=np.float32)
+    name, handle = make_cache(app)
+    known = ray.get(handle.get_priors.remote([q("known", emb[0])]))[0]
+    assert known.source is PriorSource.LM
+    # the LM disappears: point a restored copy of this cache at an app that does not exist
+    snap = ray.get(handle.save.remote("/tmp/cachellm-test-fallback-" + name))
+    assert snap
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(dim=8, min_cosine_similarity=0.99),
+        prior_app="no_such_app",
+        lm_timeout_s=2.0,
+    )
+    broken = get_or_create_cache(cfg, name=name + "-broken")
+    assert ray.get(broken.restore.remote("/tmp/cachellm-test-fallback-" + name)) == 1
+    near = emb[0] * 0.8 + emb[1] * 0.6  # cos 0.8 < tau: a miss, but the nearest entry exists
+    (stale,) = ray.get(broken.get_priors.remote([q("other", near)]))
+    assert stale.source is PriorSource.FALLBACK_STALE and stale.stale
+    np.testing.assert_allclose(stale.logp, known.logp, atol=1e-6)  # same candidates
+    s = ray.get(broken.stats.remote())
+    assert s.lm_failures + s.lm_timeouts == 1 and s.fallbacks_stale == 1
+    kill_cache(name)
+    kill_cache(name + "-broken")
+
+
+def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encoder):
+    ray = ray_session
+    app, _ = prior_app
+    name = f"cache-{uuid.uuid4().hex[:8]}"
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(dim=384, min_cosine_similarity=0.9, min_candidate_coverage=0.6),
+        prior_app=app,
+        encoder_tag=text_encoder.tag,
+    )
+    handle = get_or_create_cache(cfg, name=name)
+    client = PriorCacheClient(text_encoder, cache_name=name)
+    s1 = TextState(
+        observation="You are in the kitchen. You see a fridge and a red apple.",
+        candidates=CANDS,
+        objective="Eat the apple.",
+    )
+    s2 = TextState(
+        observation="You are in the kitchen. You see a fridge and a red apple!",
+        candidates=("open fridge", "take red apple", "go north"),
+        objective="Eat the apple.",
+    )
+    s3 = TextState(
+        observation="A dusty library with tall shelves.", candidates=("read book", "go east")
+    )
+    r1 = client.get_priors([s1])
+    r2 = client.get_priors([s1, s2, s3])
+    assert r1[0].source is PriorSource.LM
+    assert [r.source for r in r2] == [
+        PriorSource.CACHE_EXACT,
+        PriorSource.CACHE_SEMANTIC,
+        PriorSource.LM,
+    ]
+    assert client.calls == 2  # one actor call per batch of states
+    assert client.prior_version() == prior_app[1].model_version.remote().result()
+    kill_cache(name)
+    del handle

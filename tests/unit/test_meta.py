@@ -1,0 +1,126 @@
+"""Meta-update directions, projection and the temperature schedule (DESIGN §4.5–4.6)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cachellm_rl.cache.meta import (
+    CacheParams,
+    MetaConfig,
+    SPSATau,
+    WindowSignals,
+    heuristic_update,
+    posterior_temperature,
+    project,
+)
+
+CFG = MetaConfig()
+P = CacheParams(1000, 0.9, 0.1)
+
+
+def sig(**kw):
+    base = dict(
+        decisions=500,
+        hit_rate=0.9,
+        refresh_kl=0.01,
+        capacity_miss_rate=0.0,
+        unused_fraction=0.0,
+        lm_queries=50,
+        return_trend=None,
+    )
+    base.update(kw)
+    return WindowSignals(**base)
+
+
+def test_tau_rises_when_refresh_kl_is_high():
+    new = heuristic_update(P, sig(refresh_kl=1.0), CFG)
+    assert new.min_cosine_similarity > P.min_cosine_similarity
+    assert new.refresh_probability > P.refresh_probability
+
+
+def test_tau_falls_when_kl_low_and_hit_rate_low():
+    new = heuristic_update(P, sig(refresh_kl=0.0, hit_rate=0.2), CFG)
+    assert new.min_cosine_similarity < P.min_cosine_similarity
+    assert new.refresh_probability < P.refresh_probability
+
+
+def test_tau_holds_when_kl_low_and_hit_rate_high():
+    new = heuristic_update(P, sig(refresh_kl=0.0, hit_rate=0.95), CFG)
+    assert new.min_cosine_similarity == P.min_cosine_similarity
+
+
+def test_capacity_follows_capacity_misses_and_unused_entries():
+    up = heuristic_update(P, sig(capacity_miss_rate=0.1), CFG)
+    assert up.capacity_entries == round(1000 * (1 + CFG.capacity_gain * 0.1))
+    down = heuristic_update(P, sig(unused_fraction=0.9), CFG)
+    assert down.capacity_entries < 1000
+
+
+def test_rho_rises_when_return_falls():
+    new = heuristic_update(P, sig(return_trend=-1.0), CFG)
+    assert new.refresh_probability > P.refresh_probability
+
+
+def test_nan_kl_uses_only_the_hit_rate_rule():
+    assert (
+        heuristic_update(P, sig(refresh_kl=math.nan, hit_rate=0.1), CFG).min_cosine_similarity < 0.9
+    )
+
+
+def test_projection_ranges():
+    hi = project(CacheParams(10**9, 2.0, 3.0), CFG)
+    lo = project(CacheParams(1, -5.0, -1.0), CFG)
+    assert (hi.capacity_entries, hi.min_cosine_similarity, hi.refresh_probability) == (
+        10**6,
+        0.995,
+        0.5,
+    )
+    assert (lo.capacity_entries, lo.min_cosine_similarity, lo.refresh_probability) == (
+        64,
+        0.80,
+        0.0,
+    )
+    p = CacheParams(64, 0.995, 0.5)
+    for _ in range(20):
+        p = heuristic_update(p, sig(refresh_kl=5.0, capacity_miss_rate=0.0), CFG)
+    assert p.min_cosine_similarity == 0.995 and p.refresh_probability == 0.5
+
+
+def test_bad_meta_config():
+    with pytest.raises(ValueError, match="mode"):
+        MetaConfig(mode="magic")
+    with pytest.raises(ValueError, match="tau"):
+        MetaConfig(tau_min=0.99, tau_max=0.9)
+
+
+@pytest.mark.parametrize("better", [+1, -1])
+def test_spsa_steps_toward_the_better_side(better):
+    cfg = MetaConfig(mode="spsa", window_decisions=100, spsa_delta=0.01, spsa_learning_rate=0.01)
+    spsa = SPSATau(cfg)
+    spsa.record(+1, decisions=50, lm_queries=10)
+    spsa.record(-1, decisions=50, lm_queries=10)
+    spsa.record_returns(better, [1.0, 1.0])
+    spsa.record_returns(-better, [0.0, 0.0])
+    new = spsa.maybe_step(0.9)
+    assert np.sign(new - 0.9) == better and spsa.steps == 1
+
+
+def test_spsa_single_caller_alternates_signs():
+    spsa = SPSATau(MetaConfig(mode="spsa", window_decisions=10))
+    assert spsa.sign_for(None) == +1
+    spsa.record(+1, decisions=5)
+    assert spsa.maybe_step(0.9) == 0.9 and spsa.sign_for(None) == -1
+    assert spsa.sign_for(2) == +1 and spsa.sign_for(3) == -1
+
+
+def test_temperature_schedule():
+    assert posterior_temperature(0.0, t0=2.0, t_min=0.2) == pytest.approx(2.0)
+    assert posterior_temperature(1.0, t0=2.0, t_min=0.2) == pytest.approx(0.2)
+    ts = [posterior_temperature(h) for h in np.linspace(0, 1, 11)]
+    assert all(a >= b for a, b in zip(ts, ts[1:], strict=False))
+    assert posterior_temperature(7.0) == posterior_temperature(1.0)
+    with pytest.raises(ValueError):
+        posterior_temperature(0.5, t0=0.0)
