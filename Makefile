@@ -20,7 +20,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 venv install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests $(TEST_ARGS)
+	$(PY) -m pytest tests cachellm_rl --doctest-modules $(TEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

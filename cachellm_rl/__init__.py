@@ -1,4 +1,4 @@
-"""cachellm_rl: reinforcement learning guided by language-model priors, with a shared semantic cache.
+"""cachellm_rl: RL guided by language-model priors, with a shared semantic cache of priors.
 
 The package is layered (DESIGN §3): ``prior``, ``cache``, ``envs`` and ``abstraction`` never import
 RLlib; only ``algorithms`` does. Wire contracts shared by the layers live in

@@ -55,3 +55,18 @@ def small_config(**kw) -> CacheConfig:
     }
     base.update(kw)
     return CacheConfig(**base)
+
+
+def filled_cache_dir(path: Path) -> Path:
+    """Save a 3-entry cache snapshot under ``path``."""
+    from cachellm_rl.cache.adaptive import AdaptiveCache
+    from cachellm_rl.contracts import PriorResponse
+
+    c = AdaptiveCache(small_config(), model_version="v1")
+    for i in range(3):
+        c.insert(
+            query(f"s{i}", np.eye(8)[i]),
+            PriorResponse(np.log([0.5, 0.25, 0.25]).astype(np.float32), "v1"),
+        )
+    c.save(path)
+    return path

@@ -254,7 +254,7 @@ class _Entry:
 
 
 class AdaptiveCache:
-    """Semantic cache of LM priors with exact and semantic tiers (DESIGN §4.3–4.4).
+    """Semantic cache of LM priors with exact and semantic tiers (DESIGN §4.3-4.4).
 
     Not thread-safe: the shared actor serialises calls.
 

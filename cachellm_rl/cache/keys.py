@@ -29,7 +29,8 @@ def exact_key(
         16 bytes.
 
     Example:
-        >>> exact_key("a  b", ["x", "y"], prior_version="v") == exact_key("a b", ["y", "x"], prior_version="v")
+        >>> k1 = exact_key("a  b", ["x", "y"], prior_version="v")
+        >>> k1 == exact_key("a b", ["y", "x"], prior_version="v")
         True
     """
     h = hashlib.blake2b(digest_size=16)

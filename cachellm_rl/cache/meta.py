@@ -303,8 +303,10 @@ def posterior_temperature(hit_rate: float, *, t0: float = 1.0, t_min: float = 0.
     """``T(h) = T_min + (T_0 - T_min)(1 - h)`` (DESIGN §4.6), with ``h`` clipped to [0, 1].
 
     Example:
-        >>> posterior_temperature(0.0, t0=1.0, t_min=0.1), posterior_temperature(1.0, t0=1.0, t_min=0.1)
-        (1.0, 0.1)
+        >>> posterior_temperature(0.0, t0=1.0, t_min=0.1)
+        1.0
+        >>> posterior_temperature(1.0, t0=1.0, t_min=0.1)
+        0.1
     """
     if not (t0 > 0 and t_min > 0):
         raise ValueError(f"temperatures must be > 0, got t0={t0}, t_min={t_min}")

@@ -150,7 +150,6 @@ def test_unreachable_lm_falls_back_to_nearest_cached_prior(ray_session, prior_ap
 
 
 def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encoder):
-    ray = ray_session
     app, _ = prior_app
     name = f"cache-{uuid.uuid4().hex[:8]}"
     cfg = SharedCacheConfig(

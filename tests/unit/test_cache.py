@@ -1,4 +1,4 @@
-"""AdaptiveCache semantics (DESIGN §4.3–4.4) without Ray."""
+"""AdaptiveCache semantics (DESIGN §4.3-4.4) without Ray."""
 
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ def test_index_flat_to_hnsw_and_removal():
     assert idx.kind == "flat"
     idx.add(np.arange(40, 200), vecs[40:])
     assert idx.kind == "hnsw"
-    sims, ids = idx.search(vecs[:20], k=1)
+    _sims, ids = idx.search(vecs[:20], k=1)
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.95
     idx.remove(np.arange(10))
     _, ids = idx.search(vecs[:10], k=3)

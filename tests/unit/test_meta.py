@@ -1,7 +1,8 @@
-"""Meta-update directions, projection and the temperature schedule (DESIGN §4.5–4.6)."""
+"""Meta-update directions, projection and the temperature schedule (DESIGN §4.5-4.6)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_temperature_schedule():
     assert posterior_temperature(0.0, t0=2.0, t_min=0.2) == pytest.approx(2.0)
     assert posterior_temperature(1.0, t0=2.0, t_min=0.2) == pytest.approx(0.2)
     ts = [posterior_temperature(h) for h in np.linspace(0, 1, 11)]
-    assert all(a >= b for a, b in zip(ts, ts[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(ts))
     assert posterior_temperature(7.0) == posterior_temperature(1.0)
     with pytest.raises(ValueError):
         posterior_temperature(0.5, t0=0.0)

@@ -1,0 +1,100 @@
+"""``cachellm-rl`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="cachellm_rl: RL with cached language-model priors.")
+prior_app = typer.Typer(no_args_is_help=True, help="Language-model priors.")
+cache_app = typer.Typer(no_args_is_help=True, help="The prior cache.")
+app.add_typer(prior_app, name="prior")
+app.add_typer(cache_app, name="cache")
+
+
+@app.command()
+def info() -> None:
+    """Print versions and what hardware the scorer would use."""
+    import faiss
+    import ray
+    import torch
+    import transformers
+
+    import cachellm_rl
+
+    print(
+        json.dumps(
+            {
+                "cachellm_rl": cachellm_rl.__version__,
+                "ray": ray.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "faiss": faiss.__version__,
+                "cuda": torch.cuda.is_available(),
+                "faiss_gpus": getattr(faiss, "get_num_gpus", lambda: 0)(),
+            },
+            indent=2,
+        )
+    )
+
+
+@prior_app.command("score")
+def prior_score(
+    model: Annotated[Path, typer.Option(help="Local Hugging Face model directory.")],
+    state: Annotated[str, typer.Option(help="State / observation text.")],
+    candidate: Annotated[list[str], typer.Option(help="A candidate action (repeat the option).")],
+    objective: Annotated[str, typer.Option(help="Task objective.")] = "",
+    temperature: Annotated[float, typer.Option(help="Prior temperature T_prior.")] = 1.0,
+) -> None:
+    """Score candidate actions of one state with a local model and print the prior."""
+    import numpy as np
+
+    from cachellm_rl.contracts import PriorRequest
+    from cachellm_rl.prior.prompts import build_prompt
+    from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+
+    scorer = CandidateScorer(ScorerConfig(model_dir=str(model), prior_temperature=temperature))
+    req = PriorRequest(
+        prompt=build_prompt(state=state, objective=objective, candidates=candidate),
+        candidates=tuple(candidate),
+    )
+    (resp,) = scorer.score([req])
+    for c, lp in sorted(zip(candidate, resp.logp.tolist(), strict=True), key=lambda x: -x[1]):
+        print(f"{float(np.exp(lp)):.4f}  {c}")
+    print(f"model_version {resp.model_version}")
+
+
+@prior_app.command("make-tiny")
+def prior_make_tiny(
+    out: Annotated[Path, typer.Argument(help="Directory to write the model into.")],
+    corpus: Annotated[
+        Path | None, typer.Option(help="Text file whose words form the vocabulary.")
+    ] = None,
+) -> None:
+    """Save an untrained small GPT-2 with a word tokenizer (for trying the pipeline)."""
+    from cachellm_rl.prior.tiny_model import make_tiny_causal_lm
+
+    texts = corpus.read_text().splitlines() if corpus else ["go north", "take the key"]
+    make_tiny_causal_lm(out, texts)
+    print(f"wrote {out}")
+
+
+@cache_app.command("inspect")
+def cache_inspect(
+    snapshot: Annotated[Path, typer.Argument(help="Snapshot root (with LATEST) or snap-* folder.")],
+) -> None:
+    """Print the size, parameters and counters of a cache snapshot."""
+    from cachellm_rl.cache.adaptive import AdaptiveCache
+
+    cache = AdaptiveCache.restore(snapshot)
+    s = cache.snapshot_stats()
+    out = {k: v for k, v in s.as_flat_dict().items() if not k.startswith("latency")}
+    out.update(model_version=cache.model_version, encoder_tag=cache.encoder_tag)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    app()
