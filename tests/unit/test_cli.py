@@ -28,7 +28,7 @@ def test_prior_score_prints_a_normalised_prior(tiny_model_dir):
     ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    rows = [ln for ln in res.output.splitlines() if re.match(r"^\d\.\d{4}  ", ln)]
+    rows = [ln for ln in res.stdout.splitlines() if re.match(r"^\d\.\d{4}  ", ln)]
     assert len(rows) == 2, res.output
     probs = [float(ln.split()[0]) for ln in rows]
     assert abs(sum(probs) - 1.0) < 1e-3
