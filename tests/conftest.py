@@ -22,3 +22,19 @@ def text_encoder():
     from cachellm_rl.cache.encoders import TextStateEncoder
 
     return TextStateEncoder()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests on machines without CUDA (CI never has one)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

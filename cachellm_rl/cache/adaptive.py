@@ -61,7 +61,11 @@ class CacheConfig:
         hit_rate_ema_decay: Weight of the newest decision in the hit-rate EMA.
         refresh_kl_ema_decay: Weight of the newest refresh in the refresh-KL EMA.
         seed: Seed of the refresh draws.
-        index: FAISS index settings (``dim`` is taken from this config).
+        hnsw_threshold: Entries above which the index switches from exact to HNSW.
+        hnsw_m: HNSW graph degree.
+        hnsw_ef_search: HNSW search beam (recall vs latency).
+        hnsw_ef_construction: HNSW build beam.
+        use_gpu_index: Put the exact index on a GPU when faiss-gpu and a GPU are present.
     """
 
     dim: int = 384
@@ -81,6 +85,7 @@ class CacheConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 64
     hnsw_ef_construction: int = 80
+    use_gpu_index: bool = False
 
     def __post_init__(self) -> None:
         validate_params(self.capacity_entries, self.min_cosine_similarity, self.refresh_probability)
@@ -106,6 +111,7 @@ class CacheConfig:
             hnsw_m=self.hnsw_m,
             hnsw_ef_search=self.hnsw_ef_search,
             hnsw_ef_construction=self.hnsw_ef_construction,
+            use_gpu=self.use_gpu_index,
         )
 
 
