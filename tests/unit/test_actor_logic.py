@@ -1,0 +1,56 @@
+"""SharedPriorCache logic driven directly with asyncio (no Ray): meta-updates and fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from cachellm_rl.cache.actor import SharedCacheConfig, SharedPriorCache
+from cachellm_rl.cache.meta import MetaConfig
+from cachellm_rl.contracts import PriorSource
+from tests.helpers import query, small_config
+
+
+def test_heuristic_meta_update_runs_every_window():
+    cfg = SharedCacheConfig(
+        cache=small_config(min_cosine_similarity=0.9),
+        meta=MetaConfig(mode="heuristic", window_decisions=10, tau_step=0.01),
+        prior_app=None,  # no LM: every miss falls back to the uniform prior
+    )
+    actor = SharedPriorCache(cfg)
+    rng = np.random.default_rng(0)
+
+    async def run():
+        for i in range(25):
+            res = await actor.get_priors([query(f"s{i}", rng.normal(size=8))])
+            assert res[0].source is PriorSource.FALLBACK_UNIFORM
+
+    asyncio.run(run())
+    s = actor.stats()
+    assert s.meta_updates == 2  # windows of 10 decisions
+    assert s.min_cosine_similarity < 0.9  # hit rate 0 < target, no refresh KL: tau falls
+    assert s.fallbacks_uniform == 25 and s.lm_failures == 25
+    assert len(actor.meta_history()) == 2
+
+
+def test_spsa_mode_moves_tau_from_caller_groups():
+    cfg = SharedCacheConfig(
+        cache=small_config(min_cosine_similarity=0.9),
+        meta=MetaConfig(mode="spsa", window_decisions=8, spsa_delta=0.01, spsa_learning_rate=0.01),
+        prior_app=None,
+    )
+    actor = SharedPriorCache(cfg)
+
+    async def run():
+        for i in range(4):
+            await actor.get_priors([query(f"a{i}", None)], caller_id=0)  # + group
+        for i in range(3):
+            await actor.get_priors([query(f"b{i}", None)], caller_id=1)  # - group
+        actor.report_episode_returns([1.0], caller_id=0)
+        actor.report_episode_returns([0.0], caller_id=1)
+        assert actor.stats().min_cosine_similarity == 0.9  # no step before both half-windows
+        await actor.get_priors([query("b3", None)], caller_id=1)  # completes the window
+
+    asyncio.run(run())
+    assert actor.stats().min_cosine_similarity > 0.9  # the + side earned more return
