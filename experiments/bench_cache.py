@@ -306,8 +306,10 @@ def bench_actor(states, encoder, model_dir: Path, args) -> dict:
         queries = client.build_queries(batch)  # encoding outside the timed region
         t = time.perf_counter()
         res = ray.get(handle.get_priors.remote(queries))
-        miss_ts.append(time.perf_counter() - t)
-        assert all(r.source.value == "lm" for r in res), [r.source for r in res]
+        # Generated states can be near-duplicates of earlier ones (a real semantic hit):
+        # only calls where all 8 went to the LM count as miss latency.
+        if all(r.source.value == "lm" for r in res):
+            miss_ts.append(time.perf_counter() - t)
     miss_ts = miss_ts[3:]
 
     # exact hits: the same 8 (already cached) states
