@@ -13,20 +13,17 @@ from tests.helpers import filled_cache_dir
 runner = CliRunner()
 
 
+def score_args(model_dir, state, *candidates):
+    args = ["prior", "score", "--model", str(model_dir), "--state", state]
+    for c in candidates:
+        args += ["--candidate", c]
+    return args
+
+
 def test_prior_score_prints_a_normalised_prior(tiny_model_dir):
-    args = [
-        "prior",
-        "score",
-        "--model",
-        str(tiny_model_dir),
-        "--state",
-        "you are in the kitchen",
-        "--candidate",
-        "go north",
-        "--candidate",
-        "open fridge",
-    ]
-    res = runner.invoke(app, args)
+    res = runner.invoke(
+        app, score_args(tiny_model_dir, "you are in the kitchen", "go north", "open fridge")
+    )
     assert res.exit_code == 0, res.output
     rows = [ln for ln in res.stdout.splitlines() if re.match(r"^\d\.\d{4}  ", ln)]
     assert len(rows) == 2, res.output
@@ -36,19 +33,7 @@ def test_prior_score_prints_a_normalised_prior(tiny_model_dir):
 
 
 def test_prior_score_rejects_duplicate_candidates(tiny_model_dir):
-    args = [
-        "prior",
-        "score",
-        "--model",
-        str(tiny_model_dir),
-        "--state",
-        "s",
-        "--candidate",
-        "go",
-        "--candidate",
-        "go",
-    ]
-    res = runner.invoke(app, args)
+    res = runner.invoke(app, score_args(tiny_model_dir, "s", "go", "go"))
     assert res.exit_code != 0 and "duplicate" in str(res.exception)
 
 
