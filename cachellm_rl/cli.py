@@ -11,8 +11,13 @@ import typer
 app = typer.Typer(no_args_is_help=True, help="cachellm_rl: RL with cached language-model priors.")
 prior_app = typer.Typer(no_args_is_help=True, help="Language-model priors.")
 cache_app = typer.Typer(no_args_is_help=True, help="The prior cache.")
+games_app = typer.Typer(no_args_is_help=True, help="Generated text games.")
 app.add_typer(prior_app, name="prior")
 app.add_typer(cache_app, name="cache")
+app.add_typer(games_app, name="games")
+
+DEFAULT_GAMES_DIR = Path("data/games")
+DEFAULT_PRIOR_DIR = Path("artifacts/priors")
 
 
 @app.command()
@@ -80,6 +85,70 @@ def prior_make_tiny(
     texts = corpus.read_text().splitlines() if corpus else ["go north", "take the key"]
     make_tiny_causal_lm(out, texts)
     print(f"wrote {out}")
+
+
+@games_app.command("make")
+def games_make(
+    suite: Annotated[str, typer.Option(help="Game suite (cooking).")] = "cooking",
+    out: Annotated[
+        Path | None, typer.Option(help="Suite folder (default data/games/<suite>).")
+    ] = None,
+    n_train: Annotated[int, typer.Option(help="Train games (the prior learns from these).")] = 60,
+    n_valid: Annotated[int, typer.Option(help="Valid games.")] = 10,
+    n_test: Annotated[int, typer.Option(help="Test games (held out from the prior).")] = 10,
+    seed: Annotated[int, typer.Option(help="Base seed of the suite.")] = 1234,
+    food_splits: Annotated[
+        bool, typer.Option(help="Valid/test games use foods never seen in train games.")
+    ] = False,
+) -> None:
+    """Generate a seeded game suite into train / valid / test splits (idempotent)."""
+    from cachellm_rl.envs.games import SuiteConfig, make_suite
+
+    cfg = SuiteConfig(
+        suite=suite,
+        n_train=n_train,
+        n_valid=n_valid,
+        n_test=n_test,
+        seed=seed,
+        food_splits=food_splits,
+    )
+    target = out or DEFAULT_GAMES_DIR / suite
+    manifest = make_suite(cfg, target)
+    n, made = len(manifest["games"]), manifest["generated"]
+    print(f"{n} games in {target} ({made} generated, {n - made} kept)")
+
+
+@prior_app.command("train")
+def prior_train(
+    env: Annotated[str, typer.Option(help="Environment whose experts teach the prior.")],
+    games: Annotated[
+        Path | None, typer.Option(help="Game suite folder (default data/games/cooking).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Model folder (default artifacts/priors/<env>).")
+    ] = None,
+    episodes_per_game: Annotated[int, typer.Option(help="Demonstration episodes per game.")] = 4,
+    perturb: Annotated[float, typer.Option(help="Chance of a random step (recoveries).")] = 0.25,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
+    max_minutes: Annotated[float, typer.Option(help="Training time budget.")] = 8.0,
+    evaluate: Annotated[bool, typer.Option(help="Measure direct-prior success after.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train the embedded default prior on the train split's expert demonstrations."""
+    from cachellm_rl.prior.embedded import train_embedded_prior
+
+    report = train_embedded_prior(
+        env,
+        games_dir=games,
+        out_dir=out or DEFAULT_PRIOR_DIR / env,
+        episodes_per_game=episodes_per_game,
+        perturb_probability=perturb,
+        epochs=epochs,
+        max_minutes=max_minutes,
+        evaluate=evaluate,
+        seed=seed,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 
 @cache_app.command("inspect")

@@ -194,6 +194,17 @@ class LatencyHistogram:
                 return self.edges_ms[min(i, len(self.edges_ms) - 1)]
         return self.edges_ms[-1]
 
+    def merged(self, other: LatencyHistogram) -> LatencyHistogram:
+        """A new histogram with the samples of both (same edges required)."""
+        if list(self.edges_ms) != list(other.edges_ms):
+            raise ValueError("LatencyHistogram.merged needs identical bucket edges")
+        return LatencyHistogram(
+            edges_ms=list(self.edges_ms),
+            counts=[a + b for a, b in zip(self.counts, other.counts, strict=True)],
+            total=self.total + other.total,
+            sum_ms=self.sum_ms + other.sum_ms,
+        )
+
     @property
     def mean_ms(self) -> float:
         """Mean of the recorded samples (NaN when empty)."""

@@ -52,6 +52,8 @@ class SharedCacheConfig:
         snapshot_interval_s: Minimum seconds between automatic snapshots (0: only explicit).
         max_restarts: Ray restarts of the actor after a crash (-1: unlimited).
         num_cpus: CPUs reserved for the actor.
+        bypass: Uncached baseline: every decision is a miss answered by its own LM call (no
+            insert, no coalescing); the counters and latency histograms still fill.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -63,6 +65,7 @@ class SharedCacheConfig:
     snapshot_interval_s: float = 60.0
     max_restarts: int = 3
     num_cpus: float = 0.0
+    bypass: bool = False
 
     def __post_init__(self) -> None:
         if not self.lm_timeout_s > 0:
@@ -214,6 +217,14 @@ class SharedPriorCache:
         return None
 
     async def _resolve_miss(self, q: CacheQuery, t0: float) -> PriorResult:
+        if self.config.bypass:
+            try:
+                resp = await self._call_lm(q.request)
+                return self._miss_result(resp.logp, PriorSource.LM, t0, resp.model_version)
+            except Exception as exc:
+                if not isinstance(exc, asyncio.TimeoutError):
+                    self._cache.stats.lm_failures += 1
+                return self._fallback(q, t0)
         key = q.exact_key
         leader = key if key in self._inflight else self._near_inflight(q)
         if leader is not None:

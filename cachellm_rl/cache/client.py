@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import ray
 
 from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
@@ -34,16 +33,22 @@ class TextState:
     inventory: str | None = None
 
     def key_text(self) -> str:
-        """Canonical text of the state (what the exact tier hashes)."""
+        """Canonical text of the state (what the exact tier hashes and the encoder embeds).
+
+        The inventory comes first and the objective last: sentence encoders truncate long
+        inputs (MiniLM at 256 word pieces), and the objective is the part shared by every
+        state of an episode, so it is the part to lose.
+        """
         inv = "" if self.inventory is None else self.inventory
-        return canonical_text(f"{self.objective}\n{self.observation}\n{inv}")
+        return canonical_text(f"{inv}\n{self.observation}\n{self.objective}")
 
 
 class PriorCacheClient:
     """Builds queries for text states and calls the shared cache actor once per batch.
 
     Args:
-        encoder: A text encoder with ``encode(texts) -> (B, dim)`` and a ``tag``.
+        encoder: A text encoder with ``encode(texts) -> (B, dim)`` and a ``tag``; None sends no
+            embeddings (exact tier only).
         cache_name: Name of the shared cache actor.
         namespace: Its Ray namespace.
         prompt_config: Prompt layout.
@@ -85,7 +90,10 @@ class PriorCacheClient:
         version = self.prior_version()
         tag = getattr(self.encoder, "tag", "")
         texts = [s.key_text() for s in states]
-        embeddings = self.encoder.encode(texts) if states else np.zeros((0, 1), np.float32)
+        if self.encoder is not None and states:
+            embeddings = list(self.encoder.encode(texts))
+        else:
+            embeddings = [None] * len(states)
         queries = []
         for s, text, emb in zip(states, texts, embeddings, strict=True):
             prompt = build_prompt(

@@ -1,0 +1,1 @@
+"""RLlib algorithms (new API stack). The only package that imports RLlib."""

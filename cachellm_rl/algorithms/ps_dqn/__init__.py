@@ -1,0 +1,1 @@
+"""Posterior-sampling DQN: explores from ``p(a|s) exp(Q(s,a)/T)`` over the admissible actions."""

@@ -1,0 +1,69 @@
+"""``PSDQNConfig`` / ``PSDQN``: RLlib's DQN training loop with the posterior-sampling module,
+learner and prior connector."""
+
+from __future__ import annotations
+
+from ray.rllib.algorithms.dqn.dqn import DQN, DQNConfig
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from cachellm_rl.algorithms.ps_dqn.connectors import PriorConnectorConfig, PriorObservationConnector
+
+
+class PSDQNConfig(DQNConfig):
+    """DQN config plus ``soft_q_prior`` and the prior connector.
+
+    Example:
+        >>> cfg = PSDQNConfig().training(soft_q_prior=True)
+        >>> cfg.soft_q_prior
+        True
+    """
+
+    def __init__(self, algo_class=None) -> None:
+        super().__init__(algo_class=algo_class or PSDQN)
+        self.soft_q_prior = False
+        self.prior_connector = PriorConnectorConfig()
+
+    def training(self, *, soft_q_prior: bool | None = None, **kwargs) -> PSDQNConfig:
+        """DQN's ``training(...)`` plus ``soft_q_prior`` (KL-regularised target, DESIGN §4.6)."""
+        super().training(**kwargs)
+        if soft_q_prior is not None:
+            self.soft_q_prior = bool(soft_q_prior)
+        return self
+
+    def prior(self, connector: PriorConnectorConfig) -> PSDQNConfig:
+        """Where priors come from (the shared cache actor, or uniform for ``no_prior``)."""
+        self.prior_connector = connector
+        cc = connector
+        self.env_runners(
+            env_to_module_connector=lambda env, spaces=None, device=None: PriorObservationConnector(
+                config=cc
+            )
+        )
+        return self
+
+    def get_default_learner_class(self):
+        from cachellm_rl.algorithms.ps_dqn.learner import PSDQNTorchLearner
+
+        return PSDQNTorchLearner
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from cachellm_rl.algorithms.ps_dqn.rl_module import PSDQNTorchRLModule
+
+        return RLModuleSpec(module_class=PSDQNTorchRLModule)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_atoms != 1 or self.dueling:
+            raise ValueError("PSDQN supports num_atoms=1 and dueling=False only")
+        if self.soft_q_prior and self.prior_connector.mode != "cache":
+            raise ValueError(
+                "soft_q_prior needs priors: set .prior(PriorConnectorConfig(mode='cache'))"
+            )
+
+
+class PSDQN(DQN):
+    """RLlib DQN driven by :class:`PSDQNConfig`."""
+
+    @classmethod
+    def get_default_config(cls) -> PSDQNConfig:
+        return PSDQNConfig()

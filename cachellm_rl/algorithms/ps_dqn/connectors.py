@@ -1,0 +1,296 @@
+"""Env-to-module connector that fetches the LM prior of every sub-env's state from the shared
+cache actor: **one** actor call per vector step (DESIGN §2, §7).
+
+Keys and embeddings are computed here, in the env runner. The prior log-probabilities and the
+posterior temperature ``T(h)`` are written *into the observation* (``prior_logp``,
+``posterior_temperature``), so the replay buffer keeps them for both the current and the next
+state of every transition: the learner sees the prior without a custom buffer, and the
+soft-Q-with-prior target gets the next state's prior.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+
+from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_PRIOR_LOGP, OBS_TEMPERATURE
+from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
+from cachellm_rl.cache.meta import posterior_temperature
+from cachellm_rl.contracts import LatencyHistogram, PriorSource
+from cachellm_rl.envs.text_env import (
+    INFO_CANDIDATES,
+    INFO_CANDIDATES_DROPPED,
+    INFO_GAME,
+    INFO_INVALID_ACTION,
+    INFO_INVENTORY,
+    INFO_OBJECTIVE,
+    INFO_OBSERVATION,
+    INFO_STATE_TOKENS_TRUNCATED,
+    INFO_WON,
+)
+
+PRIOR_FLOOR = -1e4
+PRIOR_MODES = ("cache", "uniform")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorConnectorConfig:
+    """Settings of :class:`PriorObservationConnector`.
+
+    Attributes:
+        mode: ``"cache"`` (priors from the shared cache actor) or ``"uniform"`` (no LM; the
+            ``no_prior`` baseline gets the same observation layout).
+        cache_name: Name of the shared cache actor.
+        namespace: Its Ray namespace.
+        use_embeddings: Compute state embeddings for the semantic tier (False for a cache that
+            never does semantic lookups, e.g. ``uncached``).
+        temperature_initial: ``T_0`` of ``T(h) = T_min + (T_0 - T_min)(1 - h)``.
+        temperature_min: ``T_min``.
+        hit_rate_ema_decay: Weight of the newest decision in this runner's hit-rate EMA ``h``.
+        encoder_threads: Torch threads of the state encoder in the env runner.
+    """
+
+    mode: str = "cache"
+    cache_name: str = DEFAULT_CACHE_NAME
+    namespace: str = DEFAULT_NAMESPACE
+    use_embeddings: bool = True
+    temperature_initial: float = 1.0
+    temperature_min: float = 0.25
+    hit_rate_ema_decay: float = 0.02
+    encoder_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIOR_MODES:
+            raise ValueError(
+                f"PriorConnectorConfig.mode must be one of {PRIOR_MODES}, got {self.mode!r}"
+            )
+        if not 0 < self.temperature_min <= self.temperature_initial:
+            raise ValueError(
+                "PriorConnectorConfig needs 0 < temperature_min <= temperature_initial"
+            )
+        if not 0 < self.hit_rate_ema_decay <= 1:
+            raise ValueError("PriorConnectorConfig.hit_rate_ema_decay must be in (0, 1]")
+
+
+@dataclass
+class PriorConnectorReport:
+    """What one env runner's connector measured (picklable; merged by the driver)."""
+
+    decisions: int = 0
+    actor_calls: int = 0
+    hits: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+    latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
+    hit_rate_ema: float = 0.0
+    temperature: float = 1.0
+    pid: int = 0
+    episodes: list[dict] = field(default_factory=list)
+
+    def merge(self, other: PriorConnectorReport) -> PriorConnectorReport:
+        """Sum of two reports (gauges: decision-weighted mean of hit rate and temperature)."""
+        out = PriorConnectorReport(
+            decisions=self.decisions + other.decisions,
+            actor_calls=self.actor_calls + other.actor_calls,
+            hits=self.hits + other.hits,
+            sources={
+                k: self.sources.get(k, 0) + other.sources.get(k, 0)
+                for k in set(self.sources) | set(other.sources)
+            },
+            latency_hit=self.latency_hit.merged(other.latency_hit),
+            latency_miss=self.latency_miss.merged(other.latency_miss),
+            hit_rate_ema=_weighted(self, other, "hit_rate_ema"),
+            temperature=_weighted(self, other, "temperature"),
+            episodes=self.episodes + other.episodes,
+        )
+        return out
+
+
+def _weighted(a: PriorConnectorReport, b: PriorConnectorReport, name: str) -> float:
+    n = a.decisions + b.decisions
+    if n == 0:
+        return getattr(b, name)
+    return (getattr(a, name) * a.decisions + getattr(b, name) * b.decisions) / n
+
+
+def text_state_from_info(info: dict):
+    """The cache client's ``TextState`` of an env ``info`` dict."""
+    from cachellm_rl.cache.client import TextState
+
+    return TextState(
+        observation=info[INFO_OBSERVATION],
+        candidates=tuple(info[INFO_CANDIDATES]),
+        objective=info.get(INFO_OBJECTIVE, ""),
+        inventory=info.get(INFO_INVENTORY),
+    )
+
+
+def prior_row(logp: np.ndarray, num_slots: int) -> np.ndarray:
+    """A fixed-size prior row: the candidates' log-probs, 0 on empty slots, floored.
+
+    Example:
+        >>> prior_row(np.log(np.array([0.5, 0.5], np.float32)), 3).round(3).tolist()
+        [-0.693, -0.693, 0.0]
+    """
+    row = np.zeros(num_slots, np.float32)
+    n = min(len(logp), num_slots)
+    row[:n] = np.maximum(np.asarray(logp[:n], np.float32), PRIOR_FLOOR)
+    return row
+
+
+class PriorObservationConnector(ConnectorV2):
+    """Adds ``prior_logp`` (A,) and ``posterior_temperature`` (1,) to each sub-env's latest
+    observation, with one call to the shared cache actor for all sub-envs of a vector step.
+
+    Args:
+        input_observation_space: Set by RLlib.
+        input_action_space: Set by RLlib.
+        config: Connector settings.
+    """
+
+    def __init__(
+        self,
+        input_observation_space: gym.Space | None = None,
+        input_action_space: gym.Space | None = None,
+        *,
+        config: PriorConnectorConfig | None = None,
+        **kwargs,
+    ) -> None:
+        self.config = config or PriorConnectorConfig()
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self._client = None
+        self.report = PriorConnectorReport(pid=os.getpid())
+        self._hit_ema = 0.0
+
+    def recompute_output_observation_space(self, input_observation_space, input_action_space):
+        if not isinstance(input_observation_space, gym.spaces.Dict):
+            return input_observation_space
+        num = input_observation_space[OBS_ACTION_MASK].shape[0]
+        spaces = dict(input_observation_space.spaces)
+        spaces[OBS_PRIOR_LOGP] = gym.spaces.Box(PRIOR_FLOOR, 0.0, (num,), np.float32)
+        spaces[OBS_TEMPERATURE] = gym.spaces.Box(0.0, 1e3, (1,), np.float32)
+        return gym.spaces.Dict(spaces)
+
+    def _get_client(self):
+        if self._client is None:
+            from cachellm_rl.cache.client import PriorCacheClient
+
+            encoder = None
+            if self.config.use_embeddings:
+                from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
+
+                encoder = TextStateEncoder(
+                    TextEncoderConfig(max_threads=self.config.encoder_threads)
+                )
+            self._client = PriorCacheClient(
+                encoder,
+                cache_name=self.config.cache_name,
+                namespace=self.config.namespace,
+                caller_id=os.getpid(),
+            )
+        return self._client
+
+    def temperature(self) -> float:
+        """``T(h)`` with this runner's hit-rate EMA."""
+        return posterior_temperature(
+            self._hit_ema, t0=self.config.temperature_initial, t_min=self.config.temperature_min
+        )
+
+    def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
+        eps = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=True))
+        if not eps:
+            return batch
+        obs = [e.get_observations(-1) for e in eps]
+        infos = [e.get_infos(-1) for e in eps]
+        num = obs[0][OBS_ACTION_MASK].shape[0]
+        rows: list[np.ndarray]
+        temps: list[float]
+        rep = self.report
+        if self.config.mode == "uniform":
+            rows = [
+                prior_row(np.full(len(i[INFO_CANDIDATES]), -math.log(len(i[INFO_CANDIDATES]))), num)
+                for i in infos
+            ]
+            temps = [1.0] * len(eps)
+            rep.decisions += len(eps)
+        else:
+            states = [text_state_from_info(i) for i in infos]
+            t0 = time.perf_counter()
+            results = self._get_client().get_priors(states)  # the one actor call
+            ms = (time.perf_counter() - t0) * 1e3
+            rep.actor_calls += 1
+            rows, temps = [], []
+            decay = self.config.hit_rate_ema_decay
+            for r in results:
+                rows.append(prior_row(r.logp, num))
+                hit = r.hit
+                self._hit_ema += decay * (float(hit) - self._hit_ema)
+                temps.append(self.temperature())
+                rep.decisions += 1
+                rep.hits += int(hit)
+                rep.sources[r.source.value] = rep.sources.get(r.source.value, 0) + 1
+                (rep.latency_hit if hit else rep.latency_miss).record(ms)
+            rep.hit_rate_ema = self._hit_ema
+            rep.temperature = temps[-1]
+        for e, o, row, temp in zip(eps, obs, rows, temps, strict=True):
+            new = dict(o)
+            new[OBS_PRIOR_LOGP] = row
+            new[OBS_TEMPERATURE] = np.array([temp], np.float32)
+            e.set_observations(at_indices=-1, new_data=new)
+            e.observation_space = self.observation_space
+        return batch
+
+
+def fallback_sources() -> tuple[str, ...]:
+    """Sources that mean the LM could not answer (counted as fallbacks)."""
+    return (PriorSource.FALLBACK_STALE.value, PriorSource.FALLBACK_UNIFORM.value)
+
+
+def record_episode_end(*, episode, env_runner=None, prev_episode_chunks=None, **kwargs) -> None:
+    """RLlib ``on_episode_end`` callback: keeps success, return, length and counters of each
+    finished episode in the runner's prior-connector report (collected by the driver)."""
+    conn = find_prior_connector(env_runner) if env_runner is not None else None
+    if conn is None:
+        return
+    chunks = [*(prev_episode_chunks or []), episode]
+    infos = [i for c in chunks for i in c.get_infos()]
+    last = infos[-1] if infos else {}
+    conn.report.episodes.append(
+        {
+            "success": float(bool(last.get(INFO_WON, False))),
+            "return": float(sum(c.get_return() for c in chunks)),
+            "length": int(sum(len(c) for c in chunks)),
+            "game": last.get(INFO_GAME, ""),
+            "invalid_actions": int(sum(bool(i.get(INFO_INVALID_ACTION)) for i in infos)),
+            "candidates_dropped": int(sum(i.get(INFO_CANDIDATES_DROPPED, 0) for i in infos)),
+            "state_tokens_truncated": int(
+                sum(i.get(INFO_STATE_TOKENS_TRUNCATED, 0) for i in infos)
+            ),
+        }
+    )
+
+
+def pop_report(env_runner) -> PriorConnectorReport | None:
+    """The runner's report; its episode records are handed over (and cleared there)."""
+    conn = find_prior_connector(env_runner)
+    if conn is None:
+        return None
+    rep = conn.report
+    out = PriorConnectorReport(**{**rep.__dict__, "episodes": list(rep.episodes)})
+    rep.episodes.clear()
+    return out
+
+
+def find_prior_connector(env_runner) -> PriorObservationConnector | None:
+    """The prior connector inside an env runner's env-to-module pipeline (None if absent)."""
+    pipeline = getattr(env_runner, "_env_to_module", None)
+    for piece in getattr(pipeline, "connectors", []) or []:
+        if isinstance(piece, PriorObservationConnector):
+            return piece
+    return None

@@ -1,0 +1,83 @@
+"""``PSDQNTorchLearner``: double-DQN (or soft-Q-with-prior) TD loss over masked candidates."""
+
+from __future__ import annotations
+
+import torch
+from ray.rllib.algorithms.dqn.dqn_learner import (
+    QF_LOSS_KEY,
+    QF_MAX_KEY,
+    QF_MEAN_KEY,
+    QF_MIN_KEY,
+    QF_NEXT_PREDS,
+    QF_PREDS,
+    QF_TARGET_NEXT_PREDS,
+    TD_ERROR_MEAN_KEY,
+)
+from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.utils.metrics import TD_ERROR_KEY
+
+from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_PRIOR_LOGP, OBS_TEMPERATURE
+from cachellm_rl.algorithms.ps_dqn.losses import (
+    double_q_next_value,
+    masked,
+    soft_prior_next_value,
+    td_loss,
+    td_targets,
+)
+
+PRIOR_KL_KEY = "kl_posterior_to_prior"
+
+
+class PSDQNTorchLearner(DQNTorchLearner):
+    """TD loss of posterior-sampling DQN.
+
+    Next-state value: double-DQN over the next state's admissible actions, or with
+    ``config.soft_q_prior`` the KL-regularised ``T log sum_a p(a|s') exp(Q(s',a)/T)`` using the
+    next state's prior and temperature, both stored in the observation by the prior connector.
+    """
+
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
+        q_BA = fwd_out[QF_PREDS]
+        actions_B1 = batch[Columns.ACTIONS].long().reshape(-1, 1)
+        q_sel_B = q_BA.gather(-1, actions_B1).squeeze(-1)
+        next_mask_BA = next_obs[OBS_ACTION_MASK]
+        if getattr(config, "soft_q_prior", False):
+            next_v_B = soft_prior_next_value(
+                fwd_out[QF_TARGET_NEXT_PREDS],
+                next_obs[OBS_PRIOR_LOGP].float(),
+                next_mask_BA,
+                next_obs[OBS_TEMPERATURE].float().reshape(-1),
+            )
+        elif config.double_q:
+            next_v_B = double_q_next_value(
+                fwd_out[QF_NEXT_PREDS], fwd_out[QF_TARGET_NEXT_PREDS], next_mask_BA
+            )
+        else:
+            next_v_B = masked(fwd_out[QF_TARGET_NEXT_PREDS], next_mask_BA).max(-1).values
+        discount_B = config.gamma ** batch["n_step"].float()
+        target_B = td_targets(
+            batch[Columns.REWARDS], batch[Columns.TERMINATEDS], next_v_B, discount_B
+        )
+        loss, td_error_B = td_loss(
+            q_sel_B, target_B, batch.get("weights"), huber=config.td_error_loss_fn == "huber"
+        )
+        self.metrics.log_value(
+            key=(module_id, TD_ERROR_KEY), value=td_error_B, reduce="item_series"
+        )
+        log = {
+            QF_LOSS_KEY: loss,
+            QF_MEAN_KEY: q_sel_B.mean(),
+            QF_MAX_KEY: q_sel_B.max(),
+            QF_MIN_KEY: q_sel_B.min(),
+            TD_ERROR_MEAN_KEY: td_error_B.mean(),
+        }
+        if OBS_PRIOR_LOGP in obs:
+            mask_BA = obs[OBS_ACTION_MASK] > 0.5
+            prior_BA = masked(obs[OBS_PRIOR_LOGP].float(), mask_BA).log_softmax(-1)
+            post_BA = fwd_out["posterior_logits"].log_softmax(-1)
+            kl_B = torch.where(mask_BA, post_BA.exp() * (post_BA - prior_BA), 0.0).sum(-1)
+            log[PRIOR_KL_KEY] = kl_B.mean().detach()
+        self.metrics.log_dict(log, key=module_id, window=1)
+        return loss

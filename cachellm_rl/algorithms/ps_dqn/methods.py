@@ -1,0 +1,329 @@
+"""The six methods of the text suite (DESIGN §5) as configurations of one algorithm, plus the
+run and greedy-evaluation loops the suite calls for each (method, seed).
+
+- ``no_prior``: epsilon-greedy DQN, uniform prior, inference = argmax Q.
+- ``direct_lm``: argmax of the prior, no learning (every decision asks the LM).
+- ``uncached``: posterior sampling, the LM answers every decision.
+- ``lru``: posterior + exact/semantic cache, plain LRU eviction, fixed ``K``, ``tau``, no refresh.
+- ``static``: posterior + the adaptive cache's eviction and refresh with fixed ``(K, tau, rho)``.
+- ``adaptive``: posterior + meta-optimised ``(K, tau, rho)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import ray
+import torch
+from ray.rllib.core.columns import Columns
+
+from cachellm_rl.algorithms.columns import OBS_PRIOR_LOGP, OBS_TEMPERATURE
+from cachellm_rl.algorithms.ps_dqn.config import PSDQNConfig
+from cachellm_rl.algorithms.ps_dqn.connectors import (
+    PriorConnectorConfig,
+    PriorConnectorReport,
+    pop_report,
+    prior_row,
+    record_episode_end,
+    text_state_from_info,
+)
+from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
+from cachellm_rl.cache.adaptive import CacheConfig
+from cachellm_rl.cache.meta import MetaConfig, posterior_temperature
+from cachellm_rl.contracts import LatencyHistogram
+from cachellm_rl.envs.text_env import INFO_CANDIDATES, INFO_WON
+
+METHODS = ("no_prior", "direct_lm", "uncached", "lru", "static", "adaptive")
+RL_METHODS = ("no_prior", "uncached", "lru", "static", "adaptive")
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` if all are known, else a ValueError naming the unknown ones."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; known: {list(METHODS)}")
+    return tuple(methods)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodSettings:
+    """Hyper-parameters shared by the methods of one suite run.
+
+    Attributes:
+        capacity_entries: ``K`` of ``lru`` (fixed at 1000 by the protocol) and of ``static``.
+        min_cosine_similarity: ``tau`` of ``lru`` and ``static``, and the start of ``adaptive``.
+        refresh_probability: ``rho`` of ``static`` and the start of ``adaptive``.
+        adaptive_initial_capacity: Starting ``K`` of ``adaptive``.
+        meta: Meta-optimiser of ``adaptive``.
+        temperature_initial: ``T_0`` of the posterior temperature.
+        temperature_min: ``T_min``.
+        lr: Learning rate of the Q network.
+        gamma: Discount.
+        train_batch_size: Transitions per update.
+        replay_capacity: Replay buffer size (transitions).
+        learning_starts: Env steps before the first update.
+        target_update_steps: Env steps between target-network updates.
+        training_intensity: Trained / sampled transitions ratio.
+        epsilon_final: Final epsilon of ``no_prior``.
+        epsilon_fraction: Fraction of the step budget over which epsilon decays.
+        hidden: Width of the DRRN network.
+        soft_q_prior: KL-regularised soft-Q target (posterior methods).
+        num_envs_per_env_runner: Sub-envs per env runner (rows of one actor call).
+        rollout_fragment_length: Env steps per sub-env per sample call.
+        num_cpus_per_env_runner: CPUs reserved per env runner.
+        env_steps_per_iteration: Env steps per ``algo.train()`` (one learning-curve point).
+    """
+
+    capacity_entries: int = 1000
+    min_cosine_similarity: float = 0.95
+    refresh_probability: float = 0.05
+    adaptive_initial_capacity: int = 1000
+    meta: MetaConfig = field(
+        default_factory=lambda: MetaConfig(mode="heuristic", window_decisions=200)
+    )
+    temperature_initial: float = 1.0
+    temperature_min: float = 0.25
+    lr: float = 5e-4
+    gamma: float = 0.9
+    train_batch_size: int = 32
+    replay_capacity: int = 20_000
+    learning_starts: int = 200
+    target_update_steps: int = 200
+    training_intensity: float = 2.0
+    epsilon_final: float = 0.05
+    epsilon_fraction: float = 0.5
+    hidden: int = 128
+    soft_q_prior: bool = False
+    num_envs_per_env_runner: int = 4
+    rollout_fragment_length: int = 8
+    num_cpus_per_env_runner: float = 0.5
+    env_steps_per_iteration: int = 250
+
+
+def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> SharedCacheConfig | None:
+    """The shared-cache actor settings of ``method`` (None: the method uses no LM)."""
+    check_methods([method])
+    static = MetaConfig(mode="static")
+    if method == "no_prior":
+        return None
+    if method in ("direct_lm", "uncached"):
+        return SharedCacheConfig(
+            cache=CacheConfig(dim=dim, refresh_probability=0.0), meta=static, bypass=True
+        )
+    if method == "lru":
+        cache = CacheConfig(
+            dim=dim,
+            capacity_entries=s.capacity_entries,
+            min_cosine_similarity=s.min_cosine_similarity,
+            refresh_probability=0.0,
+            visit_bonus_steps=0.0,
+            ghost_entries=0,
+        )
+        return SharedCacheConfig(cache=cache, meta=static)
+    cache = CacheConfig(
+        dim=dim,
+        capacity_entries=s.adaptive_initial_capacity
+        if method == "adaptive"
+        else s.capacity_entries,
+        min_cosine_similarity=s.min_cosine_similarity,
+        refresh_probability=s.refresh_probability,
+    )
+    return SharedCacheConfig(cache=cache, meta=s.meta if method == "adaptive" else static)
+
+
+def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> PriorConnectorConfig:
+    """The prior-connector settings of ``method``."""
+    check_methods([method])
+    if method == "no_prior":
+        return PriorConnectorConfig(mode="uniform", cache_name=cache_name)
+    return PriorConnectorConfig(
+        mode="cache",
+        cache_name=cache_name,
+        use_embeddings=method not in ("direct_lm", "uncached"),
+        temperature_initial=s.temperature_initial,
+        temperature_min=s.temperature_min,
+    )
+
+
+def algo_config_for(
+    method: str,
+    s: MethodSettings,
+    *,
+    env_class,
+    env_config: dict,
+    cache_name: str,
+    num_env_runners: int,
+    total_env_steps: int,
+    seed: int,
+) -> PSDQNConfig:
+    """The RLlib config of an RL method (not ``direct_lm``)."""
+    if method not in RL_METHODS:
+        raise ValueError(f"{method!r} is not trained with RLlib; RL methods: {list(RL_METHODS)}")
+    posterior = method != "no_prior"
+    eps_steps = max(1, int(s.epsilon_fraction * total_env_steps))
+    model_config = {
+        "hidden": s.hidden,
+        "exploration": "posterior" if posterior else "epsilon",
+        "inference": "posterior" if posterior else "q",
+        "epsilon": [[0, 1.0], [eps_steps, s.epsilon_final]],
+    }
+    cfg = (
+        PSDQNConfig()
+        .environment(env_class, env_config=env_config)
+        .env_runners(
+            num_env_runners=num_env_runners,
+            num_envs_per_env_runner=s.num_envs_per_env_runner,
+            rollout_fragment_length=s.rollout_fragment_length,
+            num_cpus_per_env_runner=s.num_cpus_per_env_runner,
+        )
+        .prior(connector_config_for(method, s, cache_name))
+        .training(
+            soft_q_prior=s.soft_q_prior and posterior,
+            lr=s.lr,
+            gamma=s.gamma,
+            double_q=True,
+            dueling=False,
+            num_atoms=1,
+            n_step=1,
+            train_batch_size_per_learner=s.train_batch_size,
+            num_steps_sampled_before_learning_starts=s.learning_starts,
+            target_network_update_freq=s.target_update_steps,
+            training_intensity=s.training_intensity,
+            replay_buffer_config={
+                "type": "PrioritizedEpisodeReplayBuffer",
+                "capacity": s.replay_capacity,
+                "alpha": 0.6,
+                "beta": 0.4,
+            },
+        )
+        .rl_module(model_config=model_config)
+        .callbacks(on_episode_end=record_episode_end)
+        .learners(num_learners=0)
+        .debugging(seed=seed, log_level="ERROR")
+        .reporting(
+            metrics_num_episodes_for_smoothing=20,
+            min_sample_timesteps_per_iteration=s.env_steps_per_iteration,
+            min_time_s_per_iteration=0,
+        )
+    )
+    return cfg
+
+
+def start_cache(method: str, s: MethodSettings, name: str, namespace: str):
+    """Create the method's fresh cache actor (None for ``no_prior``)."""
+    cfg = cache_config_for(method, s)
+    if cfg is None:
+        return None
+    handle = get_or_create_cache(cfg, name=name, namespace=namespace)
+    ray.get(handle.ping.remote())
+    return handle
+
+
+def merge_reports(reports: Sequence[PriorConnectorReport | None]) -> PriorConnectorReport:
+    """One report from the env runners' reports."""
+    out = PriorConnectorReport()
+    for r in reports:
+        if r is not None:
+            out = out.merge(r)
+    return out
+
+
+def collect_reports(algo) -> PriorConnectorReport:
+    """Pop the prior-connector reports of all env runners (local and remote)."""
+    return merge_reports(algo.env_runner_group.foreach_env_runner(pop_report))
+
+
+@dataclass
+class GreedyResult:
+    """Greedy evaluation of one (method, seed) on a set of games."""
+
+    per_game_success: dict[str, float]
+    returns: list[float]
+    lengths: list[int]
+    decisions: int = 0
+    latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def success_rate(self) -> float:
+        return float(np.mean(list(self.per_game_success.values())))
+
+
+def greedy_evaluate(
+    env,
+    games: Sequence[str],
+    choose: Callable[[dict, dict], tuple[int, bool | None, float]],
+) -> GreedyResult:
+    """Play each game once with a deterministic policy.
+
+    Args:
+        env: Text env.
+        games: Games to play.
+        choose: ``(obs, info) -> (action, hit or None, decision latency ms)``.
+
+    Returns:
+        Per-game success, returns, lengths and decision latencies split hit/miss.
+    """
+    res = GreedyResult(per_game_success={}, returns=[], lengths=[])
+    for game in games:
+        obs, info = env.reset(options={"game": game})
+        done, ret, n = False, 0.0, 0
+        while not done:
+            action, hit, ms = choose(obs, info)
+            res.decisions += 1
+            if hit is not None:
+                (res.latency_hit if hit else res.latency_miss).record(ms)
+            obs, r, term, trunc, info = env.step(action)
+            ret += r
+            n += 1
+            done = term or trunc
+        res.per_game_success[str(game)] = float(bool(info.get(INFO_WON)))
+        res.returns.append(ret)
+        res.lengths.append(n)
+    return res
+
+
+def prior_chooser(client, *, temperature: float, module=None) -> Callable:
+    """A ``choose`` function for :func:`greedy_evaluate`.
+
+    With ``module`` it is the module's inference (masked argmax of the posterior or of Q) on an
+    observation carrying the prior; without it, the argmax of the prior (``direct_lm``). With
+    ``client=None`` the prior is uniform (``no_prior``).
+    """
+
+    def choose(obs: dict, info: dict) -> tuple[int, bool | None, float]:
+        n = len(info[INFO_CANDIDATES])
+        num = obs["action_mask"].shape[0]
+        hit, ms = None, 0.0
+        if client is None:
+            logp = np.full(n, -np.log(n), np.float32)
+        else:
+            t0 = time.perf_counter()
+            (r,) = client.get_priors([text_state_from_info(info)])
+            ms = (time.perf_counter() - t0) * 1e3
+            logp, hit = r.logp, r.hit
+        if module is None:
+            return int(np.argmax(logp[:n])), hit, ms
+        full = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
+        full[OBS_PRIOR_LOGP] = torch.as_tensor(prior_row(logp, num))[None]
+        full[OBS_TEMPERATURE] = torch.tensor([[temperature]], dtype=torch.float32)
+        with torch.no_grad():
+            a = module.forward_inference({Columns.OBS: full})[Columns.ACTIONS]
+        return int(a.reshape(-1)[0]), hit, ms
+
+    return choose
+
+
+def final_temperature(report: PriorConnectorReport, s: MethodSettings) -> float:
+    """The posterior temperature at the end of training (from the runners' hit-rate EMA)."""
+    return posterior_temperature(
+        report.hit_rate_ema, t0=s.temperature_initial, t_min=s.temperature_min
+    )
+
+
+def with_overrides(s: MethodSettings, **kw) -> MethodSettings:
+    """A copy of ``s`` with fields replaced."""
+    return replace(s, **kw)

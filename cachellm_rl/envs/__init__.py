@@ -1,0 +1,1 @@
+"""Text and control environments (gymnasium); they never import RLlib."""
