@@ -27,6 +27,9 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 demo: $(VENV)/.installed
+	$(PY) experiments/text_suite.py --preset quick
+
+bench: $(VENV)/.installed
 	$(PY) experiments/bench_cache.py --json results/bench_cache.json
 
 clean:

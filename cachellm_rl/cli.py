@@ -151,6 +151,42 @@ def prior_train(
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 
+@prior_app.command("finetune")
+def prior_finetune(
+    model: Annotated[Path, typer.Option(help="Local Hugging Face model directory (the base).")],
+    shots: Annotated[int, typer.Option(help="Expert episodes (k) to fine-tune on.")] = 5,
+    env: Annotated[str, typer.Option(help="Environment whose experts give the episodes.")] = (
+        "textworld"
+    ),
+    games: Annotated[
+        Path | None, typer.Option(help="Game suite folder (default: the env's suite).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Adapter folder (default <model>-lora beside it).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """LoRA few-shot fine-tuning on k expert episodes of the train split; saves the adapter."""
+    from cachellm_rl.envs.demos import collect_demonstrations
+    from cachellm_rl.envs.games import split_games
+    from cachellm_rl.envs.registry import default_games_dir, make_text_env
+    from cachellm_rl.prior.finetune import FinetuneConfig, finetune_lora
+    from cachellm_rl.prior.train import decision_prompt
+
+    if shots < 1:
+        raise typer.BadParameter("--shots must be >= 1")
+    train = split_games(games or default_games_dir(env), "train")[:shots]
+    text_env = make_text_env(env, {"games": train, "expert": True})
+    demos, _ = collect_demonstrations(text_env, train, episodes_per_game=1, seed=seed)
+    text_env.close()
+    examples = [(decision_prompt(d.decision), d.action) for d in demos]
+    adapter = finetune_lora(
+        model, examples, out_dir=out, config=FinetuneConfig(epochs=epochs, seed=seed)
+    )
+    print(f"{len(train)} episodes, {len(examples)} expert decisions; adapter saved to {adapter}")
+
+
 @cache_app.command("inspect")
 def cache_inspect(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot root (with LATEST) or snap-* folder.")],

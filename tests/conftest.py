@@ -24,6 +24,57 @@ def text_encoder():
     return TextStateEncoder()
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, dashboard off, temp dir in an ignored folder) per test session."""
+    import ray
+
+    from cachellm_rl.config import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tw_suite(tmp_path_factory):
+    """A tiny generated tw-cooking suite: 6 easy train games, 1 valid, 2 test games."""
+    from cachellm_rl.envs.games import CookingLevel, SuiteConfig, make_suite
+
+    root = tmp_path_factory.mktemp("tw_suite")
+    cfg = SuiteConfig(
+        n_train=6,
+        n_valid=1,
+        n_test=2,
+        levels=(CookingLevel(recipe=1, take=1, go=1, open=True, cook=True),),
+        seed=7,
+    )
+    make_suite(cfg, root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tw_prior(tw_suite, tmp_path_factory):
+    """An embedded prior trained (briefly) on the tiny suite's train split."""
+    from cachellm_rl.prior.embedded import train_embedded_prior
+
+    out = tmp_path_factory.mktemp("tw_prior") / "model"
+    report = train_embedded_prior(
+        "textworld",
+        games_dir=tw_suite,
+        out_dir=out,
+        episodes_per_game=4,
+        epochs=8,
+        max_minutes=3.0,
+        eval_splits=("test",),
+        progress=False,
+    )
+    return out, report
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests on machines without CUDA (CI never has one)."""
     try:

@@ -97,6 +97,7 @@ class SharedPriorCache:
         self._last_snapshot = time.monotonic()
         self._version_checked = False
         self.refresh_failures = 0
+        self._calls: dict[str, list[int]] = {}
 
     # -- setup --------------------------------------------------------------------------------
     def _restore_or_new(self) -> AdaptiveCache:
@@ -168,6 +169,9 @@ class SharedPriorCache:
         """
         t0 = time.perf_counter()
         self._validate(queries)
+        calls = self._calls.setdefault(str(caller_id), [0, 0])
+        calls[0] += 1
+        calls[1] += len(queries)
         sign, tau = self._spsa_tau(caller_id)
         results: list[PriorResult | None] = [None] * len(queries)
         misses: list[int] = []
@@ -360,6 +364,10 @@ class SharedPriorCache:
     def stats(self) -> CacheStats:
         """Counters, gauges and latency histograms."""
         return self._cache.snapshot_stats()
+
+    def call_counts(self) -> dict[str, tuple[int, int]]:
+        """``caller_id -> (get_priors calls, queries)`` since the actor started."""
+        return {k: (v[0], v[1]) for k, v in self._calls.items()}
 
     def meta_history(self) -> list[dict[str, float]]:
         """Every heuristic meta-update so far."""

@@ -51,6 +51,8 @@ class TextEncoderConfig:
         batch_size: Texts per forward pass.
         memo_entries: Exact-text memo size (LRU); 0 disables memoisation.
         max_threads: Torch intra-op threads in this process; None leaves torch's default.
+        max_tokens: Word pieces read per text (the rest is cut); None keeps the model's limit
+            (256 for MiniLM). 128 halves the CPU cost of long game observations.
     """
 
     model_dir: str | None = None
@@ -58,8 +60,11 @@ class TextEncoderConfig:
     batch_size: int = 64
     memo_entries: int = 100_000
     max_threads: int | None = None
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise ValueError(f"TextEncoderConfig.max_tokens must be >= 8, got {self.max_tokens}")
         if self.batch_size < 1:
             raise ValueError("TextEncoderConfig.batch_size must be >= 1")
         if self.memo_entries < 0:
@@ -96,6 +101,8 @@ class TextStateEncoder:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._model = SentenceTransformer(model_dir, device=device, local_files_only=True)
+        if self.config.max_tokens is not None:
+            self._model.max_seq_length = min(self.config.max_tokens, self._model.max_seq_length)
         get_dim = getattr(self._model, "get_embedding_dimension", None) or (
             self._model.get_sentence_embedding_dimension
         )
@@ -104,6 +111,7 @@ class TextStateEncoder:
         h.update(model_dir.rsplit("/", 1)[-1].encode())
         for p in sorted(Path(model_dir).glob("*.safetensors")):
             h.update(str(p.stat().st_size).encode())
+        h.update(str(self._model.max_seq_length).encode())  # a different cut, a different space
         self.tag = f"text-{self.dim}-{h.hexdigest()}"
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
         self.memo_hits = 0

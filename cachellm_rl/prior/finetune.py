@@ -328,7 +328,7 @@ def finetune_lora(
         ValueError: No examples, an empty action, bad target modules, or a model directory
             without safetensors weights.
         FileNotFoundError: The model directory or its ``config.json`` is missing.
-        ImportError: peft is not installed (the ``lora`` extra).
+        ImportError: peft is not installed (a core dependency; `pip install peft`).
     """
     cfg = config or FinetuneConfig()
     pairs = _check_examples(examples)
@@ -336,7 +336,7 @@ def finetune_lora(
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise ImportError("LoRA fine-tuning needs peft: install the `lora` extra") from exc
+        raise ImportError("LoRA fine-tuning needs peft: `pip install peft`") from exc
     from tqdm.auto import tqdm
     from transformers.pytorch_utils import Conv1D
 

@@ -1,22 +1,8 @@
-"""One Ray (and one Serve app with a tiny real GPT-2) per test session."""
+"""One Serve app with a tiny real GPT-2 per test session (Ray itself: ``ray_session``)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    from cachellm_rl.config import init_ray
-
-    init_ray(num_cpus=2)
-    yield ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -54,16 +54,18 @@ class PriorConnectorConfig:
         temperature_min: ``T_min``.
         hit_rate_ema_decay: Weight of the newest decision in this runner's hit-rate EMA ``h``.
         encoder_threads: Torch threads of the state encoder in the env runner.
+        encoder_max_tokens: Word pieces of each state text the encoder reads.
     """
 
     mode: str = "cache"
     cache_name: str = DEFAULT_CACHE_NAME
     namespace: str = DEFAULT_NAMESPACE
     use_embeddings: bool = True
-    temperature_initial: float = 1.0
-    temperature_min: float = 0.25
+    temperature_initial: float = 2.0
+    temperature_min: float = 1.0
     hit_rate_ema_decay: float = 0.02
     encoder_threads: int = 1
+    encoder_max_tokens: int | None = 128
 
     def __post_init__(self) -> None:
         if self.mode not in PRIOR_MODES:
@@ -186,7 +188,10 @@ class PriorObservationConnector(ConnectorV2):
                 from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
 
                 encoder = TextStateEncoder(
-                    TextEncoderConfig(max_threads=self.config.encoder_threads)
+                    TextEncoderConfig(
+                        max_threads=self.config.encoder_threads,
+                        max_tokens=self.config.encoder_max_tokens,
+                    )
                 )
             self._client = PriorCacheClient(
                 encoder,

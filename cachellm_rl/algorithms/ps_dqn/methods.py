@@ -84,8 +84,8 @@ class MethodSettings:
     meta: MetaConfig = field(
         default_factory=lambda: MetaConfig(mode="heuristic", window_decisions=200)
     )
-    temperature_initial: float = 1.0
-    temperature_min: float = 0.25
+    temperature_initial: float = 2.0
+    temperature_min: float = 1.0
     lr: float = 5e-4
     gamma: float = 0.9
     train_batch_size: int = 32

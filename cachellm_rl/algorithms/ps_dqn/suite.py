@@ -306,6 +306,9 @@ def run_rl_method(
             "train_env_steps": steps,
             "train_episodes": len(episodes),
             "train_success_last20": curve[-1]["train_success"] if curve else None,
+            "train_success_all": (
+                float(np.mean([e["success"] for e in episodes])) if episodes else None
+            ),
             "env_steps_per_s": steps / train_s if train_s > 0 else None,
             "train_s": train_s,
             "wall_s": wall,
@@ -333,9 +336,9 @@ _ENCODER = None
 def _driver_encoder():
     global _ENCODER  # one MiniLM per driver process, loaded on first use
     if _ENCODER is None:
-        from cachellm_rl.cache.encoders import TextStateEncoder
+        from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
 
-        _ENCODER = TextStateEncoder()
+        _ENCODER = TextStateEncoder(TextEncoderConfig(max_tokens=128))
     return _ENCODER
 
 

@@ -1,0 +1,120 @@
+"""PS-DQN through RLlib with a real Serve prior and the shared cache actor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+from cachellm_rl.algorithms.ps_dqn.methods import (
+    MethodSettings,
+    algo_config_for,
+    collect_reports,
+    start_cache,
+)
+from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
+from cachellm_rl.envs.games import split_games
+from cachellm_rl.envs.textworld_env import TextWorldEnv
+
+pytestmark = pytest.mark.integration
+
+SMALL = MethodSettings(
+    hidden=32,
+    num_envs_per_env_runner=3,
+    rollout_fragment_length=4,
+    learning_starts=24,
+    env_steps_per_iteration=48,
+    train_batch_size=16,
+)
+
+
+@pytest.fixture(scope="module")
+def tw_prior_app(ray_session, tw_prior):
+    """The briefly trained TextWorld prior behind a real Serve deployment."""
+    from cachellm_rl.prior.scoring import ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+
+    model_dir, _ = tw_prior
+    deploy_prior_server(
+        PriorServerConfig(scorer=ScorerConfig(model_dir=str(model_dir)), num_cpus=0),
+        app_name="cachellm_prior",
+    )
+    return "cachellm_prior"
+
+
+def test_one_actor_call_per_vector_step_and_prior_reaches_learner(tw_prior_app, tw_suite):
+    name = "test-psdqn-adaptive"
+    handle = start_cache("adaptive", SMALL, name, DEFAULT_NAMESPACE)
+    games = split_games(tw_suite, "test")
+    cfg = algo_config_for(
+        "adaptive",
+        SMALL,
+        env_class=TextWorldEnv,
+        env_config={"games": games, "expert": False, "max_episode_steps": 20},
+        cache_name=name,
+        num_env_runners=1,
+        total_env_steps=96,
+        seed=0,
+    )
+    algo = cfg.build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+        report = collect_reports(algo)
+        calls = ray.get(handle.call_counts.remote())
+        learner = results[-1]["learners"]["default_policy"]
+    finally:
+        algo.stop()
+        kill_cache(name, DEFAULT_NAMESPACE)
+    # One remote env runner: one caller, every call carries all 3 sub-envs' states.
+    assert len(calls) == 1
+    (n_calls, n_queries) = next(iter(calls.values()))
+    assert n_calls == report.actor_calls > 0
+    assert n_queries == 3 * n_calls == report.decisions
+    # The learner's loss saw the prior columns (it logs the KL only when they are in the batch).
+    assert "kl_posterior_to_prior" in learner
+    assert learner["kl_posterior_to_prior"] >= 0.0
+
+
+def test_every_method_builds_trains_and_acts(tw_prior_app, tw_suite, tw_prior, tmp_path):
+    from cachellm_rl.algorithms.ps_dqn.suite import TextSuiteConfig, run_text_suite
+
+    model_dir, _ = tw_prior
+    cfg = TextSuiteConfig(
+        games_dir=str(tw_suite),
+        num_games=1,
+        prior_model=str(model_dir),
+        seeds=(0,),
+        env_steps=48,
+        max_episode_steps=15,
+        num_env_runners=1,
+        settings=SMALL,
+        progress=False,
+    )
+    summary = run_text_suite(cfg, tmp_path)
+    methods = summary["methods"]
+    assert set(methods) == {"no_prior", "direct_lm", "uncached", "lru", "static", "adaptive"}
+    for m, agg in methods.items():
+        for key in (
+            "success_mean",
+            "success_ci95",
+            "return_mean",
+            "lm_queries",
+            "hit_rate",
+            "latency_hit_p50_ms",
+            "latency_miss_p50_ms",
+            "env_steps_per_s",
+            "wall_s",
+        ):
+            assert key in agg, (m, key)
+        assert 0.0 <= agg["success_mean"] <= 1.0
+    assert methods["no_prior"]["lm_queries"] == 0
+    assert methods["uncached"]["hit_rate"] == 0.0 and methods["uncached"]["lm_queries"] > 0
+    for f in ("summary.json", "table.md", "config.json", "runs.jsonl", "curves.jsonl"):
+        assert (tmp_path / f).is_file(), f
+    for png in ("learning_curves.png", "lm_queries.png", "hit_rate.png", "latency_hist.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    rows = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert all(r["invalid_actions"] == 0 for r in rows if "invalid_actions" in r)
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == methods.keys()

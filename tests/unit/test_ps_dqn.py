@@ -1,0 +1,187 @@
+"""PS-DQN without Ray actors: module shapes, masking, losses, targets, connector helpers."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core.columns import Columns
+
+from cachellm_rl.algorithms.columns import (
+    OBS_ACTION_MASK,
+    OBS_ACTION_TOKENS,
+    OBS_PRIOR_LOGP,
+    OBS_STATE_TOKENS,
+    OBS_TEMPERATURE,
+)
+from cachellm_rl.algorithms.ps_dqn.connectors import (
+    PriorConnectorConfig,
+    PriorConnectorReport,
+    PriorObservationConnector,
+    prior_row,
+)
+from cachellm_rl.algorithms.ps_dqn.losses import (
+    double_q_next_value,
+    posterior_logits,
+    soft_prior_next_value,
+    td_loss,
+    td_targets,
+)
+from cachellm_rl.algorithms.ps_dqn.methods import (
+    METHODS,
+    MethodSettings,
+    cache_config_for,
+    check_methods,
+    connector_config_for,
+)
+from cachellm_rl.algorithms.ps_dqn.rl_module import PSDQNTorchRLModule
+from cachellm_rl.envs.text_env import TextObsConfig, text_observation_space
+
+A, LS, LA, B = 6, 12, 3, 5
+
+
+def _space():
+    base = text_observation_space(
+        TextObsConfig(max_state_tokens=LS, max_actions=A, max_action_tokens=LA, vocab_size=97)
+    )
+    return PriorObservationConnector(base, gym.spaces.Discrete(A)).observation_space
+
+
+def _module(**model_config):
+    from cachellm_rl.algorithms.ps_dqn.config import PSDQNConfig
+
+    spec = PSDQNConfig().get_default_rl_module_spec()
+    spec.observation_space = _space()
+    spec.action_space = gym.spaces.Discrete(A)
+    spec.model_config = {"hidden": 16, "embed_dim": 8, **model_config}
+    module = spec.build()
+    assert isinstance(module, PSDQNTorchRLModule)
+    module.make_target_networks()
+    return module
+
+
+def _obs(valid: int = 3, seed: int = 0, prior_on_masked: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, A)
+    mask[:, :valid] = 1.0
+    state = torch.randint(1, 97, (B, LS), generator=g)
+    actions = torch.randint(1, 97, (B, A, LA), generator=g) * mask[..., None].long()
+    prior = torch.full((B, A), -20.0)
+    if prior_on_masked:
+        prior[:, valid:] = 0.0  # all prior mass on masked slots
+    else:
+        prior[:, :valid] = -np.log(valid)
+    return {
+        OBS_STATE_TOKENS: state,
+        OBS_ACTION_TOKENS: actions,
+        OBS_ACTION_MASK: mask,
+        OBS_PRIOR_LOGP: prior,
+        OBS_TEMPERATURE: torch.ones(B, 1),
+    }
+
+
+def test_connector_adds_prior_and_temperature_to_the_space():
+    space = _space()
+    assert space[OBS_PRIOR_LOGP].shape == (A,) and space[OBS_TEMPERATURE].shape == (1,)
+    assert {OBS_STATE_TOKENS, OBS_ACTION_TOKENS, OBS_ACTION_MASK} <= set(space.spaces)
+
+
+def test_module_output_shapes():
+    m = _module()
+    obs = _obs()
+    q = m.compute_q_values({Columns.OBS: obs})["qf_preds"]
+    assert q.shape == (B, A)
+    out = m.forward_train({Columns.OBS: obs, Columns.NEXT_OBS: _obs(seed=1)})
+    for k in ("qf_preds", "qf_next_preds", "qf_target_next_preds", "posterior_logits"):
+        assert out[k].shape == (B, A), k
+    assert m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS].shape == (B,)
+
+
+@pytest.mark.parametrize("exploration", ["posterior", "epsilon"])
+def test_never_picks_a_masked_action_even_with_prior_mass_there(exploration):
+    m = _module(exploration=exploration, epsilon=[[0, 1.0], [1, 1.0]])
+    obs = _obs(valid=2, prior_on_masked=True)
+    with torch.no_grad():
+        for _ in range(200):
+            a = m.forward_exploration({Columns.OBS: obs}, t=0)[Columns.ACTIONS]
+            assert (a < 2).all()
+        assert (m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS] < 2).all()
+
+
+def test_posterior_follows_the_prior_when_q_is_flat():
+    q = torch.zeros(1, 3)
+    prior = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    logits = posterior_logits(q, prior, torch.ones(1, 3), torch.tensor([1.0]))
+    np.testing.assert_allclose(logits.softmax(-1).numpy(), [[0.7, 0.2, 0.1]], rtol=1e-5)
+    # with Q, a low-prior action with high value overtakes: p * exp(Q/T)
+    q = torch.tensor([[0.0, 0.0, 3.0]])
+    assert posterior_logits(q, prior, torch.ones(1, 3), torch.tensor([1.0])).argmax() == 2
+    # a higher temperature shrinks Q's weight
+    assert posterior_logits(q, prior, torch.ones(1, 3), torch.tensor([10.0])).argmax() == 0
+
+
+def test_targets_ignore_masked_next_actions_and_terminals():
+    online = torch.tensor([[0.0, 1.0, 50.0]])
+    target = torch.tensor([[3.0, 2.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert double_q_next_value(online, target, mask).item() == 2.0
+    lp = torch.log(torch.tensor([[0.5, 0.5, 1e-6]]))
+    v = soft_prior_next_value(target, lp, mask, torch.tensor([1.0]))
+    expected = np.log(0.5 * np.exp(3.0) + 0.5 * np.exp(2.0))
+    assert v.item() == pytest.approx(expected, rel=1e-5)
+    y = td_targets(
+        torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), torch.tensor([5.0, 5.0]), 0.9
+    )
+    assert y.tolist() == pytest.approx([5.5, 1.0])
+
+
+def test_td_loss_gradients_are_finite_with_masked_entries():
+    m = _module()
+    out = m.forward_train({Columns.OBS: _obs(valid=2), Columns.NEXT_OBS: _obs(valid=1, seed=3)})
+    q_sel = out["qf_preds"].gather(-1, torch.zeros(B, 1, dtype=torch.long)).squeeze(-1)
+    v = double_q_next_value(
+        out["qf_next_preds"], out["qf_target_next_preds"], _obs(valid=1)[OBS_ACTION_MASK]
+    )
+    loss, td = td_loss(q_sel, td_targets(torch.ones(B), torch.zeros(B), v, 0.9), torch.ones(B))
+    loss.backward()
+    grads = [p.grad for p in m.q_net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert td.shape == (B,) and torch.isfinite(td).all()
+    # the target network is untouched by the loss
+    assert all(p.grad is None for p in m._target_q_net.parameters())
+
+
+def test_epsilon_schedule_is_linear():
+    m = _module(exploration="epsilon", epsilon=[[0, 1.0], [100, 0.1]])
+    assert m.epsilon(0) == 1.0 and m.epsilon(50) == pytest.approx(0.55) and m.epsilon(1000) == 0.1
+
+
+def test_prior_row_and_report_merge():
+    row = prior_row(np.array([-0.1, -50000.0], np.float32), 4)
+    assert row.tolist() == pytest.approx([-0.1, -1e4, 0.0, 0.0])
+    a = PriorConnectorReport(decisions=10, hits=5, hit_rate_ema=0.5, temperature=1.5)
+    b = PriorConnectorReport(decisions=30, hits=30, hit_rate_ema=1.0, temperature=1.0)
+    merged = PriorConnectorReport().merge(a).merge(b)
+    assert merged.decisions == 40 and merged.hits == 35
+    assert merged.hit_rate_ema == pytest.approx(0.875)
+
+
+def test_method_configs():
+    assert check_methods(["adaptive"]) == ("adaptive",)
+    with pytest.raises(ValueError, match="unknown method"):
+        check_methods(["cached"])
+    s = MethodSettings()
+    assert cache_config_for("no_prior", s) is None
+    assert cache_config_for("uncached", s).bypass and cache_config_for("direct_lm", s).bypass
+    lru = cache_config_for("lru", s)
+    assert lru.cache.capacity_entries == 1000 and lru.cache.visit_bonus_steps == 0
+    assert lru.cache.refresh_probability == 0 and lru.meta.mode == "static"
+    assert cache_config_for("static", s).meta.mode == "static"
+    assert cache_config_for("adaptive", s).meta.mode == "heuristic"
+    assert connector_config_for("no_prior", s, "x").mode == "uniform"
+    assert not connector_config_for("uncached", s, "x").use_embeddings
+    assert connector_config_for("adaptive", s, "x").use_embeddings
+    assert set(METHODS) == {"no_prior", "direct_lm", "uncached", "lru", "static", "adaptive"}
+    with pytest.raises(ValueError, match="mode"):
+        PriorConnectorConfig(mode="lm")
