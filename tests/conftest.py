@@ -41,15 +41,15 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tw_suite(tmp_path_factory):
-    """A tiny generated tw-cooking suite: 6 easy train games, 1 valid, 2 test games."""
+    """A tiny generated tw-cooking suite: 10 easy train games, 1 valid, 2 test games."""
     from cachellm_rl.envs.games import CookingLevel, SuiteConfig, make_suite
 
     root = tmp_path_factory.mktemp("tw_suite")
     cfg = SuiteConfig(
-        n_train=6,
+        n_train=10,
         n_valid=1,
         n_test=2,
-        levels=(CookingLevel(recipe=1, take=1, go=1, open=True, cook=True),),
+        levels=(CookingLevel(recipe=2, take=2, go=1, open=True, cook=False),),
         seed=7,
     )
     make_suite(cfg, root, progress=False)
@@ -67,7 +67,7 @@ def tw_prior(tw_suite, tmp_path_factory):
         games_dir=tw_suite,
         out_dir=out,
         episodes_per_game=4,
-        epochs=8,
+        epochs=16,
         max_minutes=3.0,
         eval_splits=("test",),
         progress=False,

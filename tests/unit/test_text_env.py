@@ -130,7 +130,7 @@ def test_games_make_is_idempotent_and_split(tw_suite):
     names = {
         s: [g["file"] for g in manifest["games"] if g["split"] == s] for s in ("train", "test")
     }
-    assert len(names["train"]) == 6 and len(names["test"]) == 2
+    assert len(names["train"]) == 10 and len(names["test"]) == 2
     assert not set(names["train"]) & set(names["test"])
     assert json.loads((tw_suite / "manifest.json").read_text())["games"] == manifest["games"]
 

@@ -86,7 +86,7 @@ class MethodSettings:
     )
     temperature_initial: float = 2.0
     temperature_min: float = 1.0
-    lr: float = 5e-4
+    lr: float = 1e-3
     gamma: float = 0.9
     train_batch_size: int = 32
     replay_capacity: int = 20_000

@@ -71,7 +71,7 @@ class TextSuiteConfig:
     split: str = "test"
     num_games: int = 0
     prior_model: str = "artifacts/priors/textworld"
-    prior_temperature: float = 1.0
+    prior_temperature: float = 0.5
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0,)
     env_steps: int = 2000
@@ -97,7 +97,7 @@ def preset(name: str, **overrides) -> TextSuiteConfig:
     if name == "quick":
         base = TextSuiteConfig(num_games=4, seeds=(0,), env_steps=1000)
     elif name == "full":
-        base = TextSuiteConfig(num_games=0, seeds=(0, 1, 2), env_steps=3000)
+        base = TextSuiteConfig(num_games=0, seeds=(0, 1, 2), env_steps=2000)
     else:
         raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
