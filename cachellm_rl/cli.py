@@ -127,10 +127,10 @@ def prior_train(
     out: Annotated[
         Path | None, typer.Option(help="Model folder (default artifacts/priors/<env>).")
     ] = None,
-    episodes_per_game: Annotated[int, typer.Option(help="Demonstration episodes per game.")] = 4,
+    episodes_per_game: Annotated[int, typer.Option(help="Demonstration episodes per game.")] = 5,
     perturb: Annotated[float, typer.Option(help="Chance of a random step (recoveries).")] = 0.25,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
-    max_minutes: Annotated[float, typer.Option(help="Training time budget.")] = 8.0,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    max_minutes: Annotated[float, typer.Option(help="Training time budget.")] = 9.0,
     evaluate: Annotated[bool, typer.Option(help="Measure direct-prior success after.")] = True,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:

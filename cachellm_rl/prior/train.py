@@ -50,12 +50,12 @@ class PriorTrainConfig:
             n_layer=2, n_head=4, n_embd=128, n_positions=768, max_vocab=4000
         )
     )
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 16
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
-    max_minutes: float = 8.0
+    max_minutes: float = 9.0
     candidate_prefix: str = " "
     seed: int = 0
 

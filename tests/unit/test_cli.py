@@ -43,3 +43,62 @@ def test_cache_inspect(tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["size"] == 3 and out["model_version"] == "v1"
+
+
+def test_games_make_is_idempotent(tmp_path):
+    args = ["games", "make", "--out", str(tmp_path), "--n-train", "1", "--n-valid", "0"]
+    args += ["--n-test", "1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "2 games" in first.output and "2 generated" in first.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 generated, 2 kept" in again.output
+    assert len(list(tmp_path.glob("*/*.z8"))) == 2
+
+
+def test_prior_train_writes_a_loadable_model(tw_suite, tmp_path):
+    from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+
+    out = tmp_path / "prior"
+    res = runner.invoke(
+        app,
+        [
+            *("prior", "train", "--env", "textworld", "--games", str(tw_suite)),
+            *("--out", str(out), "--episodes-per-game", "1", "--epochs", "1", "--no-evaluate"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "prior_train.json").read_text())
+    assert report["train_games"] == 10 and report["examples"] > 0
+    assert report["demonstrations"]["expert_missing"] == 0
+    CandidateScorer(ScorerConfig(model_dir=str(out)))  # the same loading path as any model
+
+
+def test_prior_train_rejects_unknown_env(tmp_path):
+    res = runner.invoke(app, ["prior", "train", "--env", "zork", "--out", str(tmp_path / "m")])
+    assert res.exit_code != 0 and "unknown env id" in str(res.exception)
+
+
+def test_prior_finetune_saves_an_adapter_beside_the_model(tiny_model_dir, tw_suite, tmp_path):
+    import shutil
+
+    from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    res = runner.invoke(
+        app,
+        [
+            *("prior", "finetune", "--model", str(base), "--shots", "2"),
+            *("--games", str(tw_suite), "--epochs", "2"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    adapter = tmp_path / "base-lora"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    with_adapter = CandidateScorer(ScorerConfig(model_dir=str(base), adapter_dir=str(adapter)))
+    assert (
+        with_adapter.model_version
+        != CandidateScorer(ScorerConfig(model_dir=str(base))).model_version
+    )
