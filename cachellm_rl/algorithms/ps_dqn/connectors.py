@@ -137,7 +137,7 @@ def prior_row(logp: np.ndarray, num_slots: int) -> np.ndarray:
     """A fixed-size prior row: the candidates' log-probs, 0 on empty slots, floored.
 
     Example:
-        >>> prior_row(np.log(np.array([0.5, 0.5], np.float32)), 3).round(3).tolist()
+        >>> [round(float(x), 3) for x in prior_row(np.log(np.array([0.5, 0.5])), 3)]
         [-0.693, -0.693, 0.0]
     """
     row = np.zeros(num_slots, np.float32)
