@@ -55,6 +55,9 @@ class PriorConnectorConfig:
         hit_rate_ema_decay: Weight of the newest decision in this runner's hit-rate EMA ``h``.
         encoder_threads: Torch threads of the state encoder in the env runner.
         encoder_max_tokens: Word pieces of each state text the encoder reads.
+        query_final_observations: Also fetch the prior of an episode's final observation when
+            it was truncated (needed by the soft-Q-with-prior target, which bootstraps from it).
+            Terminal observations never need one: every target multiplies it by 0.
     """
 
     mode: str = "cache"
@@ -66,6 +69,7 @@ class PriorConnectorConfig:
     hit_rate_ema_decay: float = 0.02
     encoder_threads: int = 1
     encoder_max_tokens: int | None = 128
+    query_final_observations: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PRIOR_MODES:
@@ -86,6 +90,8 @@ class PriorConnectorReport:
 
     decisions: int = 0
     actor_calls: int = 0
+    vector_steps: int = 0
+    final_observations: int = 0
     hits: int = 0
     sources: dict[str, int] = field(default_factory=dict)
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -100,6 +106,8 @@ class PriorConnectorReport:
         out = PriorConnectorReport(
             decisions=self.decisions + other.decisions,
             actor_calls=self.actor_calls + other.actor_calls,
+            vector_steps=self.vector_steps + other.vector_steps,
+            final_observations=self.final_observations + other.final_observations,
             hits=self.hits + other.hits,
             sources={
                 k: self.sources.get(k, 0) + other.sources.get(k, 0)
@@ -119,6 +127,10 @@ def _weighted(a: PriorConnectorReport, b: PriorConnectorReport, name: str) -> fl
     if n == 0:
         return getattr(b, name)
     return (getattr(a, name) * a.decisions + getattr(b, name) * b.decisions) / n
+
+
+def _uniform_row(n: int, num_slots: int) -> np.ndarray:
+    return prior_row(np.full(n, -math.log(max(n, 1)), np.float32), num_slots)
 
 
 def text_state_from_info(info: dict):
@@ -214,35 +226,39 @@ class PriorObservationConnector(ConnectorV2):
         obs = [e.get_observations(-1) for e in eps]
         infos = [e.get_infos(-1) for e in eps]
         num = obs[0][OBS_ACTION_MASK].shape[0]
-        rows: list[np.ndarray]
-        temps: list[float]
         rep = self.report
+        # An episode's final observation is never acted on; it only feeds the target, which
+        # multiplies it by 0 when terminated. Give those a uniform row instead of a query.
+        final = [
+            e.is_terminated or (e.is_truncated and not self.config.query_final_observations)
+            for e in eps
+        ]
+        rows = [_uniform_row(len(i[INFO_CANDIDATES]), num) for i in infos]
+        temps = [self.temperature()] * len(eps)
+        ask = [k for k, f in enumerate(final) if not f]
+        rep.vector_steps += 1
+        rep.final_observations += len(eps) - len(ask)
         if self.config.mode == "uniform":
-            rows = [
-                prior_row(np.full(len(i[INFO_CANDIDATES]), -math.log(len(i[INFO_CANDIDATES]))), num)
-                for i in infos
-            ]
             temps = [1.0] * len(eps)
-            rep.decisions += len(eps)
-        else:
-            states = [text_state_from_info(i) for i in infos]
+            rep.decisions += len(ask)
+        elif ask:
+            states = [text_state_from_info(infos[k]) for k in ask]
             t0 = time.perf_counter()
             results = self._get_client().get_priors(states)  # the one actor call
             ms = (time.perf_counter() - t0) * 1e3
             rep.actor_calls += 1
-            rows, temps = [], []
             decay = self.config.hit_rate_ema_decay
-            for r in results:
-                rows.append(prior_row(r.logp, num))
+            for k, r in zip(ask, results, strict=True):
+                rows[k] = prior_row(r.logp, num)
                 hit = r.hit
                 self._hit_ema += decay * (float(hit) - self._hit_ema)
-                temps.append(self.temperature())
+                temps[k] = self.temperature()
                 rep.decisions += 1
                 rep.hits += int(hit)
                 rep.sources[r.source.value] = rep.sources.get(r.source.value, 0) + 1
                 (rep.latency_hit if hit else rep.latency_miss).record(ms)
             rep.hit_rate_ema = self._hit_ema
-            rep.temperature = temps[-1]
+            rep.temperature = self.temperature()
         for e, o, row, temp in zip(eps, obs, rows, temps, strict=True):
             new = dict(o)
             new[OBS_PRIOR_LOGP] = row
@@ -264,7 +280,8 @@ def record_episode_end(*, episode, env_runner=None, prev_episode_chunks=None, **
     if conn is None:
         return
     chunks = [*(prev_episode_chunks or []), episode]
-    infos = [i for c in chunks for i in c.get_infos()]
+    # A chunk after the first starts with the previous chunk's last info (its ts 0): skip it.
+    infos = list(chunks[0].get_infos()) + [i for c in chunks[1:] for i in c.get_infos()[1:]]
     last = infos[-1] if infos else {}
     conn.report.episodes.append(
         {

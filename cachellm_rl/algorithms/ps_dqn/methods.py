@@ -66,7 +66,8 @@ class MethodSettings:
         replay_capacity: Replay buffer size (transitions).
         learning_starts: Env steps before the first update.
         target_update_steps: Env steps between target-network updates.
-        training_intensity: Trained / sampled transitions ratio.
+        training_intensity: Replayed / sampled transitions ratio actually run (RLlib's own
+            setting assumes the local runner samples too; :func:`algo_config_for` corrects it).
         epsilon_final: Final epsilon of ``no_prior``.
         epsilon_fraction: Fraction of the step budget over which epsilon decays.
         hidden: Width of the DRRN network.
@@ -92,7 +93,7 @@ class MethodSettings:
     replay_capacity: int = 20_000
     learning_starts: int = 200
     target_update_steps: int = 200
-    training_intensity: float = 2.0
+    training_intensity: float = 4.0
     epsilon_final: float = 0.05
     epsilon_fraction: float = 0.5
     hidden: int = 128
@@ -163,6 +164,14 @@ def algo_config_for(
     if method not in RL_METHODS:
         raise ValueError(f"{method!r} is not trained with RLlib; RL methods: {list(RL_METHODS)}")
     posterior = method != "no_prior"
+    # RLlib divides by (num_env_runners + 1) sampling runners; only the remote ones sample.
+    rllib_intensity = s.training_intensity * (
+        num_env_runners / (num_env_runners + 1) if num_env_runners else 1.0
+    )
+    connector = replace(
+        connector_config_for(method, s, cache_name),
+        query_final_observations=s.soft_q_prior and posterior,
+    )
     eps_steps = max(1, int(s.epsilon_fraction * total_env_steps))
     model_config = {
         "hidden": s.hidden,
@@ -179,7 +188,7 @@ def algo_config_for(
             rollout_fragment_length=s.rollout_fragment_length,
             num_cpus_per_env_runner=s.num_cpus_per_env_runner,
         )
-        .prior(connector_config_for(method, s, cache_name))
+        .prior(connector)
         .training(
             soft_q_prior=s.soft_q_prior and posterior,
             lr=s.lr,
@@ -191,7 +200,7 @@ def algo_config_for(
             train_batch_size_per_learner=s.train_batch_size,
             num_steps_sampled_before_learning_starts=s.learning_starts,
             target_network_update_freq=s.target_update_steps,
-            training_intensity=s.training_intensity,
+            training_intensity=rllib_intensity,
             replay_buffer_config={
                 "type": "PrioritizedEpisodeReplayBuffer",
                 "capacity": s.replay_capacity,

@@ -225,8 +225,8 @@ def run_rl_method(
             result = algo.train()
             train_s += time.perf_counter() - t0
             steps = int(result["env_runners"].get("num_env_steps_sampled_lifetime", steps))
-            rep = collect_reports(algo)
-            report = report.merge(replace(rep, episodes=[]))
+            rep = collect_reports(algo)  # runner totals so far (+ the new episodes)
+            report = replace(rep, episodes=[])
             episodes += rep.episodes
             if handle is not None and rep.episodes:
                 handle.report_episode_returns.remote([e["return"] for e in rep.episodes])
