@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -309,8 +309,3 @@ def _read_recipe(game: str) -> str:
     except (OSError, json.JSONDecodeError):
         return ""
     return recipe_text(recipe) if recipe else ""
-
-
-def with_games(cfg: TextWorldEnvConfig, games: Sequence[str]) -> TextWorldEnvConfig:
-    """A copy of ``cfg`` drawing from ``games``."""
-    return replace(cfg, games=tuple(str(g) for g in games))

@@ -22,7 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cachellm_rl.contracts import PriorRequest
-from cachellm_rl.envs.text_env import INFO_CANDIDATES, INFO_WON
+from cachellm_rl.envs.evaluate import greedy_evaluate
+from cachellm_rl.envs.text_env import INFO_CANDIDATES
 from cachellm_rl.prior.prompts import PromptConfig, build_prompt
 from cachellm_rl.prior.tiny_model import TinyLMConfig, make_tiny_causal_lm
 
@@ -228,52 +229,33 @@ def evaluate_direct_prior(
     games: Sequence[str],
     *,
     prompt_config: PromptConfig | None = None,
-    episodes_per_game: int = 1,
     progress: bool = True,
 ) -> DirectPriorResult:
-    """Play each game with the argmax of the prior (no learning, no cache).
+    """Play each game once with the argmax of the prior (no learning, no cache).
 
     Args:
         scorer: A :class:`~cachellm_rl.prior.scoring.CandidateScorer`.
         env: A text env (see :func:`cachellm_rl.envs.demos.collect_demonstrations`).
         games: Games to play.
         prompt_config: Prompt layout.
-        episodes_per_game: Episodes per game (the argmax policy is deterministic, so > 1 only
-            matters for games with random events).
         progress: Show a progress bar.
 
     Returns:
         Success rate, mean return and steps, per-game success, LM calls made.
     """
-    wins, returns, steps, per_game, calls = [], [], [], {}, 0
-    for game in tqdm(games, desc="direct prior", disable=not progress, unit="game"):
-        for _ in range(episodes_per_game):
-            _, info = env.reset(options={"game": game})
-            done, ret, n = False, 0.0, 0
-            while not done:
-                d = env.decision
-                (resp,) = scorer.score(
-                    [
-                        PriorRequest(
-                            prompt=decision_prompt(d, prompt_config), candidates=d.candidates
-                        )
-                    ]
-                )
-                calls += 1
-                action = int(np.argmax(resp.logp[: len(info[INFO_CANDIDATES])]))
-                _, r, term, trunc, info = env.step(action)
-                ret += r
-                n += 1
-                done = term or trunc
-            won = bool(info.get(INFO_WON))
-            wins.append(won)
-            returns.append(ret)
-            steps.append(n)
-            per_game[Path(game).name] = won
+
+    def choose(obs: dict, info: dict) -> tuple[int, None, float]:
+        d = env.decision
+        (resp,) = scorer.score(
+            [PriorRequest(prompt=decision_prompt(d, prompt_config), candidates=d.candidates)]
+        )
+        return int(np.argmax(resp.logp[: len(info[INFO_CANDIDATES])])), None, 0.0
+
+    res = greedy_evaluate(env, games, choose, progress=progress)
     return DirectPriorResult(
-        success_rate=float(np.mean(wins)),
-        mean_return=float(np.mean(returns)),
-        mean_steps=float(np.mean(steps)),
-        per_game_success=per_game,
-        lm_calls=calls,
+        success_rate=res.success_rate,
+        mean_return=float(np.mean(res.returns)),
+        mean_steps=float(np.mean(res.lengths)),
+        per_game_success={Path(g).name: bool(s) for g, s in res.per_game_success.items()},
+        lm_calls=res.decisions,
     )

@@ -22,7 +22,7 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_PRIOR_LOGP, OBS_TEMPERATURE
 from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
 from cachellm_rl.cache.meta import posterior_temperature
-from cachellm_rl.contracts import LatencyHistogram, PriorSource
+from cachellm_rl.contracts import LatencyHistogram
 from cachellm_rl.envs.text_env import (
     INFO_CANDIDATES,
     INFO_CANDIDATES_DROPPED,
@@ -266,11 +266,6 @@ class PriorObservationConnector(ConnectorV2):
             e.set_observations(at_indices=-1, new_data=new)
             e.observation_space = self.observation_space
         return batch
-
-
-def fallback_sources() -> tuple[str, ...]:
-    """Sources that mean the LM could not answer (counted as fallbacks)."""
-    return (PriorSource.FALLBACK_STALE.value, PriorSource.FALLBACK_UNIFORM.value)
 
 
 def record_episode_end(*, episode, env_runner=None, prev_episode_chunks=None, **kwargs) -> None:

@@ -33,8 +33,7 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.meta import MetaConfig, posterior_temperature
-from cachellm_rl.contracts import LatencyHistogram
-from cachellm_rl.envs.text_env import INFO_CANDIDATES, INFO_WON
+from cachellm_rl.envs.text_env import INFO_CANDIDATES
 
 METHODS = ("no_prior", "direct_lm", "uncached", "lru", "static", "adaptive")
 RL_METHODS = ("no_prior", "uncached", "lru", "static", "adaptive")
@@ -245,56 +244,6 @@ def collect_reports(algo) -> PriorConnectorReport:
     return merge_reports(algo.env_runner_group.foreach_env_runner(pop_report))
 
 
-@dataclass
-class GreedyResult:
-    """Greedy evaluation of one (method, seed) on a set of games."""
-
-    per_game_success: dict[str, float]
-    returns: list[float]
-    lengths: list[int]
-    decisions: int = 0
-    latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
-    latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
-
-    @property
-    def success_rate(self) -> float:
-        return float(np.mean(list(self.per_game_success.values())))
-
-
-def greedy_evaluate(
-    env,
-    games: Sequence[str],
-    choose: Callable[[dict, dict], tuple[int, bool | None, float]],
-) -> GreedyResult:
-    """Play each game once with a deterministic policy.
-
-    Args:
-        env: Text env.
-        games: Games to play.
-        choose: ``(obs, info) -> (action, hit or None, decision latency ms)``.
-
-    Returns:
-        Per-game success, returns, lengths and decision latencies split hit/miss.
-    """
-    res = GreedyResult(per_game_success={}, returns=[], lengths=[])
-    for game in games:
-        obs, info = env.reset(options={"game": game})
-        done, ret, n = False, 0.0, 0
-        while not done:
-            action, hit, ms = choose(obs, info)
-            res.decisions += 1
-            if hit is not None:
-                (res.latency_hit if hit else res.latency_miss).record(ms)
-            obs, r, term, trunc, info = env.step(action)
-            ret += r
-            n += 1
-            done = term or trunc
-        res.per_game_success[str(game)] = float(bool(info.get(INFO_WON)))
-        res.returns.append(ret)
-        res.lengths.append(n)
-    return res
-
-
 def prior_chooser(client, *, temperature: float, module=None) -> Callable:
     """A ``choose`` function for :func:`greedy_evaluate`.
 
@@ -331,8 +280,3 @@ def final_temperature(report: PriorConnectorReport, s: MethodSettings) -> float:
     return posterior_temperature(
         report.hit_rate_ema, t0=s.temperature_initial, t_min=s.temperature_min
     )
-
-
-def with_overrides(s: MethodSettings, **kw) -> MethodSettings:
-    """A copy of ``s`` with fields replaced."""
-    return replace(s, **kw)

@@ -5,6 +5,7 @@ results folder of DESIGN §5. ``experiments/text_suite.py`` is the command-line 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from cachellm_rl.algorithms.ps_dqn.connectors import PriorConnectorReport
 from cachellm_rl.algorithms.ps_dqn.methods import (
     METHODS,
     RL_METHODS,
@@ -24,13 +26,12 @@ from cachellm_rl.algorithms.ps_dqn.methods import (
     check_methods,
     collect_reports,
     final_temperature,
-    greedy_evaluate,
-    merge_reports,
     prior_chooser,
     start_cache,
 )
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
 from cachellm_rl.contracts import LatencyHistogram
+from cachellm_rl.envs.evaluate import greedy_evaluate
 from cachellm_rl.results import (
     TensorBoardLogger,
     append_jsonl,
@@ -216,7 +217,7 @@ def run_rl_method(
     )
     algo = algo_cfg.build_algo()
     curve: list[dict] = []
-    report = merge_reports([])
+    report = PriorConnectorReport()
     episodes: list[dict] = []
     steps, train_s = 0, 0.0
     try:
@@ -330,16 +331,12 @@ def run_rl_method(
     return RunOutcome(row, curve, report.latency_hit, report.latency_miss)
 
 
-_ENCODER = None
-
-
+@functools.cache
 def _driver_encoder():
-    global _ENCODER  # one MiniLM per driver process, loaded on first use
-    if _ENCODER is None:
-        from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
+    """One MiniLM per driver process (same settings as the env runners'), loaded on first use."""
+    from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
 
-        _ENCODER = TextStateEncoder(TextEncoderConfig(max_tokens=128))
-    return _ENCODER
+    return TextStateEncoder(TextEncoderConfig(max_tokens=128))
 
 
 def aggregate(rows: Sequence[dict], methods: Sequence[str]) -> dict:
