@@ -297,9 +297,11 @@ class SharedPriorCache:
     async def _refresh(self, q: CacheQuery, hit: LookupResult) -> None:
         try:
             fresh = await self._call_lm(q.request)
-            kl, _ = self._cache.apply_refresh(q, hit.logp, fresh, hit.entry_id)
+            m = self._cache.apply_refresh(
+                q, hit.logp, fresh, hit.entry_id, similarity=hit.similarity
+            )
             if self._meta.spsa is not None:
-                self._meta.spsa.record(self._meta.spsa.sign_for(None), kl=kl)
+                self._meta.spsa.record(self._meta.spsa.sign_for(None), kl=m.kl)
         except Exception as exc:
             self.refresh_failures += 1
             logger.debug("refresh failed: %r", exc)
@@ -329,6 +331,7 @@ class SharedPriorCache:
                 cache.take_window(),
                 unused_fraction=cache.unused_fraction(),
                 return_trend=meta.return_trend(),
+                refresh_error_rate=cache.stats.refresh_error_ema,
             )
             new = meta.step(self._params(), signals)
             cache.set_params(

@@ -7,6 +7,11 @@ semantic tier: the nearest cached state by cosine similarity is a hit when
 the entry get ``min(entry logp) - missing_action_margin`` before renormalising over the caller's
 candidates.
 
+Every entry also carries its own similarity floor (a learned radius): when a refresh finds
+that a semantic hit served a prior whose choice the fresh prior rejects (top-1 regret above
+``error_regret_nats``), the serving entry stops answering states that far from it. The global
+``tau`` is the loosest radius; entries narrow themselves where the embedding space misleads.
+
 Capacity ``K`` is enforced by least-recently-used eviction weighted by visit count: the victim is
 the entry with the smallest ``last_used_step + visit_bonus_steps * log2(1 + visits)``. Evicted
 exact keys go to a bounded ghost list so that misses that would have hit are counted as capacity
@@ -53,13 +58,23 @@ class CacheConfig:
             semantic hit's entry must hold.
         missing_action_margin: Log-prob margin below the entry's minimum given to candidates
             the entry does not hold.
+        refresh_exact_hits: Whether exact hits may be drawn for a refresh. Off by default: an
+            exact hit holds the current LM version's prior for the very same prompt, so a
+            re-query could only return it again (deterministic scoring).
+        error_regret_nats: A refreshed semantic hit is a cache *error* when the cached prior's
+            top action is at least this many nats less likely than the fresh prior's top action
+            under the fresh prior (``log p(a*) - log p(a_cached)``).
+        learn_entry_radius: On an error, raise the serving entry's own similarity floor above
+            the similarity it served at, so it no longer answers that neighbour.
+        entry_radius_margin: How far above the erring similarity the entry's floor is set.
         visit_bonus_steps: How many decisions of recency one doubling of visit count is worth
             in the eviction order (0 = plain LRU).
         ghost_entries: Size of the ghost list of evicted keys (capacity-miss accounting).
         neighbours: Nearest entries examined per semantic lookup.
         semantic_tier: Whether the semantic tier is used (False: exact-only cache).
         hit_rate_ema_decay: Weight of the newest decision in the hit-rate EMA.
-        refresh_kl_ema_decay: Weight of the newest refresh in the refresh-KL EMA.
+        refresh_kl_ema_decay: Weight of the newest refresh in the refresh-KL and refresh-error
+            EMAs.
         seed: Seed of the refresh draws.
         hnsw_threshold: Entries above which the index switches from exact to HNSW.
         hnsw_m: HNSW graph degree.
@@ -74,6 +89,10 @@ class CacheConfig:
     refresh_probability: float = 0.05
     min_candidate_coverage: float = 0.75
     missing_action_margin: float = 2.0
+    refresh_exact_hits: bool = False
+    error_regret_nats: float = 1.0
+    learn_entry_radius: bool = True
+    entry_radius_margin: float = 0.002
     visit_bonus_steps: float = 100.0
     ghost_entries: int = 10_000
     neighbours: int = 4
@@ -98,6 +117,11 @@ class CacheConfig:
             )
         if self.missing_action_margin < 0:
             raise ValueError("CacheConfig.missing_action_margin must be >= 0")
+        if self.error_regret_nats < 0 or self.entry_radius_margin < 0:
+            raise ValueError(
+                "CacheConfig.error_regret_nats and entry_radius_margin must be >= 0, got "
+                f"{self.error_regret_nats} and {self.entry_radius_margin}"
+            )
         if self.neighbours < 1:
             raise ValueError("CacheConfig.neighbours must be >= 1")
         if self.ghost_entries < 0 or self.visit_bonus_steps < 0:
@@ -168,6 +192,48 @@ def kl_divergence(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
     return float(np.sum(p * (np.asarray(p_logp, np.float64) - np.asarray(q_logp, np.float64))))
 
 
+def top1_regret(fresh_logp: np.ndarray, cached_logp: np.ndarray) -> float:
+    """``log p(a*) - log p(a_c)`` under the fresh prior, ``a_c`` the cached prior's top action.
+
+    0 when both priors pick the same action; large when the cached choice is one the fresh
+    prior all but rules out. Unlike the KL, it ignores disagreement about unlikely actions.
+
+    Example:
+        >>> top1_regret(np.log([0.7, 0.2, 0.1]), np.log([0.1, 0.8, 0.1]))  # doctest: +ELLIPSIS
+        1.25...
+    """
+    f = np.asarray(fresh_logp, np.float64)
+    return float(f.max() - f[int(np.argmax(cached_logp))])
+
+
+@dataclass(frozen=True)
+class RefreshMeasure:
+    """What one refresh measured (DESIGN §4.4).
+
+    Attributes:
+        kl: ``KL(fresh || cached)``.
+        eps: ``max_a |log fresh(a) - log cached(a)|``.
+        regret: :func:`top1_regret` of the cached prior under the fresh one.
+        error: ``regret >= error_regret_nats``.
+    """
+
+    kl: float
+    eps: float
+    regret: float
+    error: bool
+
+    @classmethod
+    def of(cls, fresh_logp: np.ndarray, cached_logp: np.ndarray, error_regret_nats: float):
+        """Measure a cached prior against the fresh one."""
+        regret = top1_regret(fresh_logp, cached_logp)
+        return cls(
+            kl=kl_divergence(fresh_logp, cached_logp),
+            eps=float(np.max(np.abs(fresh_logp.astype(np.float64) - cached_logp))),
+            regret=regret,
+            error=regret >= error_regret_nats,
+        )
+
+
 @dataclass
 class CacheStats:
     """Counters and gauges of a cache (picklable snapshot).
@@ -192,6 +258,9 @@ class CacheStats:
     refresh_kl_ema: float = float("nan")
     refresh_kl_last: float = float("nan")
     refresh_eps_max: float = 0.0
+    refresh_errors: int = 0
+    refresh_error_ema: float = float("nan")
+    radius_narrowed: int = 0
     evictions: int = 0
     capacity_misses: int = 0
     version_misses: int = 0
@@ -242,6 +311,7 @@ class WindowCounters:
     capacity_misses: int = 0
     lm_queries: int = 0
     refresh_kls: list[float] = field(default_factory=list)
+    refresh_errors: int = 0
 
 
 @dataclass
@@ -257,6 +327,7 @@ class _Entry:
     hits: int = 0
     visits: int = 1
     slot: int = -1
+    min_similarity: float = -1.0
 
 
 class AdaptiveCache:
@@ -372,7 +443,7 @@ class AdaptiveCache:
                 if i < 0 or sim < tau:
                     break
                 e = self._entries[i]
-                if not self._current(e):
+                if not self._current(e) or sim < e.min_similarity:
                     continue
                 logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
                 if cov >= self.config.min_candidate_coverage:
@@ -382,7 +453,10 @@ class AdaptiveCache:
                     break
         if update:
             self._record_decision(query, result)
-            if result.hit and self._rng.random() < self.refresh_probability:
+            refreshable = result.tier is HitTier.SEMANTIC or (
+                result.tier is HitTier.EXACT and self.config.refresh_exact_hits
+            )
+            if refreshable and self._rng.random() < self.refresh_probability:
                 self.stats.refreshes_scheduled += 1
                 result = LookupResult(
                     tier=result.tier,
@@ -537,37 +611,63 @@ class AdaptiveCache:
 
     # -- refresh (§4.4) -----------------------------------------------------------------------
     def apply_refresh(
-        self, query: CacheQuery, cached_logp: np.ndarray, fresh: PriorResponse, entry_id: int
-    ) -> tuple[float, float]:
-        """Record the measured cache error of a refreshed hit and replace the entry.
+        self,
+        query: CacheQuery,
+        cached_logp: np.ndarray,
+        fresh: PriorResponse,
+        entry_id: int,
+        *,
+        similarity: float | None = None,
+    ) -> RefreshMeasure:
+        """Record the measured cache error of a refreshed hit and store the fresh prior.
+
+        The fresh prior becomes the queried state's own entry. When the hit was semantic, the
+        serving entry is kept (it is still exact for its own state); if the refresh found an
+        error (:func:`top1_regret` at least ``error_regret_nats``) and ``learn_entry_radius``
+        is on, the serving entry's similarity floor is raised above ``similarity``.
 
         Args:
             query: The state that was re-queried.
             cached_logp: The prior the cache had served for it (aligned to its candidates).
             fresh: The LM's fresh prior for it.
-            entry_id: The entry that served the hit; replaced by the fresh prior.
+            entry_id: The entry that served the hit.
+            similarity: Cosine similarity the hit was served at (None: unknown).
 
         Returns:
-            ``(kl, eps)`` with ``kl = KL(fresh || cached)`` and
-            ``eps = max_a |log fresh(a) - log cached(a)|``.
+            The measured KL(fresh || cached), max log-prob gap, top-1 regret and error flag.
         """
         fresh_logp = self._check_response(query, fresh)
-        kl = kl_divergence(fresh_logp, cached_logp)
-        eps = float(np.max(np.abs(fresh_logp.astype(np.float64) - cached_logp)))
+        m = RefreshMeasure.of(fresh_logp, cached_logp, self.config.error_regret_nats)
         s = self.stats
         s.refreshes_applied += 1
-        s.refresh_kl_last = kl
+        s.refresh_kl_last = m.kl
         d = self.config.refresh_kl_ema_decay
         s.refresh_kl_ema = (
-            kl if math.isnan(s.refresh_kl_ema) else (1 - d) * s.refresh_kl_ema + d * kl
+            m.kl if math.isnan(s.refresh_kl_ema) else (1 - d) * s.refresh_kl_ema + d * m.kl
         )
-        s.refresh_eps_max = max(s.refresh_eps_max, eps)
-        self.window.refresh_kls.append(kl)
+        s.refresh_eps_max = max(s.refresh_eps_max, m.eps)
+        self.window.refresh_kls.append(m.kl)
+        err = 1.0 if m.error else 0.0
+        s.refresh_error_ema = (
+            err if math.isnan(s.refresh_error_ema) else (1 - d) * s.refresh_error_ema + d * err
+        )
+        if m.error:
+            s.refresh_errors += 1
+            self.window.refresh_errors += 1
         old = self._entries.get(entry_id)
-        if old is not None and old.exact_key != query.exact_key:
-            self._remove(entry_id)
+        if (
+            m.error
+            and self.config.learn_entry_radius
+            and similarity is not None
+            and old is not None
+            and old.exact_key != query.exact_key
+        ):
+            old.min_similarity = max(
+                old.min_similarity, min(1.0, similarity + self.config.entry_radius_margin)
+            )
+            s.radius_narrowed += 1
         self.insert(query, fresh)
-        return kl, eps
+        return m
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path, *, keep: int = 2) -> Path:
@@ -604,6 +704,7 @@ class AdaptiveCache:
                 "last_used": e.last_used_step,
                 "hits": e.hits,
                 "visits": e.visits,
+                "min_similarity": e.min_similarity,
             }
             for e in entries
         ]
@@ -687,6 +788,7 @@ class AdaptiveCache:
                 last_used_step=int(r["last_used"]),
                 hits=int(r["hits"]),
                 visits=int(r["visits"]),
+                min_similarity=float(r.get("min_similarity", -1.0)),
             )
             cache._add_entry(e, None)  # vectors come from the saved index
         cache.step = int(meta["step"])

@@ -12,6 +12,7 @@ import numpy as np
 from cachellm_rl.cache.adaptive import WindowCounters
 
 META_MODES = ("heuristic", "spsa", "static")
+STALE_SIGNALS = ("error_rate", "kl")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,14 @@ class MetaConfig:
         mode: ``"heuristic"`` (projected rule steps), ``"spsa"`` (gradient estimate of the
             meta-reward from ``tau +/- delta`` lookups) or ``"static"`` (no updates).
         window_decisions: ``M``, decisions per meta-update.
-        target_refresh_kl: Refresh KL above which tau rises and rho rises.
-        target_hit_rate: Hit rate under which tau falls (when the KL is under target).
+        stale_signal: What says the cache serves stale priors: ``"error_rate"`` (EMA of the
+            fraction of refreshes that found a cache error, see
+            :class:`~cachellm_rl.cache.adaptive.RefreshMeasure`) or ``"kl"`` (mean refresh KL
+            of the window). The KL is dominated by disagreement about actions neither prior
+            would pick when priors are peaked; the error rate counts only changed choices.
+        target_refresh_error_rate: Error rate above which tau and rho rise.
+        target_refresh_kl: Refresh KL above which tau and rho rise (``stale_signal="kl"``).
+        target_hit_rate: Hit rate under which tau falls (when the cache is not stale).
         tau_step: Additive tau step.
         capacity_gain: ``K *= 1 + capacity_gain * capacity_miss_rate``.
         capacity_shrink: ``K *= 1 - capacity_shrink`` when unused entries exceed the threshold.
@@ -54,6 +61,8 @@ class MetaConfig:
 
     mode: str = "heuristic"
     window_decisions: int = 500
+    stale_signal: str = "error_rate"
+    target_refresh_error_rate: float = 0.5
     target_refresh_kl: float = 0.05
     target_hit_rate: float = 0.8
     tau_step: float = 0.005
@@ -75,6 +84,15 @@ class MetaConfig:
     def __post_init__(self) -> None:
         if self.mode not in META_MODES:
             raise ValueError(f"MetaConfig.mode must be one of {META_MODES}, got {self.mode!r}")
+        if self.stale_signal not in STALE_SIGNALS:
+            raise ValueError(
+                f"MetaConfig.stale_signal must be one of {STALE_SIGNALS}, got {self.stale_signal!r}"
+            )
+        if not 0.0 <= self.target_refresh_error_rate <= 1.0:
+            raise ValueError(
+                "MetaConfig.target_refresh_error_rate must be in [0, 1], got "
+                f"{self.target_refresh_error_rate}"
+            )
         if self.window_decisions < 1:
             raise ValueError("MetaConfig.window_decisions must be >= 1")
         if not (-1 <= self.tau_min <= self.tau_max <= 1):
@@ -99,6 +117,7 @@ class WindowSignals:
         unused_fraction: Fraction of live entries never hit.
         lm_queries: LM queries in the window.
         return_trend: Change of the mean episode return vs the previous window (None: unknown).
+        refresh_error_rate: EMA of the refresh error flag, NaN before the first refresh.
     """
 
     decisions: int
@@ -108,12 +127,18 @@ class WindowSignals:
     unused_fraction: float
     lm_queries: int
     return_trend: float | None = None
+    refresh_error_rate: float = float("nan")
 
     @classmethod
     def from_window(
-        cls, w: WindowCounters, *, unused_fraction: float, return_trend: float | None = None
+        cls,
+        w: WindowCounters,
+        *,
+        unused_fraction: float,
+        return_trend: float | None = None,
+        refresh_error_rate: float = float("nan"),
     ) -> WindowSignals:
-        """Build signals from a cache's window counters."""
+        """Build signals from a cache's window counters (and its refresh-error EMA)."""
         n = max(1, w.decisions)
         return cls(
             decisions=w.decisions,
@@ -123,6 +148,7 @@ class WindowSignals:
             unused_fraction=unused_fraction,
             lm_queries=w.lm_queries,
             return_trend=return_trend,
+            refresh_error_rate=refresh_error_rate,
         )
 
 
@@ -137,24 +163,32 @@ def project(params: CacheParams, cfg: MetaConfig) -> CacheParams:
     )
 
 
+def is_stale(s: WindowSignals, cfg: MetaConfig) -> bool | None:
+    """Whether the window's stale signal is above its target (None: nothing measured yet)."""
+    if cfg.stale_signal == "error_rate":
+        value, target = s.refresh_error_rate, cfg.target_refresh_error_rate
+    else:
+        value, target = s.refresh_kl, cfg.target_refresh_kl
+    return None if math.isnan(value) else value > target
+
+
 def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> CacheParams:
     """One projected heuristic step (DESIGN §4.5).
 
-    - tau up when the refresh KL is above target; down when the KL is under target and the hit
-      rate is under target (no refresh measured: only the hit-rate rule applies);
+    - tau up when the cache is stale (:func:`is_stale`); down when it is not and the hit rate
+      is under target (nothing measured yet: only the hit-rate rule applies);
     - K up in proportion to the capacity-miss rate; down when entries go unused;
-    - rho up when the refresh KL is above target or the return falls; down otherwise.
+    - rho up when the cache is stale or the return falls; down otherwise.
 
     Example:
-        >>> cfg = MetaConfig()
+        >>> cfg = MetaConfig(stale_signal="kl")
         >>> p = CacheParams(1000, 0.9, 0.1)
         >>> s = WindowSignals(500, 0.5, 0.5, 0.0, 0.0, 250)
         >>> q = heuristic_update(p, s, cfg)
         >>> q.min_cosine_similarity > 0.9 and q.refresh_probability > 0.1
         True
     """
-    kl_known = not math.isnan(s.refresh_kl)
-    kl_high = kl_known and s.refresh_kl > cfg.target_refresh_kl
+    kl_high = bool(is_stale(s, cfg))
     tau = params.min_cosine_similarity
     if kl_high:
         tau += cfg.tau_step
@@ -290,6 +324,7 @@ class MetaOptimizer:
             {
                 "hit_rate": signals.hit_rate,
                 "refresh_kl": signals.refresh_kl,
+                "refresh_error_rate": signals.refresh_error_rate,
                 "capacity_miss_rate": signals.capacity_miss_rate,
                 "K": new.capacity_entries,
                 "tau": new.min_cosine_similarity,
@@ -321,6 +356,7 @@ __all__ = [
     "SPSATau",
     "WindowSignals",
     "heuristic_update",
+    "is_stale",
     "meta_reward",
     "posterior_temperature",
     "project",

@@ -123,24 +123,64 @@ def test_ghost_list_counts_capacity_misses():
     assert c.stats.capacity_misses == 1 and c.stats.misses == 2
 
 
-def test_refresh_measures_kl_and_eps_and_replaces_entry():
+def test_exact_hits_are_not_refreshed_unless_asked():
     c = filled(small_config(refresh_probability=1.0))
-    q = query("s0", E[0])
-    r = c.lookup(q)
-    assert r.hit and r.refresh and c.stats.refreshes_scheduled == 1
+    assert not c.lookup(query("s0", E[0])).refresh
+    c2 = filled(small_config(refresh_probability=1.0, refresh_exact_hits=True))
+    r = c2.lookup(query("s0", E[0]))
+    assert r.tier is HitTier.EXACT and r.refresh and c2.stats.refreshes_scheduled == 1
+
+
+def test_refresh_measures_kl_eps_and_regret_and_stores_the_fresh_prior():
+    c = filled(small_config(refresh_probability=1.0, min_cosine_similarity=0.9))
+    near = query("near1", unit(E[1] + 0.1 * E[7]))
+    r = c.lookup(near)
+    assert r.tier is HitTier.SEMANTIC and r.refresh and c.stats.refreshes_scheduled == 1
     fresh = resp([-2.0, -1.0, 0.0])
-    kl, eps = c.apply_refresh(q, r.logp, fresh, r.entry_id)
-    assert kl == pytest.approx(kl_divergence(fresh.logp, r.logp))
-    assert eps == pytest.approx(float(np.max(np.abs(fresh.logp - r.logp))), abs=1e-6)
-    assert kl > 0 and c.stats.refresh_kl_ema == pytest.approx(kl)
-    np.testing.assert_allclose(c.lookup(q, update=False).logp, fresh.logp, atol=1e-6)
-    # semantic refresh: the matched neighbour is replaced by the queried state
-    near = query("near0", unit(E[1] + 0.1 * E[7]))
-    r2 = c.lookup(near)
-    assert r2.tier is HitTier.SEMANTIC
-    c.apply_refresh(near, r2.logp, fresh, r2.entry_id)
-    assert not c.lookup(query("s1", None), update=False).hit
-    assert c.lookup(near, update=False).tier is HitTier.EXACT
+    m = c.apply_refresh(near, r.logp, fresh, r.entry_id, similarity=r.similarity)
+    assert m.kl == pytest.approx(kl_divergence(fresh.logp, r.logp))
+    assert m.eps == pytest.approx(float(np.max(np.abs(fresh.logp - r.logp))), abs=1e-6)
+    assert m.regret == pytest.approx(2.0, abs=1e-5) and m.error  # cached picks 'a', 2 nats down
+    assert m.kl > 0 and c.stats.refresh_kl_ema == pytest.approx(m.kl)
+    assert c.stats.refresh_errors == 1 and c.stats.refresh_error_ema == 1.0
+    # the queried state now has its own exact entry with the fresh prior ...
+    got = c.lookup(near, update=False)
+    assert got.tier is HitTier.EXACT
+    np.testing.assert_allclose(got.logp, fresh.logp, atol=1e-6)
+    # ... and the neighbour that served it is kept for its own state
+    assert c.lookup(query("s1", E[1]), update=False).tier is HitTier.EXACT
+
+
+def test_an_erring_entry_narrows_its_own_radius():
+    c = filled(small_config(refresh_probability=1.0, min_cosine_similarity=0.93))
+    first = query("n-a", unit(E[1] + 0.3 * E[7]))  # cos ~ 0.958 to s1
+    r = c.lookup(first)
+    assert r.tier is HitTier.SEMANTIC
+    c.apply_refresh(first, r.logp, resp([-2.0, -1.0, 0.0]), r.entry_id, similarity=r.similarity)
+    assert c.stats.radius_narrowed == 1
+    # s1 no longer answers a state as far as the one it erred on (n-a is at cos 0.92 < tau)
+    as_far = query("n-b", unit(E[1] + 0.3 * E[6]))
+    assert c.lookup(as_far, update=False).tier is HitTier.MISS
+    # but still answers closer ones
+    closer = query("n-c", unit(E[1] + 0.1 * E[6]))
+    assert c.lookup(closer, update=False).tier is HitTier.SEMANTIC
+    # the floor survives a snapshot round trip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        c.save(d)
+        back = AdaptiveCache.restore(d)
+        assert back.lookup(as_far, update=False).tier is HitTier.MISS
+        assert back.lookup(closer, update=False).tier is HitTier.SEMANTIC
+
+
+def test_agreeing_refresh_is_not_an_error_and_keeps_the_radius():
+    c = filled(small_config(refresh_probability=1.0, min_cosine_similarity=0.9))
+    q = query("n-a", unit(E[1] + 0.3 * E[7]))
+    r = c.lookup(q)
+    m = c.apply_refresh(q, r.logp, resp([0.0, -0.5, -3.0]), r.entry_id, similarity=r.similarity)
+    assert m.regret == 0.0 and not m.error and c.stats.radius_narrowed == 0
+    assert c.lookup(query("n-b", unit(E[1] + 0.3 * E[6])), update=False).tier is HitTier.SEMANTIC
 
 
 def test_version_mismatch_is_a_miss():

@@ -18,7 +18,7 @@ from cachellm_rl.cache.meta import (
     project,
 )
 
-CFG = MetaConfig()
+CFG = MetaConfig(stale_signal="kl")
 P = CacheParams(1000, 0.9, 0.1)
 
 
@@ -69,6 +69,24 @@ def test_nan_kl_uses_only_the_hit_rate_rule():
     assert (
         heuristic_update(P, sig(refresh_kl=math.nan, hit_rate=0.1), CFG).min_cosine_similarity < 0.9
     )
+
+
+def test_error_rate_signal_drives_tau_and_rho():
+    cfg = MetaConfig(target_refresh_error_rate=0.3)
+    up = heuristic_update(P, sig(refresh_kl=5.0, refresh_error_rate=0.6), cfg)
+    assert up.min_cosine_similarity > 0.9 and up.refresh_probability > 0.1
+    # a high KL alone (peaked priors disagreeing about unlikely actions) is not staleness
+    calm = heuristic_update(P, sig(refresh_kl=5.0, refresh_error_rate=0.1, hit_rate=0.5), cfg)
+    assert calm.min_cosine_similarity < 0.9 and calm.refresh_probability < 0.1
+    unknown = heuristic_update(P, sig(refresh_kl=5.0, hit_rate=0.5), cfg)  # no refresh yet
+    assert unknown.min_cosine_similarity < 0.9
+
+
+def test_meta_config_rejects_bad_signal_settings():
+    with pytest.raises(ValueError, match="stale_signal"):
+        MetaConfig(stale_signal="loss")
+    with pytest.raises(ValueError, match="target_refresh_error_rate"):
+        MetaConfig(target_refresh_error_rate=1.5)
 
 
 def test_projection_ranges():

@@ -82,7 +82,13 @@ class MethodSettings:
     refresh_probability: float = 0.05
     adaptive_initial_capacity: int = 1000
     meta: MetaConfig = field(
-        default_factory=lambda: MetaConfig(mode="heuristic", window_decisions=200)
+        default_factory=lambda: MetaConfig(
+            mode="heuristic",
+            window_decisions=200,
+            stale_signal="error_rate",
+            target_refresh_error_rate=0.3,
+            rho_min=0.02,  # keep measuring the cache error (and narrowing radii)
+        )
     )
     temperature_initial: float = 2.0
     temperature_min: float = 1.0
@@ -123,13 +129,13 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
             ghost_entries=0,
         )
         return SharedCacheConfig(cache=cache, meta=static)
+    adaptive = method == "adaptive"
     cache = CacheConfig(
         dim=dim,
-        capacity_entries=s.adaptive_initial_capacity
-        if method == "adaptive"
-        else s.capacity_entries,
+        capacity_entries=s.adaptive_initial_capacity if adaptive else s.capacity_entries,
         min_cosine_similarity=s.min_cosine_similarity,
         refresh_probability=s.refresh_probability,
+        learn_entry_radius=adaptive,  # static keeps one fixed radius for every entry
     )
     return SharedCacheConfig(cache=cache, meta=s.meta if method == "adaptive" else static)
 
