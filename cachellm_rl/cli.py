@@ -89,7 +89,7 @@ def prior_make_tiny(
 
 @games_app.command("make")
 def games_make(
-    suite: Annotated[str, typer.Option(help="Game suite (cooking).")] = "cooking",
+    suite: Annotated[str, typer.Option(help="Game suite (cooking or alfworld-gen).")] = "cooking",
     out: Annotated[
         Path | None, typer.Option(help="Suite folder (default data/games/<suite>).")
     ] = None,
@@ -101,19 +101,33 @@ def games_make(
         bool, typer.Option(help="Valid/test games use foods never seen in train games.")
     ] = False,
 ) -> None:
-    """Generate a seeded game suite into train / valid / test splits (idempotent)."""
-    from cachellm_rl.envs.games import SuiteConfig, make_suite
+    """Generate a seeded game suite into train / valid / test splits (idempotent).
 
-    cfg = SuiteConfig(
-        suite=suite,
-        n_train=n_train,
-        n_valid=n_valid,
-        n_test=n_test,
-        seed=seed,
-        food_splits=food_splits,
-    )
+    ``alfworld-gen`` writes expert-solved ALFWorld games from the package's floor plans, split by
+    floor plan (``--food-splits`` does not apply to it).
+    """
     target = out or DEFAULT_GAMES_DIR / suite
-    manifest = make_suite(cfg, target)
+    if suite == "alfworld-gen":
+        from cachellm_rl.envs.alfworld_gen import AlfWorldSuiteConfig, make_alfworld_suite
+
+        if food_splits:
+            raise typer.BadParameter("--food-splits applies to the cooking suite only")
+        manifest = make_alfworld_suite(
+            AlfWorldSuiteConfig(n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed),
+            target,
+        )
+    else:
+        from cachellm_rl.envs.games import SuiteConfig, make_suite
+
+        cfg = SuiteConfig(
+            suite=suite,
+            n_train=n_train,
+            n_valid=n_valid,
+            n_test=n_test,
+            seed=seed,
+            food_splits=food_splits,
+        )
+        manifest = make_suite(cfg, target)
     n, made = len(manifest["games"]), manifest["generated"]
     print(f"{n} games in {target} ({made} generated, {n - made} kept)")
 

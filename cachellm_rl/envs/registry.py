@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-TEXT_ENVS = ("textworld",)
-DEFAULT_SUITES = {"textworld": "data/games/cooking"}
+TEXT_ENVS = ("textworld", "alfworld")
+DEFAULT_SUITES = {"textworld": "data/games/cooking", "alfworld": "data/games/alfworld-gen"}
 
 
 def check_env_id(env_id: str) -> str:
@@ -23,7 +23,10 @@ def default_games_dir(env_id: str) -> Path:
 
 def env_class(env_id: str):
     """The gymnasium env class of ``env_id`` (imported lazily)."""
-    check_env_id(env_id)
+    if check_env_id(env_id) == "alfworld":
+        from cachellm_rl.envs.alfworld_env import AlfWorldEnv
+
+        return AlfWorldEnv
     from cachellm_rl.envs.textworld_env import TextWorldEnv
 
     return TextWorldEnv

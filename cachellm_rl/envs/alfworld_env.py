@@ -1,0 +1,524 @@
+"""ALFWorld (text, TextWorld PDDL engine) games as gymnasium environments with the text contract
+of :mod:`cachellm_rl.envs.text_env`.
+
+Games come from two places (``AlfWorldEnvConfig``):
+- a suite written by :mod:`cachellm_rl.envs.alfworld_gen` (``cachellm-rl games make --suite
+  alfworld-gen``): ``games_dir`` holds a ``manifest.json`` with train / valid / test splits;
+- the official ALFWorld data (``alfworld-download``): ``games_dir`` is ``$ALFWORLD_DATA`` or its
+  ``json_2.1.1`` folder. Splits map ``train`` -> ``train``, ``valid`` -> ``valid_seen`` and
+  ``test`` -> ``valid_unseen``; games are the ``game.tw-pddl`` files marked ``solvable`` next to
+  a ``traj_data.json``, without the ``movable``/``Sliced`` ones (the rule of ALFWorld's own
+  ``AlfredTWEnv``). This path is untested here (the data is not downloadable in CI).
+
+Design choices:
+- The objective is the task sentence of the intro (``put some apple on fridge``); the intro's
+  banner and task line are removed from the first observation.
+- Candidates are the admissible commands minus the verbs in ``drop_verbs`` (by default ``look``,
+  ``inventory``, ``examine`` and ``help``: none changes the PDDL state). The inventory is built
+  from the ``holds`` facts and is part of every state.
+- Reward is 1 on the step that wins; ``terminated`` when won; ``truncated`` at
+  ``max_episode_steps``.
+- The expert is ALFWorld's hand-coded ``HandCodedTWAgent``, told every command the agent takes,
+  so it also recovers after the agent strays. Two fixes over ALFWorld's ``AlfredExpert`` wrapper:
+  the ``move X to Y`` command is reported to it as ``put X to Y`` (alfworld 0.4.2 tracks its
+  inventory on the word ``put``, so ``pick_two_obj_and_place`` loops forever otherwise), and a
+  state-preserving command it asks for that is not a candidate (``look``, ``examine``...) is run
+  by the env behind the scenes, so ``info["expert_action"]`` is always a candidate (or None).
+  The expert draws from Python's global ``random``; the env swaps in its own seeded state around
+  each expert call, so episodes are reproducible and the caller's ``random`` is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+from cachellm_rl.envs.text_env import (
+    INFO_EXPERT_ACTION,
+    INFO_GAME,
+    INFO_INVALID_ACTION,
+    INFO_LOST,
+    INFO_MAX_SCORE,
+    INFO_SCORE,
+    INFO_WON,
+    TextDecision,
+    TextObsConfig,
+    check_action,
+    decision_info,
+    encode_decision,
+    text_observation_space,
+)
+
+# ALFWorld-specific info key (the others are the shared ``text_env.INFO_*``).
+INFO_TASK_TYPE = "task_type"
+
+GAME_FILE = "game.tw-pddl"
+TRAJ_FILE = "traj_data.json"
+SPLITS = ("train", "valid", "test")
+OFFICIAL_SPLITS = {"train": "train", "valid": "valid_seen", "test": "valid_unseen"}
+OFFICIAL_ROOT = "json_2.1.1"
+# Commands that never change the PDDL state: the env may run them for the expert unseen.
+STATE_PRESERVING_VERBS = ("look", "inventory", "examine", "help")
+_MAX_HIDDEN_EXPERT_STEPS = 5
+
+_BANNER_RE = re.compile(r"-=\s*.*?\s*=-")
+_TASK_RE = re.compile(r"Your task is to:\s*(.*?)\s*$", re.S)
+
+
+def import_alfworld():
+    """Import ALFWorld's text-engine modules without letting it create ``~/.cache/alfworld``.
+
+    ``import alfworld`` makes the folder ``$ALFWORLD_DATA`` (default ``~/.cache/alfworld``);
+    when the variable is unset it is pointed at a temporary folder first. Nothing is downloaded.
+
+    Returns:
+        The ``alfworld`` package.
+    """
+    if "ALFWORLD_DATA" not in os.environ:
+        os.environ["ALFWORLD_DATA"] = os.path.join(tempfile.gettempdir(), "alfworld_data")
+    import alfworld
+    import alfworld.agents.environment.alfred_tw_env
+    import alfworld.agents.expert
+
+    return alfworld
+
+
+def split_intro(text: str) -> tuple[str, str]:
+    """``(observation, task)`` of ALFWorld's intro text (banner and task line removed).
+
+    Example:
+        >>> split_intro("-= Welcome to TextWorld, ALFRED! =-\\n\\nYou are in the middle of "
+        ...             "a room.\\n\\nYour task is to: put some apple on fridge.")
+        ('You are in the middle of a room.', 'put some apple on fridge.')
+    """
+    task = ""
+    m = _TASK_RE.search(text)
+    if m:
+        task = " ".join(m.group(1).split())
+        text = text[: m.start()]
+    return " ".join(_BANNER_RE.sub("", text).split()), task
+
+
+def inventory_text(facts) -> str:
+    """The inventory sentence of a state from its ``holds`` facts."""
+    held = [f.arguments[1].name.strip() for f in facts if f.name == "holds"]
+    if not held:
+        return "You are not carrying anything."
+    return "You are carrying: " + ", ".join(sorted(held)) + "."
+
+
+def read_task_params(game_file: str | Path) -> dict:
+    """The hand-coded expert's task parameters from the ``traj_data.json`` next to a game."""
+    constants = _constants()
+    traj = json.loads((Path(game_file).parent / TRAJ_FILE).read_text())
+    params = {**traj["pddl_params"], "task_type": traj["task_type"]}
+    return {k: (v.lower() if v in constants.OBJECTS else v) for k, v in params.items()}
+
+
+def _constants():
+    import_alfworld()
+    import alfworld.gen.constants as constants
+
+    return constants
+
+
+@contextmanager
+def own_random_state(holder: dict) -> Iterator[None]:
+    """Run a block on ``holder["state"]`` as the global ``random`` state, then restore the
+    caller's state (ALFWorld's expert and task templates draw from the global ``random``)."""
+    saved = random.getstate()
+    random.setstate(holder["state"])
+    try:
+        yield
+    finally:
+        holder["state"] = random.getstate()
+        random.setstate(saved)
+
+
+def new_random_state(seed: int) -> dict:
+    """A holder for :func:`own_random_state` seeded with ``seed``."""
+    return {"state": random.Random(seed).getstate()}
+
+
+def load_pddl_env(game: str | Path | Mapping):
+    """A TextWorld PDDL env with ALFWorld's names (``cabinet 3``) loaded with ``game`` (a
+    ``game.tw-pddl`` path or its parsed dict)."""
+    import_alfworld()
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+    from textworld.envs.pddl import PddlEnv
+
+    infos = textworld.EnvInfos(feedback=True, admissible_commands=True, won=True, facts=True)
+    env = AlfredDemangler(PddlEnv(infos), shuffle=False)
+    env.load(str(game) if isinstance(game, Path) else game)
+    return env
+
+
+class HandCodedExpert:
+    """ALFWorld's ``HandCodedTWAgent`` driven per step (with the ``move``/``put`` fix).
+
+    Args:
+        task_params: Output of :func:`read_task_params`.
+        seed: Seed of the expert's random draws.
+        max_steps: Expert calls before it gives up (``None`` from then on).
+    """
+
+    def __init__(self, task_params: Mapping, *, seed: int, max_steps: int = 200) -> None:
+        import_alfworld()
+        from alfworld.agents.expert import HandCodedTWAgent
+
+        self._rand = new_random_state(seed)
+        self._agent = HandCodedTWAgent(max_steps=max_steps)
+        with own_random_state(self._rand):
+            policy = self._agent.get_task_policy(task_params)
+            self._agent.policy = policy(dict(task_params), max_steps=max_steps)
+        self.failed = False
+
+    def observe_intro(self, intro: str) -> None:
+        """Give the expert the intro text (it lists the receptacles)."""
+        self._agent.observe(intro)
+
+    def act(self, state: Mapping, last_command: str) -> str | None:
+        """The expert's next command after ``last_command`` led to ``state`` (None once it has
+        failed or timed out)."""
+        if self.failed:
+            return None
+        from alfworld.agents.expert import HandCodedAgentFailed, HandCodedAgentTimeout
+
+        if last_command.startswith("move "):
+            last_command = "put " + last_command[len("move ") :]
+        try:
+            with own_random_state(self._rand):
+                return self._agent.act(state, 0, bool(state["won"]), last_command)
+        except (HandCodedAgentTimeout, HandCodedAgentFailed):
+            self.failed = True
+            return None
+
+
+def next_expert_command(env, expert: HandCodedExpert, state, last: str, allowed) -> tuple:
+    """Ask ``expert`` for a command in ``allowed``, running hidden state-preserving commands
+    it asks for in between (``look`` for an inadmissible one, as ALFWorld's wrapper does).
+
+    Returns:
+        ``(command or None, state)``: the state after any hidden command.
+    """
+    for _ in range(_MAX_HIDDEN_EXPERT_STEPS):
+        cmd = expert.act(state, last)
+        if cmd is None or cmd in allowed:
+            return cmd, state
+        if cmd not in state["admissible_commands"]:
+            cmd = "look"
+        if cmd.split(" ", 1)[0] not in STATE_PRESERVING_VERBS:
+            return None, state  # a real move that is not offered (candidate list cut)
+        state, _, _ = env.step(cmd)
+        last = cmd
+    return None, state
+
+
+def official_split_games(data_dir: str | Path, split: str) -> list[str]:
+    """Solvable ``game.tw-pddl`` files of a split of the official ALFWorld data.
+
+    Args:
+        data_dir: ``$ALFWORLD_DATA`` or its ``json_2.1.1`` folder.
+        split: ``train``, ``valid`` (``valid_seen``) or ``test`` (``valid_unseen``).
+    """
+    if split not in OFFICIAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {list(OFFICIAL_SPLITS)}")
+    root = Path(data_dir)
+    if root.name != OFFICIAL_ROOT:
+        root = root / OFFICIAL_ROOT
+    folder = root / OFFICIAL_SPLITS[split]
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no official ALFWorld split at {folder} (run `alfworld-download` with "
+            f"ALFWORLD_DATA set, or generate games with `cachellm-rl games make --suite "
+            f"alfworld-gen`)"
+        )
+    games = []
+    for traj in sorted(folder.rglob(TRAJ_FILE)):
+        game = traj.parent / GAME_FILE
+        if "movable" in str(traj.parent) or "Sliced" in str(traj.parent) or not game.is_file():
+            continue
+        if json.loads(game.read_text()).get("solvable"):
+            games.append(str(game.resolve()))
+    if not games:
+        raise ValueError(f"no solvable ALFWorld games under {folder}")
+    return games
+
+
+def alfworld_split_games(games_dir: str | Path, split: str) -> list[str]:
+    """Game files of ``split`` in a generated suite (has ``manifest.json``) or the official
+    ALFWorld data (has ``json_2.1.1``)."""
+    from cachellm_rl.envs.games import MANIFEST, split_games
+
+    if (Path(games_dir) / MANIFEST).is_file():
+        return split_games(games_dir, split)
+    return official_split_games(games_dir, split)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlfWorldEnvConfig:
+    """Settings of :class:`AlfWorldEnv`. Give ``games`` or ``games_dir``, not both.
+
+    Attributes:
+        games: ``game.tw-pddl`` files (each with a ``traj_data.json`` beside it).
+        games_dir: A generated suite folder or the official data (``$ALFWORLD_DATA``); the
+            games of ``split`` are used.
+        split: ``train``, ``valid`` or ``test`` (with ``games_dir``).
+        obs: Sizes of the fixed-size observation.
+        max_episode_steps: Step limit (``truncated`` after it).
+        drop_verbs: Admissible commands starting with one of these words are not candidates.
+        inventory_in_state: Put the inventory sentence in the state (else ``inventory`` is None).
+        game_order: ``"random"`` (seeded draw per episode) or ``"cycle"`` (round robin).
+        seed: Seed of the game draws and of the expert (with the worker and vector index).
+        expert: Run the hand-coded expert (``info["expert_action"]``).
+        expert_max_steps: Expert calls per episode before it gives up.
+        strict_actions: Raise on a masked action; otherwise it is a no-op step (reward 0, state
+            unchanged, ``info["invalid_action"] = True``).
+    """
+
+    games: tuple[str, ...] = ()
+    games_dir: str | None = None
+    split: str = "train"
+    obs: TextObsConfig = field(default_factory=TextObsConfig)
+    max_episode_steps: int = 50
+    drop_verbs: tuple[str, ...] = STATE_PRESERVING_VERBS
+    inventory_in_state: bool = True
+    game_order: str = "random"
+    seed: int = 0
+    expert: bool = True
+    expert_max_steps: int = 200
+    strict_actions: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.games) == bool(self.games_dir):
+            raise ValueError(
+                "AlfWorldEnvConfig needs exactly one of `games` (game.tw-pddl files) or "
+                "`games_dir` (a generated suite or $ALFWORLD_DATA)"
+            )
+        if self.split not in SPLITS:
+            raise ValueError(f"AlfWorldEnvConfig.split must be one of {SPLITS}, got {self.split!r}")
+        missing = [g for g in self.games if not Path(g).is_file()]
+        if missing:
+            raise ValueError(
+                f"AlfWorldEnvConfig.games: {len(missing)} game file(s) not found, e.g. "
+                f"{missing[0]} (generate them with `cachellm-rl games make --suite alfworld-gen`)"
+            )
+        no_traj = [g for g in self.games if not (Path(g).parent / TRAJ_FILE).is_file()]
+        if no_traj:
+            raise ValueError(f"AlfWorldEnvConfig.games: no {TRAJ_FILE} next to {no_traj[0]}")
+        if self.games_dir is not None and not Path(self.games_dir).is_dir():
+            raise ValueError(f"AlfWorldEnvConfig.games_dir {self.games_dir} is not a folder")
+        if self.max_episode_steps < 1:
+            raise ValueError("AlfWorldEnvConfig.max_episode_steps must be >= 1")
+        if self.expert_max_steps < 1:
+            raise ValueError("AlfWorldEnvConfig.expert_max_steps must be >= 1")
+        if self.game_order not in ("random", "cycle"):
+            raise ValueError(
+                f"AlfWorldEnvConfig.game_order must be 'random' or 'cycle', got {self.game_order!r}"
+            )
+
+    @classmethod
+    def from_mapping(cls, config: Mapping) -> AlfWorldEnvConfig:
+        """Build from a plain mapping (RLlib's ``env_config``); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        extra = set(config) - known
+        if extra:
+            raise ValueError(f"unknown ALFWorld env_config keys: {sorted(extra)}")
+        kw = dict(config)
+        if isinstance(kw.get("obs"), Mapping):
+            kw["obs"] = TextObsConfig(**kw["obs"])
+        if "games" in kw:
+            kw["games"] = tuple(str(g) for g in kw["games"])
+        if kw.get("games_dir") is not None:
+            kw["games_dir"] = str(kw["games_dir"])
+        if "drop_verbs" in kw:
+            kw["drop_verbs"] = tuple(kw["drop_verbs"])
+        return cls(**kw)
+
+    def to_mapping(self) -> dict:
+        """Plain-dict form (for RLlib's ``env_config`` and result folders)."""
+        return asdict(self)
+
+    def game_files(self) -> tuple[str, ...]:
+        """The games the env draws from."""
+        if self.games:
+            return self.games
+        assert self.games_dir is not None
+        return tuple(alfworld_split_games(self.games_dir, self.split))
+
+
+class AlfWorldEnv(gym.Env):
+    """An ALFWorld text game as ``Dict(state_tokens, action_tokens, action_mask)`` observations
+    and ``Discrete(max_actions)`` actions (index into ``info["candidates"]``).
+
+    Args:
+        config: An :class:`AlfWorldEnvConfig` or a mapping of its fields. RLlib's ``EnvContext``
+            (a dict with ``worker_index``/``vector_index`` attributes) also works.
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012
+
+    def __init__(self, config: AlfWorldEnvConfig | Mapping | None = None) -> None:
+        if config is None:
+            raise ValueError("AlfWorldEnv needs a config with `games` or `games_dir`")
+        cfg = config if isinstance(config, AlfWorldEnvConfig) else None
+        if cfg is None:
+            cfg = AlfWorldEnvConfig.from_mapping(config)
+        self.config = cfg
+        self._games = cfg.game_files()
+        self.observation_space = text_observation_space(cfg.obs)
+        self.action_space = gym.spaces.Discrete(cfg.obs.max_actions)
+        worker = int(getattr(config, "worker_index", 0))
+        vector = int(getattr(config, "vector_index", 0))
+        self._stream = (worker, vector)
+        self._rng = np.random.default_rng([cfg.seed, worker, vector])
+        self._first_game = (worker * 7 + vector) % len(self._games)
+        self._next_game = self._first_game
+        self._envs: dict[str, object] = {}
+        self._env = None
+        self._game = ""
+        self._task = ""
+        self._task_type = ""
+        self._expert: HandCodedExpert | None = None
+        self._expert_action: str | None = None
+        self._decision: TextDecision | None = None
+        self._steps = 0
+        self._obs: dict = {}
+        self._last_info: dict = {}
+
+    @property
+    def games(self) -> tuple[str, ...]:
+        """The game files the env draws from."""
+        return self._games
+
+    # -- game handling ------------------------------------------------------------------------
+    def _start(self, game: str):
+        if game not in self._envs:
+            self._envs[game] = load_pddl_env(Path(game))
+        return self._envs[game]
+
+    def _pick_game(self) -> str:
+        games = self._games
+        if self.config.game_order == "cycle":
+            g = games[self._next_game % len(games)]
+            self._next_game += 1
+            return g
+        return games[int(self._rng.integers(len(games)))]
+
+    def _candidates(self, state) -> tuple[str, ...]:
+        drop = self.config.drop_verbs
+        cands = tuple(c for c in state["admissible_commands"] if c.split(" ", 1)[0] not in drop)
+        return cands or ("look",)  # only dropped verbs apply: offer "look"
+
+    def _decide(self, state, observation: str) -> TextDecision:
+        inventory = inventory_text(state["facts"]) if self.config.inventory_in_state else None
+        return TextDecision(
+            objective=self._task,
+            observation=observation,
+            inventory=inventory,
+            candidates=self._candidates(state),
+        )
+
+    def _update_expert(self, state, last: str):
+        """The expert's next action (a kept candidate or None), and the state after any hidden
+        state-preserving command it needed."""
+        if self._expert is None:
+            return None, state
+        assert self._decision is not None
+        allowed = self._decision.candidates[: self.config.obs.max_actions]
+        return next_expert_command(self._env, self._expert, state, last, allowed)
+
+    def _info(self, state) -> dict:
+        assert self._decision is not None
+        obs, cut = encode_decision(self._decision, self.config.obs)
+        self._obs = obs
+        self._decision = replace(
+            self._decision, candidates=self._decision.candidates[: self.config.obs.max_actions]
+        )
+        info = decision_info(self._decision, self.config.obs)
+        info.update(cut)
+        won = bool(state["won"])
+        info.update(
+            {
+                INFO_WON: won,
+                INFO_LOST: False,
+                INFO_SCORE: int(won),
+                INFO_MAX_SCORE: 1,
+                INFO_GAME: Path(self._game).parent.name,
+                INFO_TASK_TYPE: self._task_type,
+                INFO_EXPERT_ACTION: self._expert_action,
+                INFO_INVALID_ACTION: False,
+            }
+        )
+        self._last_info = info
+        return info
+
+    # -- gym API ------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode; ``options={"game": path}`` plays a given game."""
+        super().reset(seed=seed)
+        if seed is not None:
+            self._rng = np.random.default_rng([seed, *self._stream])
+            self._next_game = self._first_game
+        game = (options or {}).get("game") or self._pick_game()
+        self._game = str(game)
+        self._env = self._start(self._game)
+        state = self._env.reset()
+        observation, self._task = split_intro(state["feedback"])
+        params = read_task_params(self._game)
+        self._task_type = params["task_type"]
+        self._steps = 0
+        self._decision = self._decide(state, observation)
+        self._expert, self._expert_action = None, None
+        if self.config.expert:
+            self._expert = HandCodedExpert(
+                params,
+                seed=int(self._rng.integers(2**31 - 1)),
+                max_steps=self.config.expert_max_steps,
+            )
+            self._expert.observe_intro(state["feedback"])
+            # ALFWorld's expert starts from a "look" (state-preserving, run unseen).
+            state, _, _ = self._env.step("look")
+            self._expert_action, state = self._update_expert(state, "look")
+        info = self._info(state)
+        return self._obs, info
+
+    def step(self, action):
+        if self._env is None or self._decision is None:
+            raise RuntimeError("call reset() before step()")
+        command = check_action(action, self._decision.candidates, strict=self.config.strict_actions)
+        self._steps += 1
+        if command is None:
+            info = {**self._last_info, INFO_INVALID_ACTION: True}
+            truncated = self._steps >= self.config.max_episode_steps
+            return self._obs, 0.0, False, truncated, info
+        state, _, _ = self._env.step(command)
+        won = bool(state["won"])
+        self._decision = self._decide(state, " ".join(state["feedback"].split()))
+        self._expert_action = None
+        if not won:
+            self._expert_action, state = self._update_expert(state, command)
+        info = self._info(state)
+        truncated = not won and self._steps >= self.config.max_episode_steps
+        return self._obs, float(won), won, truncated, info
+
+    @property
+    def decision(self) -> TextDecision | None:
+        """Texts of the current decision."""
+        return self._decision
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()

@@ -1,0 +1,130 @@
+"""ALFWorld generator and env: checker, expert wins every generated game, splits by floor plan,
+idempotent generation, masked actions, config errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+pytest.importorskip("fast_downward", reason="needs textworld[pddl] (fast-downward-textworld)")
+
+from cachellm_rl.envs.alfworld_env import (
+    AlfWorldEnv,
+    AlfWorldEnvConfig,
+    alfworld_split_games,
+    split_intro,
+)
+from cachellm_rl.envs.alfworld_gen import (
+    AlfWorldSuiteConfig,
+    floor_plan_splits,
+    make_alfworld_suite,
+)
+from cachellm_rl.envs.games import load_manifest
+from cachellm_rl.envs.registry import make_text_env
+from cachellm_rl.envs.text_env import OBS_ACTION_MASK, OBS_STATE_TOKENS
+
+# Fast task types; pick_two exercises the expert's "move"/"put" fix.
+_CFG = AlfWorldSuiteConfig(
+    n_train=2,
+    n_valid=0,
+    n_test=1,
+    task_types=("pick_two_obj_and_place", "look_at_obj_in_light"),
+    max_distractors=3,
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def alf_suite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alf_suite")
+    manifest = make_alfworld_suite(_CFG, root, progress=False)
+    assert manifest["generated"] == 3
+    return root
+
+
+@pytest.fixture()
+def env(alf_suite):
+    e = AlfWorldEnv({"games_dir": str(alf_suite), "split": "train", "game_order": "cycle"})
+    yield e
+    e.close()
+
+
+def test_check_env_passes(env):
+    check_env(env, skip_render_check=True)
+
+
+def test_expert_solves_every_generated_game(alf_suite):
+    games = alfworld_split_games(alf_suite, "train") + alfworld_split_games(alf_suite, "test")
+    e = make_text_env("alfworld", {"games": games, "max_episode_steps": 80})
+    random.seed(11)
+    before = random.getstate()
+    for game in games:
+        obs, info = e.reset(options={"game": game})
+        assert e.observation_space.contains(obs)
+        assert info["objective"] and "Your task" not in info["observation"]
+        assert info["inventory"] == "You are not carrying anything."
+        total, done, n = 0.0, False, 0
+        while not done:
+            cands = info["candidates"]
+            assert not any(c.split()[0] in ("look", "inventory", "examine", "help") for c in cands)
+            a = cands.index(info["expert_action"])
+            obs, r, term, trunc, info = e.step(a)
+            total, n, done = total + r, n + 1, term or trunc
+        assert info["won"] and term and not trunc and total == 1.0
+        assert info["task_type"] in game
+    assert random.getstate() == before  # the expert's draws do not touch the caller's random
+    e.close()
+
+
+def test_generator_is_idempotent_and_splits_by_floor_plan(alf_suite):
+    manifest = load_manifest(alf_suite)
+    assert all(g["expert_steps"] > 0 and g["seconds"] > 0 for g in manifest["games"])
+    again = make_alfworld_suite(_CFG, alf_suite, progress=False)
+    assert again["generated"] == 0
+    assert json.loads((alf_suite / "manifest.json").read_text())["games"] == manifest["games"]
+    splits = floor_plan_splits(_CFG.valid_floor_plans_per_room)
+    assert len(set().union(*splits.values())) == sum(len(s) for s in splits.values()) == 120
+    for g in manifest["games"]:
+        assert g["floor_plan"] in splits[g["split"]]
+        traj = json.loads((alf_suite / g["file"]).with_name("traj_data.json").read_text())
+        assert traj["scene"]["scene_num"] == g["floor_plan"]
+
+
+def test_masked_action_is_noop_or_error(alf_suite):
+    lenient = AlfWorldEnv({"games_dir": str(alf_suite), "expert": False})
+    obs, _ = lenient.reset(seed=0)
+    bad = int(np.flatnonzero(obs[OBS_ACTION_MASK] == 0)[0])
+    obs2, r, term, trunc, info = lenient.step(bad)
+    assert info["invalid_action"] and r == 0.0 and not term and not trunc
+    np.testing.assert_array_equal(obs2[OBS_STATE_TOKENS], obs[OBS_STATE_TOKENS])
+    strict = AlfWorldEnv({"games_dir": str(alf_suite), "expert": False, "strict_actions": True})
+    strict.reset(seed=0)
+    with pytest.raises(ValueError, match="masked"):
+        strict.step(bad)
+
+
+def test_bad_config_errors_name_the_problem(alf_suite, tmp_path):
+    with pytest.raises(ValueError, match="exactly one of `games`"):
+        AlfWorldEnvConfig()
+    with pytest.raises(ValueError, match="not found"):
+        AlfWorldEnvConfig(games=(str(tmp_path / "game.tw-pddl"),))
+    with pytest.raises(ValueError, match="split must be one of"):
+        AlfWorldEnvConfig(games_dir=str(alf_suite), split="dev")
+    with pytest.raises(ValueError, match="unknown ALFWorld env_config keys"):
+        AlfWorldEnv({"games_dir": str(alf_suite), "gamez": 1})
+    with pytest.raises(FileNotFoundError, match="alfworld-download"):
+        AlfWorldEnv({"games_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="unknown ALFWorld task type"):
+        AlfWorldSuiteConfig(task_types=("pick_and_slice",))
+
+
+def test_split_intro():
+    obs, task = split_intro(
+        "-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room.\n\n"
+        "Your task is to: put two pencil in drawer."
+    )
+    assert obs == "You are in the middle of a room." and task == "put two pencil in drawer."
