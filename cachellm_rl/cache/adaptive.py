@@ -192,6 +192,11 @@ def kl_divergence(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
     return float(np.sum(p * (np.asarray(p_logp, np.float64) - np.asarray(q_logp, np.float64))))
 
 
+def ema(old: float, new: float, weight: float) -> float:
+    """Exponential moving average step; a NaN ``old`` (nothing yet) starts at ``new``."""
+    return new if math.isnan(old) else (1 - weight) * old + weight * new
+
+
 def top1_regret(fresh_logp: np.ndarray, cached_logp: np.ndarray) -> float:
     """``log p(a*) - log p(a_c)`` under the fresh prior, ``a_c`` the cached prior's top action.
 
@@ -642,15 +647,10 @@ class AdaptiveCache:
         s.refreshes_applied += 1
         s.refresh_kl_last = m.kl
         d = self.config.refresh_kl_ema_decay
-        s.refresh_kl_ema = (
-            m.kl if math.isnan(s.refresh_kl_ema) else (1 - d) * s.refresh_kl_ema + d * m.kl
-        )
+        s.refresh_kl_ema = ema(s.refresh_kl_ema, m.kl, d)
         s.refresh_eps_max = max(s.refresh_eps_max, m.eps)
         self.window.refresh_kls.append(m.kl)
-        err = 1.0 if m.error else 0.0
-        s.refresh_error_ema = (
-            err if math.isnan(s.refresh_error_ema) else (1 - d) * s.refresh_error_ema + d * err
-        )
+        s.refresh_error_ema = ema(s.refresh_error_ema, 1.0 if m.error else 0.0, d)
         if m.error:
             s.refresh_errors += 1
             self.window.refresh_errors += 1

@@ -37,26 +37,24 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
-import numpy as np
-
+from cachellm_rl.envs.game_env import (
+    GameTextEnv,
+    check_game_order,
+    config_kwargs,
+    kept_candidates,
+)
 from cachellm_rl.envs.text_env import (
     INFO_EXPERT_ACTION,
     INFO_GAME,
-    INFO_INVALID_ACTION,
     INFO_LOST,
     INFO_MAX_SCORE,
     INFO_SCORE,
     INFO_WON,
     TextDecision,
     TextObsConfig,
-    check_action,
-    decision_info,
-    encode_decision,
-    text_observation_space,
 )
 
 # ALFWorld-specific info key (the others are the shared ``text_env.INFO_*``).
@@ -323,27 +321,14 @@ class AlfWorldEnvConfig:
             raise ValueError("AlfWorldEnvConfig.max_episode_steps must be >= 1")
         if self.expert_max_steps < 1:
             raise ValueError("AlfWorldEnvConfig.expert_max_steps must be >= 1")
-        if self.game_order not in ("random", "cycle"):
-            raise ValueError(
-                f"AlfWorldEnvConfig.game_order must be 'random' or 'cycle', got {self.game_order!r}"
-            )
+        check_game_order(self.game_order, "AlfWorldEnvConfig")
 
     @classmethod
     def from_mapping(cls, config: Mapping) -> AlfWorldEnvConfig:
         """Build from a plain mapping (RLlib's ``env_config``); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        extra = set(config) - known
-        if extra:
-            raise ValueError(f"unknown ALFWorld env_config keys: {sorted(extra)}")
-        kw = dict(config)
-        if isinstance(kw.get("obs"), Mapping):
-            kw["obs"] = TextObsConfig(**kw["obs"])
-        if "games" in kw:
-            kw["games"] = tuple(str(g) for g in kw["games"])
+        kw = config_kwargs(cls, config, "ALFWorld")
         if kw.get("games_dir") is not None:
             kw["games_dir"] = str(kw["games_dir"])
-        if "drop_verbs" in kw:
-            kw["drop_verbs"] = tuple(kw["drop_verbs"])
         return cls(**kw)
 
     def to_mapping(self) -> dict:
@@ -358,7 +343,7 @@ class AlfWorldEnvConfig:
         return tuple(alfworld_split_games(self.games_dir, self.split))
 
 
-class AlfWorldEnv(gym.Env):
+class AlfWorldEnv(GameTextEnv):
     """An ALFWorld text game as ``Dict(state_tokens, action_tokens, action_mask)`` observations
     and ``Discrete(max_actions)`` actions (index into ``info["candidates"]``).
 
@@ -367,59 +352,21 @@ class AlfWorldEnv(gym.Env):
             (a dict with ``worker_index``/``vector_index`` attributes) also works.
     """
 
-    metadata = {"render_modes": []}  # noqa: RUF012
-
     def __init__(self, config: AlfWorldEnvConfig | Mapping | None = None) -> None:
         if config is None:
             raise ValueError("AlfWorldEnv needs a config with `games` or `games_dir`")
         cfg = config if isinstance(config, AlfWorldEnvConfig) else None
         if cfg is None:
             cfg = AlfWorldEnvConfig.from_mapping(config)
-        self.config = cfg
-        self._games = cfg.game_files()
-        self.observation_space = text_observation_space(cfg.obs)
-        self.action_space = gym.spaces.Discrete(cfg.obs.max_actions)
-        worker = int(getattr(config, "worker_index", 0))
-        vector = int(getattr(config, "vector_index", 0))
-        self._stream = (worker, vector)
-        self._rng = np.random.default_rng([cfg.seed, worker, vector])
-        self._first_game = (worker * 7 + vector) % len(self._games)
-        self._next_game = self._first_game
-        self._envs: dict[str, object] = {}
-        self._env = None
-        self._game = ""
+        super().__init__(cfg, cfg.game_files(), config)
         self._task = ""
         self._task_type = ""
         self._expert: HandCodedExpert | None = None
         self._expert_action: str | None = None
-        self._decision: TextDecision | None = None
-        self._steps = 0
-        self._obs: dict = {}
-        self._last_info: dict = {}
-
-    @property
-    def games(self) -> tuple[str, ...]:
-        """The game files the env draws from."""
-        return self._games
 
     # -- game handling ------------------------------------------------------------------------
-    def _start(self, game: str):
-        if game not in self._envs:
-            self._envs[game] = load_pddl_env(Path(game))
-        return self._envs[game]
-
-    def _pick_game(self) -> str:
-        games = self._games
-        if self.config.game_order == "cycle":
-            g = games[self._next_game % len(games)]
-            self._next_game += 1
-            return g
-        return games[int(self._rng.integers(len(games)))]
-
-    def _candidates(self, state) -> tuple[str, ...]:
-        drop = self.config.drop_verbs
-        cands = tuple(c for c in state["admissible_commands"] if c.split(" ", 1)[0] not in drop)
-        return cands or ("look",)  # only dropped verbs apply: offer "look"
+    def _load_game(self, game: str):
+        return load_pddl_env(Path(game))
 
     def _decide(self, state, observation: str) -> TextDecision:
         inventory = inventory_text(state["facts"]) if self.config.inventory_in_state else None
@@ -427,7 +374,7 @@ class AlfWorldEnv(gym.Env):
             objective=self._task,
             observation=observation,
             inventory=inventory,
-            candidates=self._candidates(state),
+            candidates=kept_candidates(state["admissible_commands"], self.config.drop_verbs),
         )
 
     def _update_expert(self, state, last: str):
@@ -440,16 +387,8 @@ class AlfWorldEnv(gym.Env):
         return next_expert_command(self._env, self._expert, state, last, allowed)
 
     def _info(self, state) -> dict:
-        assert self._decision is not None
-        obs, cut = encode_decision(self._decision, self.config.obs)
-        self._obs = obs
-        self._decision = replace(
-            self._decision, candidates=self._decision.candidates[: self.config.obs.max_actions]
-        )
-        info = decision_info(self._decision, self.config.obs)
-        info.update(cut)
         won = bool(state["won"])
-        info.update(
+        return self._encode(
             {
                 INFO_WON: won,
                 INFO_LOST: False,
@@ -458,27 +397,17 @@ class AlfWorldEnv(gym.Env):
                 INFO_GAME: Path(self._game).parent.name,
                 INFO_TASK_TYPE: self._task_type,
                 INFO_EXPERT_ACTION: self._expert_action,
-                INFO_INVALID_ACTION: False,
             }
         )
-        self._last_info = info
-        return info
 
     # -- gym API ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""
-        super().reset(seed=seed)
-        if seed is not None:
-            self._rng = np.random.default_rng([seed, *self._stream])
-            self._next_game = self._first_game
-        game = (options or {}).get("game") or self._pick_game()
-        self._game = str(game)
-        self._env = self._start(self._game)
+        self._begin_episode(seed, options)
         state = self._env.reset()
         observation, self._task = split_intro(state["feedback"])
         params = read_task_params(self._game)
         self._task_type = params["task_type"]
-        self._steps = 0
         self._decision = self._decide(state, observation)
         self._expert, self._expert_action = None, None
         if self.config.expert:
@@ -495,14 +424,9 @@ class AlfWorldEnv(gym.Env):
         return self._obs, info
 
     def step(self, action):
-        if self._env is None or self._decision is None:
-            raise RuntimeError("call reset() before step()")
-        command = check_action(action, self._decision.candidates, strict=self.config.strict_actions)
-        self._steps += 1
+        command = self._command(action)
         if command is None:
-            info = {**self._last_info, INFO_INVALID_ACTION: True}
-            truncated = self._steps >= self.config.max_episode_steps
-            return self._obs, 0.0, False, truncated, info
+            return self._noop_step()
         state, _, _ = self._env.step(command)
         won = bool(state["won"])
         self._decision = self._decide(state, " ".join(state["feedback"].split()))
@@ -512,13 +436,3 @@ class AlfWorldEnv(gym.Env):
         info = self._info(state)
         truncated = not won and self._steps >= self.config.max_episode_steps
         return self._obs, float(won), won, truncated, info
-
-    @property
-    def decision(self) -> TextDecision | None:
-        """Texts of the current decision."""
-        return self._decision
-
-    def close(self) -> None:
-        for env in self._envs.values():
-            env.close()
-        self._envs.clear()

@@ -18,26 +18,24 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
-import numpy as np
-
+from cachellm_rl.envs.game_env import (
+    GameTextEnv,
+    check_game_order,
+    config_kwargs,
+    kept_candidates,
+)
 from cachellm_rl.envs.text_env import (
     INFO_EXPERT_ACTION,
     INFO_GAME,
-    INFO_INVALID_ACTION,
     INFO_LOST,
     INFO_MAX_SCORE,
     INFO_SCORE,
     INFO_WON,
     TextDecision,
     TextObsConfig,
-    check_action,
-    decision_info,
-    encode_decision,
-    text_observation_space,
 )
 
 _TITLE_RE = re.compile(r"-=\s*(.*?)\s*=-")
@@ -112,26 +110,12 @@ class TextWorldEnvConfig:
             )
         if self.max_episode_steps < 1:
             raise ValueError("TextWorldEnvConfig.max_episode_steps must be >= 1")
-        if self.game_order not in ("random", "cycle"):
-            raise ValueError(
-                f"TextWorldEnvConfig.game_order must be 'random' or 'cycle', got "
-                f"{self.game_order!r}"
-            )
+        check_game_order(self.game_order, "TextWorldEnvConfig")
 
     @classmethod
     def from_mapping(cls, config: Mapping) -> TextWorldEnvConfig:
         """Build from a plain mapping (RLlib's ``env_config``); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        extra = set(config) - known
-        if extra:
-            raise ValueError(f"unknown TextWorld env_config keys: {sorted(extra)}")
-        kw = dict(config)
-        if isinstance(kw.get("obs"), Mapping):
-            kw["obs"] = TextObsConfig(**kw["obs"])
-        if "games" in kw:
-            kw["games"] = tuple(str(g) for g in kw["games"])
-        if "drop_verbs" in kw:
-            kw["drop_verbs"] = tuple(kw["drop_verbs"])
+        kw = config_kwargs(cls, config, "TextWorld")
         return cls(**kw)
 
     def to_mapping(self) -> dict:
@@ -139,7 +123,7 @@ class TextWorldEnvConfig:
         return asdict(self)
 
 
-class TextWorldEnv(gym.Env):
+class TextWorldEnv(GameTextEnv):
     """A TextWorld game as ``Dict(state_tokens, action_tokens, action_mask)`` observations and
     ``Discrete(max_actions)`` actions (index into ``info["candidates"]``).
 
@@ -148,60 +132,34 @@ class TextWorldEnv(gym.Env):
             (a dict with ``worker_index``/``vector_index`` attributes) also works.
     """
 
-    metadata = {"render_modes": []}  # noqa: RUF012
-
     def __init__(self, config: TextWorldEnvConfig | Mapping | None = None) -> None:
         if config is None:
             raise ValueError("TextWorldEnv needs a config with at least `games`")
         cfg = config if isinstance(config, TextWorldEnvConfig) else None
         if cfg is None:
             cfg = TextWorldEnvConfig.from_mapping(config)
-        self.config = cfg
-        self.observation_space = text_observation_space(cfg.obs)
-        self.action_space = gym.spaces.Discrete(cfg.obs.max_actions)
-        worker = int(getattr(config, "worker_index", 0))
-        vector = int(getattr(config, "vector_index", 0))
-        self._stream = (worker, vector)
-        self._rng = np.random.default_rng([cfg.seed, worker, vector])
-        self._first_game = (worker * 7 + vector) % len(cfg.games)
-        self._next_game = self._first_game
-        self._envs: dict[str, object] = {}
+        super().__init__(cfg, cfg.games, config)
         self._recipes: dict[str, str] = {}
-        self._env = None
-        self._game = ""
-        self._decision: TextDecision | None = None
         self._state = None
-        self._steps = 0
         self._last_score = 0
-        self._last_info: dict = {}
 
     # -- game handling ------------------------------------------------------------------------
-    def _start(self, game: str):
-        if game not in self._envs:
-            import textworld
+    def _load_game(self, game: str):
+        import textworld
 
-            infos = textworld.EnvInfos(
-                admissible_commands=True,
-                policy_commands=self.config.expert,
-                objective=True,
-                inventory=True,
-                description=True,
-                won=True,
-                lost=True,
-                score=True,
-                max_score=True,
-            )
-            self._envs[game] = textworld.start(game, request_infos=infos)
-            self._recipes[game] = _read_recipe(game)
-        return self._envs[game]
-
-    def _pick_game(self) -> str:
-        games = self.config.games
-        if self.config.game_order == "cycle":
-            g = games[self._next_game % len(games)]
-            self._next_game += 1
-            return g
-        return games[int(self._rng.integers(len(games)))]
+        infos = textworld.EnvInfos(
+            admissible_commands=True,
+            policy_commands=self.config.expert,
+            objective=True,
+            inventory=True,
+            description=True,
+            won=True,
+            lost=True,
+            score=True,
+            max_score=True,
+        )
+        self._recipes[game] = _read_recipe(game)
+        return textworld.start(game, request_infos=infos)
 
     def _decide(self, gs, feedback: str | None) -> TextDecision:
         description = clean_text(gs.description or "")
@@ -214,10 +172,7 @@ class TextWorldEnv(gym.Env):
         recipe = self._recipes.get(self._game, "")
         if self.config.recipe_in_objective and recipe:
             objective = f"{objective} {recipe}"
-        drop = self.config.drop_verbs
-        cands = tuple(c for c in (gs.admissible_commands or []) if c.split(" ", 1)[0] not in drop)
-        if not cands:  # a state where only dropped verbs apply: offer "look"
-            cands = ("look",)
+        cands = kept_candidates(gs.admissible_commands or [], self.config.drop_verbs)
         return TextDecision(
             objective=objective,
             observation=observation,
@@ -226,19 +181,10 @@ class TextWorldEnv(gym.Env):
         )
 
     def _info(self, gs) -> dict:
-        assert self._decision is not None
-        obs, cut = encode_decision(self._decision, self.config.obs)
-        self._obs = obs
-        # From here on the decision holds only the candidates the observation has slots for.
-        self._decision = replace(
-            self._decision, candidates=self._decision.candidates[: self.config.obs.max_actions]
-        )
-        info = decision_info(self._decision, self.config.obs)
-        info.update(cut)
         expert = None
         if self.config.expert and gs.policy_commands:
             expert = gs.policy_commands[0]
-        info.update(
+        return self._encode(
             {
                 INFO_WON: bool(gs.won),
                 INFO_LOST: bool(gs.lost),
@@ -246,38 +192,24 @@ class TextWorldEnv(gym.Env):
                 INFO_MAX_SCORE: int(gs.max_score or 0),
                 INFO_GAME: Path(self._game).name,
                 INFO_EXPERT_ACTION: expert,
-                INFO_INVALID_ACTION: False,
             }
         )
-        self._last_info = info
-        return info
 
     # -- gym API ------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""
-        super().reset(seed=seed)
-        if seed is not None:
-            self._rng = np.random.default_rng([seed, *self._stream])
-            self._next_game = self._first_game
-        game = (options or {}).get("game") or self._pick_game()
-        self._game = str(game)
-        self._env = self._start(self._game)
+        self._begin_episode(seed, options)
         gs = self._env.reset()
-        self._steps, self._last_score = 0, int(gs.score or 0)
+        self._last_score = int(gs.score or 0)
         self._state = gs
         self._decision = self._decide(gs, None)
         info = self._info(gs)
         return self._obs, info
 
     def step(self, action):
-        if self._env is None or self._decision is None:
-            raise RuntimeError("call reset() before step()")
-        command = check_action(action, self._decision.candidates, strict=self.config.strict_actions)
-        self._steps += 1
+        command = self._command(action)
         if command is None:
-            info = {**self._last_info, INFO_INVALID_ACTION: True}
-            truncated = self._steps >= self.config.max_episode_steps
-            return self._obs, 0.0, False, truncated, info
+            return self._noop_step()
         gs, _, done = self._env.step(command)
         score = int(gs.score or 0)
         reward = float(score - self._last_score)
@@ -288,16 +220,6 @@ class TextWorldEnv(gym.Env):
         terminated = bool(gs.won or gs.lost or done)
         truncated = not terminated and self._steps >= self.config.max_episode_steps
         return self._obs, reward, terminated, truncated, info
-
-    @property
-    def decision(self) -> TextDecision | None:
-        """Texts of the current decision."""
-        return self._decision
-
-    def close(self) -> None:
-        for env in self._envs.values():
-            env.close()
-        self._envs.clear()
 
 
 def _read_recipe(game: str) -> str:

@@ -1,0 +1,173 @@
+"""The shell shared by the game-file text envs (TextWorld, ALFWorld): game choice per episode,
+the fixed-size observation and info of the current decision, masked-action no-ops, and config
+parsing from RLlib's ``env_config``. Subclasses load games and turn game states into
+:class:`~cachellm_rl.envs.text_env.TextDecision` s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import fields, replace
+
+import gymnasium as gym
+import numpy as np
+
+from cachellm_rl.envs.text_env import (
+    INFO_INVALID_ACTION,
+    TextDecision,
+    TextObsConfig,
+    check_action,
+    decision_info,
+    encode_decision,
+    text_observation_space,
+)
+
+GAME_ORDERS = ("random", "cycle")
+
+
+def check_game_order(value: str, owner: str) -> None:
+    """A ``ValueError`` naming ``owner`` when ``value`` is not a known game order."""
+    if value not in GAME_ORDERS:
+        raise ValueError(f"{owner}.game_order must be 'random' or 'cycle', got {value!r}")
+
+
+def config_kwargs(cls, config: Mapping, env_name: str) -> dict:
+    """Keyword arguments of config dataclass ``cls`` from a plain mapping (RLlib's
+    ``env_config``): unknown keys are an error; ``obs``, ``games`` and ``drop_verbs`` are
+    converted to their field types."""
+    extra = set(config) - {f.name for f in fields(cls)}
+    if extra:
+        raise ValueError(f"unknown {env_name} env_config keys: {sorted(extra)}")
+    kw = dict(config)
+    if isinstance(kw.get("obs"), Mapping):
+        kw["obs"] = TextObsConfig(**kw["obs"])
+    if "games" in kw:
+        kw["games"] = tuple(str(g) for g in kw["games"])
+    if "drop_verbs" in kw:
+        kw["drop_verbs"] = tuple(kw["drop_verbs"])
+    return kw
+
+
+def kept_candidates(commands: Iterable[str], drop_verbs: tuple[str, ...]) -> tuple[str, ...]:
+    """Admissible commands whose first word is not in ``drop_verbs`` (``("look",)`` when only
+    dropped verbs apply).
+
+    Example:
+        >>> kept_candidates(["look", "take apple", "examine apple"], ("look", "examine"))
+        ('take apple',)
+    """
+    cands = tuple(c for c in commands if c.split(" ", 1)[0] not in drop_verbs)
+    return cands or ("look",)
+
+
+class GameTextEnv(gym.Env):
+    """Base of the text envs that play game files, one per episode.
+
+    The subclass's config needs ``obs``, ``max_episode_steps``, ``game_order``, ``seed`` and
+    ``strict_actions``; the subclass implements :meth:`_load_game`.
+
+    Args:
+        cfg: The parsed config.
+        games: Game files to draw from.
+        source: What the env was built from; RLlib's ``EnvContext`` carries ``worker_index``
+            and ``vector_index``, which seed a distinct game stream per sub-env.
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012
+
+    def __init__(self, cfg, games: tuple[str, ...], source) -> None:
+        self.config = cfg
+        self._games = tuple(games)
+        self.observation_space = text_observation_space(cfg.obs)
+        self.action_space = gym.spaces.Discrete(cfg.obs.max_actions)
+        worker = int(getattr(source, "worker_index", 0))
+        vector = int(getattr(source, "vector_index", 0))
+        self._stream = (worker, vector)
+        self._rng = np.random.default_rng([cfg.seed, worker, vector])
+        self._first_game = (worker * 7 + vector) % len(self._games)
+        self._next_game = self._first_game
+        self._envs: dict[str, object] = {}
+        self._env = None
+        self._game = ""
+        self._decision: TextDecision | None = None
+        self._steps = 0
+        self._obs: dict = {}
+        self._last_info: dict = {}
+
+    @property
+    def games(self) -> tuple[str, ...]:
+        """The game files the env draws from."""
+        return self._games
+
+    @property
+    def decision(self) -> TextDecision | None:
+        """Texts of the current decision."""
+        return self._decision
+
+    # -- game handling ------------------------------------------------------------------------
+    def _load_game(self, game: str):
+        """Open one game (called once per game file; the result is kept)."""
+        raise NotImplementedError
+
+    def _start(self, game: str):
+        if game not in self._envs:
+            self._envs[game] = self._load_game(game)
+        return self._envs[game]
+
+    def _pick_game(self) -> str:
+        games = self._games
+        if self.config.game_order == "cycle":
+            g = games[self._next_game % len(games)]
+            self._next_game += 1
+            return g
+        return games[int(self._rng.integers(len(games)))]
+
+    def _begin_episode(self, seed: int | None, options: dict | None) -> None:
+        """Reseed (when ``seed`` is given), choose the game and open it."""
+        super().reset(seed=seed)
+        if seed is not None:
+            self._rng = np.random.default_rng([seed, *self._stream])
+            self._next_game = self._first_game
+        game = (options or {}).get("game") or self._pick_game()
+        self._game = str(game)
+        self._env = self._start(self._game)
+        self._steps = 0
+
+    # -- observation and info -----------------------------------------------------------------
+    def _encode(self, extra: Mapping) -> dict:
+        """Encode the current decision into ``self._obs`` and return its info with ``extra``.
+
+        From here on the decision holds only the candidates the observation has slots for.
+        """
+        assert self._decision is not None
+        obs, cut = encode_decision(self._decision, self.config.obs)
+        self._obs = obs
+        self._decision = replace(
+            self._decision, candidates=self._decision.candidates[: self.config.obs.max_actions]
+        )
+        info = decision_info(self._decision, self.config.obs)
+        info.update(cut)
+        info.update(extra)
+        info[INFO_INVALID_ACTION] = False
+        self._last_info = info
+        return info
+
+    # -- stepping -----------------------------------------------------------------------------
+    def _command(self, action) -> str | None:
+        """The command of ``action`` (None: a masked action, a counted no-op); counts the step."""
+        if self._env is None or self._decision is None:
+            raise RuntimeError("call reset() before step()")
+        command = check_action(action, self._decision.candidates, strict=self.config.strict_actions)
+        self._steps += 1
+        return command
+
+    def _noop_step(self):
+        """The step result of a masked action: same state, reward 0, ``invalid_action``."""
+        info = {**self._last_info, INFO_INVALID_ACTION: True}
+        truncated = self._steps >= self.config.max_episode_steps
+        return self._obs, 0.0, False, truncated, info
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
