@@ -89,13 +89,20 @@ def prior_make_tiny(
 
 @games_app.command("make")
 def games_make(
-    suite: Annotated[str, typer.Option(help="Game suite (cooking or alfworld-gen).")] = "cooking",
+    suite: Annotated[
+        str, typer.Option(help="Game suite: cooking, alfworld-gen or babyai.")
+    ] = "cooking",
     out: Annotated[
         Path | None, typer.Option(help="Suite folder (default data/games/<suite>).")
     ] = None,
-    n_train: Annotated[int, typer.Option(help="Train games (the prior learns from these).")] = 60,
-    n_valid: Annotated[int, typer.Option(help="Valid games.")] = 10,
-    n_test: Annotated[int, typer.Option(help="Test games (held out from the prior).")] = 10,
+    n_train: Annotated[
+        int | None,
+        typer.Option(help="Train games (the prior learns from these; default per suite)."),
+    ] = None,
+    n_valid: Annotated[int | None, typer.Option(help="Valid games (default per suite).")] = None,
+    n_test: Annotated[
+        int | None, typer.Option(help="Test games (held out from the prior; default per suite).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Base seed of the suite.")] = 1234,
     food_splits: Annotated[
         bool, typer.Option(help="Valid/test games use foods never seen in train games.")
@@ -104,39 +111,44 @@ def games_make(
     """Generate a seeded game suite into train / valid / test splits (idempotent).
 
     ``alfworld-gen`` writes expert-solved ALFWorld games from the package's floor plans, split by
-    floor plan (``--food-splits`` does not apply to it).
+    floor plan; ``babyai`` writes bot-solved BabyAI level seeds. ``--food-splits`` applies to
+    ``cooking`` only.
     """
-    target = out or DEFAULT_GAMES_DIR / suite
-    if suite == "alfworld-gen":
-        from cachellm_rl.envs.alfworld_gen import AlfWorldSuiteConfig, make_alfworld_suite
+    from cachellm_rl.envs.registry import env_of_suite, make_games
 
-        if food_splits:
-            raise typer.BadParameter("--food-splits applies to the cooking suite only")
-        manifest = make_alfworld_suite(
-            AlfWorldSuiteConfig(n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed),
-            target,
-        )
-    else:
+    try:
+        env_id = env_of_suite(suite)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--suite") from e
+    target = out or DEFAULT_GAMES_DIR / suite
+    if env_id == "textworld" and food_splits:
         from cachellm_rl.envs.games import SuiteConfig, make_suite
 
+        counts = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
         cfg = SuiteConfig(
-            suite=suite,
-            n_train=n_train,
-            n_valid=n_valid,
-            n_test=n_test,
-            seed=seed,
-            food_splits=food_splits,
+            **{k: v for k, v in counts.items() if v is not None}, seed=seed, food_splits=True
         )
         manifest = make_suite(cfg, target)
+    elif food_splits:
+        raise typer.BadParameter("--food-splits applies to the cooking suite only")
+    else:
+        manifest = make_games(
+            env_id, target, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed
+        )
     n, made = len(manifest["games"]), manifest["generated"]
     print(f"{n} games in {target} ({made} generated, {n - made} kept)")
 
 
 @prior_app.command("train")
 def prior_train(
-    env: Annotated[str, typer.Option(help="Environment whose experts teach the prior.")],
+    env: Annotated[
+        str,
+        typer.Option(
+            help="Environment whose experts teach the prior: textworld, alfworld or babyai."
+        ),
+    ],
     games: Annotated[
-        Path | None, typer.Option(help="Game suite folder (default data/games/cooking).")
+        Path | None, typer.Option(help="Game suite folder (default: the env's suite).")
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Model folder (default artifacts/priors/<env>).")

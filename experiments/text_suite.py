@@ -1,13 +1,17 @@
-"""Train and compare LM-guided agents on TextWorld games with the shared prior cache.
+"""Train and compare LM-guided agents on text games (TextWorld, ALFWorld, BabyAI-Text) with the
+shared prior cache.
 
 Local (starts Ray itself):
     python experiments/text_suite.py --preset quick
+    python experiments/text_suite.py --preset quick --envs textworld,alfworld,babyai
 On a running Ray cluster (see the README for Ray 2.60's token auth):
     ray job submit --working-dir . -- python experiments/text_suite.py --preset quick
 
-Games and the embedded default prior are created on first use when missing. Results go to
+Each env's games and embedded default prior are created on first use when missing. Results go to
 ``results/text_suite-<timestamp>/`` (or ``--out``): config.json, runs.jsonl, curves.jsonl,
-summary.json, table.md, PNG plots and TensorBoard events under tb/.
+summary.json, table.md, PNG plots and TensorBoard events under tb/. With several envs each env
+has these in its own ``<env>/`` subfolder, and the top level holds the all-envs summary.json and
+table.md.
 """
 
 from __future__ import annotations
@@ -23,43 +27,87 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / job dir
 
 from cachellm_rl.algorithms.ps_dqn.methods import METHODS
-from cachellm_rl.algorithms.ps_dqn.suite import PRESETS, preset, run_text_suite
+from cachellm_rl.algorithms.ps_dqn.suite import (
+    PRESETS,
+    TextSuiteConfig,
+    preset,
+    run_text_suite,
+    write_env_summary,
+)
 from cachellm_rl.config import init_ray
+from cachellm_rl.envs.registry import TEXT_ENVS, check_env_id
 from cachellm_rl.results import new_results_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick", help="quick or full")
+    p.add_argument(
+        "--envs", default="textworld", help=f"comma-separated text envs ({','.join(TEXT_ENVS)})"
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     p.add_argument("--env-steps", type=int, default=None, help="env steps per RL run")
     p.add_argument("--num-games", type=int, default=None, help="games of the split (0 = all)")
+    p.add_argument("--max-episode-steps", type=int, default=None, help="default: per env")
     p.add_argument("--num-env-runners", type=int, default=None, help="remote env runners")
-    p.add_argument("--games", type=Path, default=Path("data/games/cooking"), help="game suite")
-    p.add_argument("--prior-model", type=Path, default=None, help="HF model dir of the prior")
+    p.add_argument("--games", type=Path, default=None, help="game suite (one env only)")
+    p.add_argument("--prior-model", type=Path, default=None, help="HF model dir (one env only)")
     p.add_argument("--prior-temperature", type=float, default=None, help="T_prior")
     p.add_argument("--soft-q-prior", action="store_true", help="KL-regularised soft-Q target")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default 2)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.envs = [e.strip() for e in args.envs.split(",") if e.strip()]
+    try:
+        for env in args.envs:
+            check_env_id(env)
+    except ValueError as e:
+        p.error(str(e))
+    if not args.envs:
+        p.error("--envs is empty")
+    if len(set(args.envs)) != len(args.envs):
+        p.error(f"--envs lists an env twice: {args.envs}")
+    if len(args.envs) > 1 and (args.games or args.prior_model):
+        p.error("--games and --prior-model apply to one env; each env uses its defaults")
+    return args
 
 
-def ensure_inputs(games: Path, prior: Path, *, progress: bool) -> None:
-    """Generate the games and train the default prior when they are missing."""
-    from cachellm_rl.envs.games import MANIFEST, SuiteConfig, make_suite
+def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool) -> None:
+    """Generate the env's games and train its default prior when they are missing."""
+    from cachellm_rl.envs.games import MANIFEST
+    from cachellm_rl.envs.registry import make_games
 
+    games, prior = Path(cfg.games_dir), Path(cfg.prior_model)
     if not (games / MANIFEST).is_file():
-        print(f"generating the game suite into {games} ...", flush=True)
-        make_suite(SuiteConfig(), games, progress=progress)
+        print(f"generating the {cfg.env} game suite into {games} ...", flush=True)
+        make_games(cfg.env, games, progress=progress)
     if not (prior / "config.json").is_file():
-        print(f"training the embedded default prior into {prior} ...", flush=True)
+        print(f"training the {cfg.env} embedded default prior into {prior} ...", flush=True)
         from cachellm_rl.prior.embedded import train_embedded_prior
 
         train_embedded_prior(
-            "textworld", games_dir=games, out_dir=prior, evaluate=False, progress=progress
+            cfg.env, games_dir=games, out_dir=prior, evaluate=False, progress=progress
         )
+
+
+def run_env(cfg: TextSuiteConfig, out: Path) -> dict:
+    """Deploy the env's prior behind Serve (replacing the previous env's) and run the suite."""
+    from cachellm_rl.prior.scoring import ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+
+    deploy_prior_server(
+        PriorServerConfig(
+            scorer=ScorerConfig(
+                model_dir=str(cfg.prior_model),
+                device="auto",
+                prior_temperature=cfg.prior_temperature,
+            ),
+            num_cpus=0,
+        )
+    )
+    return run_text_suite(cfg, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,49 +115,55 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     progress = not args.no_progress
-    prior = args.prior_model or Path("artifacts/priors/textworld")
-    cfg = preset(
-        args.preset,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        seeds=tuple(range(args.seeds)) if args.seeds else None,
-        env_steps=args.env_steps,
-        num_games=args.num_games,
-        num_env_runners=args.num_env_runners,
-        games_dir=str(args.games),
-        prior_model=str(prior),
-        prior_temperature=args.prior_temperature,
-        progress=progress,
-    )
-    if args.soft_q_prior:
-        cfg = replace(cfg, settings=replace(cfg.settings, soft_q_prior=True))
-    ensure_inputs(args.games, prior, progress=progress)
+    cfgs = []
+    for env in args.envs:
+        cfg = preset(
+            args.preset,
+            env=env,
+            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+            seeds=tuple(range(args.seeds)) if args.seeds else None,
+            env_steps=args.env_steps,
+            num_games=args.num_games,
+            max_episode_steps=args.max_episode_steps,
+            num_env_runners=args.num_env_runners,
+            games_dir=str(args.games) if args.games else None,
+            prior_model=str(args.prior_model) if args.prior_model else None,
+            prior_temperature=args.prior_temperature,
+            progress=progress,
+        )
+        if args.soft_q_prior:
+            cfg = replace(cfg, settings=replace(cfg.settings, soft_q_prior=True))
+        cfgs.append(cfg)
+    for cfg in cfgs:
+        ensure_inputs(cfg, progress=progress)
     out = new_results_dir("text_suite", args.out)
     print(f"results -> {out}", flush=True)
 
     import ray
     from ray import serve
 
-    from cachellm_rl.prior.scoring import ScorerConfig
-    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+    from cachellm_rl.prior.server import DEFAULT_APP_NAME
 
     t0 = time.perf_counter()
+    owns_ray = not ray.is_initialized()  # a caller's Ray (e.g. a test session) is left running
     init_ray(**({"num_cpus": args.num_cpus} if args.num_cpus else {}))
-    deploy_prior_server(
-        PriorServerConfig(
-            scorer=ScorerConfig(
-                model_dir=str(prior), device="auto", prior_temperature=cfg.prior_temperature
-            ),
-            num_cpus=0,
-        )
-    )
+    summaries: dict[str, dict] = {}
     try:
-        summary = run_text_suite(cfg, out)
+        for cfg in cfgs:
+            env_out = out if len(cfgs) == 1 else out / cfg.env
+            env_out.mkdir(parents=True, exist_ok=True)
+            summaries[cfg.env] = run_env(cfg, env_out)
+            print((env_out / "table.md").read_text(), flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-    print((out / "table.md").read_text())
+        if owns_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(DEFAULT_APP_NAME)
+    if len(cfgs) > 1:
+        print(write_env_summary(out, summaries))
     print(f"wall {time.perf_counter() - t0:.0f} s; results in {out}")
-    return 0 if summary["methods"] else 1
+    return 0 if all(s["methods"] for s in summaries.values()) else 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import random
 import shutil
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from cachellm_rl.envs.alfworld_env import (
     next_expert_command,
     own_random_state,
 )
-from cachellm_rl.envs.games import MANIFEST, SPLITS
+from cachellm_rl.envs.games import SPLITS, derive_game_seed, write_manifest
 
 SUITE = "alfworld-gen"
 TASK_TYPES = (
@@ -128,7 +127,7 @@ class AlfWorldSuiteConfig:
 
     def game_seed(self, split: str, index: int) -> int:
         """Seed of game ``index`` of ``split``."""
-        return (self.seed * 1_000_003 + zlib.crc32(split.encode()) + index * 7919) % (2**31 - 1)
+        return derive_game_seed(self.seed, split, index)
 
 
 def floor_plan_splits(valid_per_room: int = 2) -> dict[str, tuple[int, ...]]:
@@ -387,10 +386,15 @@ def game_data(plan: FloorPlan, spec: TaskSpec, seed: int) -> tuple[dict, dict]:
 
 
 def run_expert(game: Mapping, traj: Mapping, *, seed: int, max_steps: int) -> list[str] | None:
-    """The hand-coded expert's winning command list on ``game`` (None when it does not win, or
-    when the goal already holds at reset)."""
+    """The hand-coded expert's winning command list on ``game`` (None when it does not win, when
+    the goal already holds at reset, or when TextWorld's PDDL engine cannot load the problem)."""
     constants = _constants()
-    env = load_pddl_env(game)
+    try:
+        env = load_pddl_env(game)
+    except KeyError:
+        # Rare: fast-downward's translation yields an atom over a value TextWorld does not
+        # know (seen as KeyError 'val1' on a FloorPlan429 problem). The draw is skipped.
+        return None
     try:
         state = env.reset()
         if state["won"]:
@@ -508,9 +512,6 @@ def make_alfworld_suite(
             }
         )
     manifest = {"suite": SUITE, "config": asdict(config), "games": entries}
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(root / MANIFEST)
+    write_manifest(root, manifest)
     manifest["generated"] = made
     return manifest

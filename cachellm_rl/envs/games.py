@@ -19,6 +19,24 @@ MANIFEST = "manifest.json"
 SUITES = ("cooking",)
 
 
+def derive_game_seed(seed: int, split: str, index: int) -> int:
+    """Seed of game ``index`` of ``split`` in a suite with base seed ``seed`` (every suite).
+
+    Example:
+        >>> derive_game_seed(1234, "train", 0) != derive_game_seed(1234, "test", 0)
+        True
+    """
+    return (seed * 1_000_003 + zlib.crc32(split.encode()) + index * 7919) % (2**31 - 1)
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically (a crash never leaves half a manifest)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(root / MANIFEST)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CookingLevel:
     """Difficulty of tw-cooking games (the ``tw-make tw-cooking`` options).
@@ -99,7 +117,7 @@ class SuiteConfig:
 
     def game_seed(self, split: str, index: int) -> int:
         """Seed of game ``index`` of ``split``."""
-        return (self.seed * 1_000_003 + zlib.crc32(split.encode()) + index * 7919) % (2**31 - 1)
+        return derive_game_seed(self.seed, split, index)
 
 
 def _settings(level: CookingLevel, split: str, food_splits: bool) -> dict:
@@ -189,9 +207,6 @@ def make_suite(config: SuiteConfig, out_dir: str | Path, *, progress: bool = Tru
             {"split": split, "index": i, "file": name, "seed": seed, "level": asdict(level)}
         )
     manifest = {"config": asdict(config), "games": entries}
-    tmp = root / (MANIFEST + ".tmp")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(root / MANIFEST)
+    write_manifest(root, manifest)
     manifest["generated"] = made
     return manifest

@@ -1,12 +1,17 @@
-"""Text environments by id: one place that maps ``--env NAME`` to an env class and its games."""
+"""Text environments by id: one place that maps ``--env NAME`` to an env class, its games and its
+episode length."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-TEXT_ENVS = ("textworld", "alfworld")
-DEFAULT_SUITES = {"textworld": "data/games/cooking", "alfworld": "data/games/alfworld-gen"}
+TEXT_ENVS = ("textworld", "alfworld", "babyai")
+# The generated suite of each env (``cachellm-rl games make --suite SUITE``) and its folder.
+ENV_SUITES = {"textworld": "cooking", "alfworld": "alfworld-gen", "babyai": "babyai"}
+DEFAULT_SUITES = {env: f"data/games/{suite}" for env, suite in ENV_SUITES.items()}
+# Episode step limits the suite uses by default (long enough for the expert's episodes).
+DEFAULT_MAX_EPISODE_STEPS = {"textworld": 30, "alfworld": 50, "babyai": 64}
 
 
 def check_env_id(env_id: str) -> str:
@@ -16,17 +21,35 @@ def check_env_id(env_id: str) -> str:
     return env_id
 
 
+def env_of_suite(suite: str) -> str:
+    """The env id that plays the games of ``suite`` (e.g. ``alfworld-gen`` -> ``alfworld``)."""
+    for env_id, s in ENV_SUITES.items():
+        if s == suite:
+            return env_id
+    raise ValueError(f"unknown game suite {suite!r}; known: {list(ENV_SUITES.values())}")
+
+
 def default_games_dir(env_id: str) -> Path:
     """Where ``cachellm-rl games make`` puts the games of ``env_id`` by default."""
     return Path(DEFAULT_SUITES[check_env_id(env_id)])
 
 
+def default_prior_dir(env_id: str) -> Path:
+    """Where ``cachellm-rl prior train --env ENV`` writes the embedded prior by default."""
+    return Path("artifacts/priors") / check_env_id(env_id)
+
+
 def env_class(env_id: str):
     """The gymnasium env class of ``env_id`` (imported lazily)."""
-    if check_env_id(env_id) == "alfworld":
+    check_env_id(env_id)
+    if env_id == "alfworld":
         from cachellm_rl.envs.alfworld_env import AlfWorldEnv
 
         return AlfWorldEnv
+    if env_id == "babyai":
+        from cachellm_rl.envs.babyai import BabyAIEnv
+
+        return BabyAIEnv
     from cachellm_rl.envs.textworld_env import TextWorldEnv
 
     return TextWorldEnv
@@ -35,3 +58,35 @@ def env_class(env_id: str):
 def make_text_env(env_id: str, config: Mapping):
     """An env of ``env_id`` built from a plain config mapping."""
     return env_class(env_id)(dict(config))
+
+
+def make_games(
+    env_id: str,
+    out_dir: str | Path,
+    *,
+    n_train: int | None = None,
+    n_valid: int | None = None,
+    n_test: int | None = None,
+    seed: int = 1234,
+    progress: bool = True,
+) -> dict:
+    """Generate (idempotently) the default game suite of ``env_id`` into ``out_dir``.
+
+    Split sizes left as None take the suite config's defaults.
+
+    Returns:
+        The suite's manifest, with ``generated`` (games made by this call).
+    """
+    given = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
+    counts = {"seed": seed, **{k: v for k, v in given.items() if v is not None}}
+    if check_env_id(env_id) == "alfworld":
+        from cachellm_rl.envs.alfworld_gen import AlfWorldSuiteConfig, make_alfworld_suite
+
+        return make_alfworld_suite(AlfWorldSuiteConfig(**counts), out_dir, progress=progress)
+    if env_id == "babyai":
+        from cachellm_rl.envs.babyai import BabyAISuiteConfig, make_babyai_suite
+
+        return make_babyai_suite(BabyAISuiteConfig(**counts), out_dir, progress=progress)
+    from cachellm_rl.envs.games import SuiteConfig, make_suite
+
+    return make_suite(SuiteConfig(**counts), out_dir, progress=progress)

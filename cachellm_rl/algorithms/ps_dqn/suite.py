@@ -32,6 +32,12 @@ from cachellm_rl.algorithms.ps_dqn.methods import (
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
 from cachellm_rl.contracts import LatencyHistogram
 from cachellm_rl.envs.evaluate import greedy_evaluate
+from cachellm_rl.envs.registry import (
+    DEFAULT_MAX_EPISODE_STEPS,
+    check_env_id,
+    default_games_dir,
+    default_prior_dir,
+)
 from cachellm_rl.results import (
     TensorBoardLogger,
     append_jsonl,
@@ -52,36 +58,44 @@ class TextSuiteConfig:
     """One suite run.
 
     Attributes:
-        env: Text env id.
-        games_dir: Generated game suite folder.
+        env: Text env id (``textworld``, ``alfworld`` or ``babyai``).
+        games_dir: Generated game suite folder (None: the env's default suite).
         split: Split the agents train and are evaluated on (held out from the prior).
         num_games: Games of ``split`` used (the first ``num_games``; 0 = all).
-        prior_model: Prior model folder (Hugging Face format).
+        prior_model: Prior model folder, Hugging Face format (None: the env's embedded prior).
         prior_temperature: ``T_prior`` of the prior's softmax over candidate scores.
         methods: Methods to compare.
         seeds: RL seeds.
         env_steps: Env-step budget of each RL run.
-        max_episode_steps: Episode step limit.
+        max_episode_steps: Episode step limit (None: the env's default).
         num_env_runners: Remote env runners (0: sample in the driver).
         settings: Hyper-parameters of the methods.
         progress: Show progress bars.
     """
 
     env: str = "textworld"
-    games_dir: str = "data/games/cooking"
+    games_dir: str | None = None
     split: str = "test"
     num_games: int = 0
-    prior_model: str = "artifacts/priors/textworld"
+    prior_model: str | None = None
     prior_temperature: float = 0.5
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0,)
     env_steps: int = 2000
-    max_episode_steps: int = 30
+    max_episode_steps: int | None = None
     num_env_runners: int = 1
     settings: MethodSettings = field(default_factory=MethodSettings)
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_env_id(self.env)
+        # Per-env defaults: the env's generated suite, its embedded prior, its episode limit.
+        if self.games_dir is None:
+            object.__setattr__(self, "games_dir", str(default_games_dir(self.env)))
+        if self.prior_model is None:
+            object.__setattr__(self, "prior_model", str(default_prior_dir(self.env)))
+        if self.max_episode_steps is None:
+            object.__setattr__(self, "max_episode_steps", DEFAULT_MAX_EPISODE_STEPS[self.env])
         check_methods(self.methods)
         if not self.seeds:
             raise ValueError("TextSuiteConfig.seeds is empty")
@@ -480,3 +494,36 @@ def run_text_suite(cfg: TextSuiteConfig, out: Path) -> dict:
         hists[method] = (h[0].merged(outcome.latency_hit), h[1].merged(outcome.latency_miss))
         write_outputs(out, cfg, hists)
     return write_outputs(out, cfg, hists)
+
+
+ENV_TABLE_COLUMNS = (
+    ("env", "env"),
+    ("method", "method"),
+    ("success_mean", "success"),
+    ("success_ci95", "±95% CI"),
+    ("lm_queries", "LM queries"),
+    ("lm_queries_vs_uncached", "vs uncached"),
+    ("hit_rate", "hit rate"),
+    ("env_steps_per_s", "env steps/s"),
+)
+
+
+def write_env_summary(out: Path, summaries: dict[str, dict]) -> str:
+    """The all-envs ``summary.json`` and ``table.md`` of a multi-env suite run.
+
+    Args:
+        out: The results folder (each env's own results are in ``out/<env>/``).
+        summaries: Summary of each env, as returned by :func:`run_text_suite`.
+
+    Returns:
+        The markdown table.
+    """
+    rows = [
+        {"env": env, "method": m, **a}
+        for env, s in summaries.items()
+        for m, a in s["methods"].items()
+    ]
+    write_json(out / "summary.json", {"envs": {env: s["methods"] for env, s in summaries.items()}})
+    table = "# text suite, all envs\n\n" + markdown_table(rows, ENV_TABLE_COLUMNS)
+    (out / "table.md").write_text(table)
+    return table
