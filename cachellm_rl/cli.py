@@ -139,6 +139,15 @@ def games_make(
     print(f"{n} games in {target} ({made} generated, {n - made} kept)")
 
 
+def _check_env_option(env: str) -> None:
+    from cachellm_rl.envs.registry import check_env_id
+
+    try:
+        check_env_id(env)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--env") from e
+
+
 @prior_app.command("train")
 def prior_train(
     env: Annotated[
@@ -153,16 +162,23 @@ def prior_train(
     out: Annotated[
         Path | None, typer.Option(help="Model folder (default artifacts/priors/<env>).")
     ] = None,
-    episodes_per_game: Annotated[int, typer.Option(help="Demonstration episodes per game.")] = 5,
-    perturb: Annotated[float, typer.Option(help="Chance of a random step (recoveries).")] = 0.25,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
-    max_minutes: Annotated[float, typer.Option(help="Training time budget.")] = 9.0,
+    episodes_per_game: Annotated[
+        int | None, typer.Option(help="Demonstration episodes per game (default per env).")
+    ] = None,
+    perturb: Annotated[
+        float | None, typer.Option(help="Chance of a random step, recoveries (default per env).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default per env).")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Training time budget (default per env).")
+    ] = None,
     evaluate: Annotated[bool, typer.Option(help="Measure direct-prior success after.")] = True,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Train the embedded default prior on the train split's expert demonstrations."""
     from cachellm_rl.prior.embedded import train_embedded_prior
 
+    _check_env_option(env)
     report = train_embedded_prior(
         env,
         games_dir=games,
@@ -200,6 +216,7 @@ def prior_finetune(
     from cachellm_rl.prior.finetune import FinetuneConfig, finetune_lora
     from cachellm_rl.prior.train import decision_prompt
 
+    _check_env_option(env)
     if shots < 1:
         raise typer.BadParameter("--shots must be >= 1")
     train = split_games(games or default_games_dir(env), "train")[:shots]

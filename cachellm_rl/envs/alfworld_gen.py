@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cachellm_rl.envs.alfworld_env import (
+from cachellm_rl.envs.alfworld import (
     GAME_FILE,
     TRAJ_FILE,
     HandCodedExpert,

@@ -43,7 +43,7 @@ def env_class(env_id: str):
     """The gymnasium env class of ``env_id`` (imported lazily)."""
     check_env_id(env_id)
     if env_id == "alfworld":
-        from cachellm_rl.envs.alfworld_env import AlfWorldEnv
+        from cachellm_rl.envs.alfworld import AlfWorldEnv
 
         return AlfWorldEnv
     if env_id == "babyai":

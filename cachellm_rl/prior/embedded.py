@@ -5,12 +5,12 @@ split, training, and the direct-prior (argmax) success on each split as the cali
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cachellm_rl.envs.demos import collect_demonstrations
 from cachellm_rl.envs.games import split_games
-from cachellm_rl.envs.registry import default_games_dir, make_text_env
+from cachellm_rl.envs.registry import check_env_id, default_games_dir, make_text_env
 from cachellm_rl.prior.train import (
     TRAIN_REPORT,
     PriorTrainConfig,
@@ -20,15 +20,39 @@ from cachellm_rl.prior.train import (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PriorRecipe:
+    """How an env's default prior is trained (calibrated per env; see the README).
+
+    Attributes:
+        episodes_per_game: Demonstration episodes per train game (the first unperturbed).
+        perturb_probability: Chance of a random step in the other episodes (recoveries).
+        epochs: Training epochs.
+        max_minutes: Training time budget.
+    """
+
+    episodes_per_game: int = 5
+    perturb_probability: float = 0.25
+    epochs: int = 8
+    max_minutes: float = 9.0
+
+
+PRIOR_RECIPES = {
+    "textworld": PriorRecipe(),
+    "alfworld": PriorRecipe(episodes_per_game=3),
+    "babyai": PriorRecipe(episodes_per_game=3, epochs=12),
+}
+
+
 def train_embedded_prior(
     env_id: str,
     *,
     games_dir: str | Path | None,
     out_dir: str | Path,
-    episodes_per_game: int = 5,
-    perturb_probability: float = 0.25,
-    epochs: int = 8,
-    max_minutes: float = 9.0,
+    episodes_per_game: int | None = None,
+    perturb_probability: float | None = None,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
     evaluate: bool = True,
     eval_splits: tuple[str, ...] = ("valid", "test"),
     seed: int = 0,
@@ -40,10 +64,11 @@ def train_embedded_prior(
         env_id: Text env id (see :mod:`cachellm_rl.envs.registry`).
         games_dir: Generated suite folder (default: the env's default suite).
         out_dir: Model folder to write.
-        episodes_per_game: Demonstration episodes per train game.
-        perturb_probability: Chance of a random step in perturbed demonstration episodes.
-        epochs: Training epochs.
-        max_minutes: Training time budget.
+        episodes_per_game: Demonstration episodes per train game (None: the env's recipe).
+        perturb_probability: Chance of a random step in perturbed demonstration episodes
+            (None: the env's recipe).
+        epochs: Training epochs (None: the env's recipe).
+        max_minutes: Training time budget (None: the env's recipe).
         evaluate: Measure direct-prior success on ``eval_splits`` afterwards.
         eval_splits: Splits to measure.
         seed: Seed of demonstrations and training.
@@ -52,6 +77,13 @@ def train_embedded_prior(
     Returns:
         The training report, with ``direct_success`` per split when evaluated.
     """
+    recipe = PRIOR_RECIPES[check_env_id(env_id)]
+    episodes_per_game = episodes_per_game or recipe.episodes_per_game
+    perturb_probability = (
+        recipe.perturb_probability if perturb_probability is None else perturb_probability
+    )
+    epochs = epochs or recipe.epochs
+    max_minutes = max_minutes or recipe.max_minutes
     games_dir = Path(games_dir) if games_dir else default_games_dir(env_id)
     train_games = split_games(games_dir, "train")
     env = make_text_env(env_id, {"games": train_games, "expert": True, "game_order": "cycle"})

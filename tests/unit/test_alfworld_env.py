@@ -12,7 +12,7 @@ from gymnasium.utils.env_checker import check_env
 
 pytest.importorskip("fast_downward", reason="needs textworld[pddl] (fast-downward-textworld)")
 
-from cachellm_rl.envs.alfworld_env import (
+from cachellm_rl.envs.alfworld import (
     AlfWorldEnv,
     AlfWorldEnvConfig,
     alfworld_split_games,

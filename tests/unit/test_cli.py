@@ -76,7 +76,17 @@ def test_prior_train_writes_a_loadable_model(tw_suite, tmp_path):
 
 def test_prior_train_rejects_unknown_env(tmp_path):
     res = runner.invoke(app, ["prior", "train", "--env", "zork", "--out", str(tmp_path / "m")])
-    assert res.exit_code != 0 and "unknown env id" in str(res.exception)
+    assert res.exit_code == 2 and "unknown env id 'zork'" in " ".join(res.output.split())
+
+
+def test_games_make_babyai_and_unknown_suite(tmp_path):
+    args = ["games", "make", "--suite", "babyai", "--out", str(tmp_path), "--n-train", "3"]
+    res = runner.invoke(app, [*args, "--n-valid", "0", "--n-test", "1"])
+    assert res.exit_code == 0, res.output
+    assert "4 games" in res.output and "4 generated" in res.output
+    assert len(list(tmp_path.glob("*/*.json"))) == 4
+    bad = runner.invoke(app, ["games", "make", "--suite", "zork", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown game suite 'zork'" in " ".join(bad.output.split())
 
 
 def test_prior_finetune_saves_an_adapter_beside_the_model(tiny_model_dir, tw_suite, tmp_path):
