@@ -193,6 +193,32 @@ def prior_train(
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 
+@prior_app.command("evaluate")
+def prior_evaluate(
+    env: Annotated[str, typer.Option(help="Environment: textworld, alfworld or babyai.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Prior model folder (default artifacts/priors/<env>).")
+    ] = None,
+    games: Annotated[
+        Path | None, typer.Option(help="Game suite folder (default: the env's suite).")
+    ] = None,
+    split: Annotated[list[str] | None, typer.Option(help="Split to measure (repeat).")] = None,
+    max_games: Annotated[int, typer.Option(help="At most this many games per split.")] = 60,
+) -> None:
+    """Direct-prior (argmax) success of a prior on the suite's splits."""
+    from cachellm_rl.prior.embedded import evaluate_embedded_prior
+
+    _check_env_option(env)
+    res = evaluate_embedded_prior(
+        env,
+        games_dir=games,
+        model_dir=model or DEFAULT_PRIOR_DIR / env,
+        splits=tuple(split or ("valid", "test")),
+        max_games=max_games,
+    )
+    print(json.dumps(res, indent=2))
+
+
 @prior_app.command("finetune")
 def prior_finetune(
     model: Annotated[Path, typer.Option(help="Local Hugging Face model directory (the base).")],

@@ -112,22 +112,57 @@ def train_embedded_prior(
         progress=progress,
     )
     if evaluate:
-        from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
-
-        scorer = CandidateScorer(ScorerConfig(model_dir=str(out_dir), device="cpu"))
-        report["direct_success"] = {}
-        for split in ("train", *eval_splits):
-            try:
-                games = split_games(games_dir, split)
-            except ValueError:
-                continue
-            res = evaluate_direct_prior(scorer, env, games, progress=progress)
-            report["direct_success"][split] = {
-                "success_rate": res.success_rate,
-                "mean_return": res.mean_return,
-                "mean_steps": res.mean_steps,
-                "games": len(games),
-            }
+        report["direct_success"] = evaluate_embedded_prior(
+            env_id,
+            games_dir=games_dir,
+            model_dir=out_dir,
+            splits=("train", *eval_splits),
+            progress=progress,
+        )
         (Path(out_dir) / TRAIN_REPORT).write_text(json.dumps(report, indent=1))
     env.close()
     return report
+
+
+def evaluate_embedded_prior(
+    env_id: str,
+    *,
+    games_dir: str | Path | None,
+    model_dir: str | Path,
+    splits: tuple[str, ...] = ("train", "valid", "test"),
+    max_games: int = 60,
+    progress: bool = True,
+) -> dict:
+    """Direct-prior (argmax, no learning) success of a prior on each split of a suite.
+
+    Args:
+        env_id: Text env id.
+        games_dir: Generated suite folder (default: the env's default suite).
+        model_dir: Prior model folder (Hugging Face format).
+        splits: Splits to measure (a split the suite does not have is skipped).
+        max_games: At most the first this many games of each split.
+        progress: Show progress bars.
+
+    Returns:
+        ``{split: {success_rate, mean_return, mean_steps, games}}``.
+    """
+    from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+
+    games_dir = Path(games_dir) if games_dir else default_games_dir(env_id)
+    scorer = CandidateScorer(ScorerConfig(model_dir=str(model_dir), device="cpu"))
+    out = {}
+    for split in splits:
+        try:
+            games = split_games(games_dir, split)[:max_games]
+        except ValueError:
+            continue
+        env = make_text_env(env_id, {"games": games, "expert": False})
+        res = evaluate_direct_prior(scorer, env, games, progress=progress)
+        env.close()
+        out[split] = {
+            "success_rate": res.success_rate,
+            "mean_return": res.mean_return,
+            "mean_steps": res.mean_steps,
+            "games": len(games),
+        }
+    return out

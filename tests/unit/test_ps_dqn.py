@@ -185,3 +185,19 @@ def test_method_configs():
     assert set(METHODS) == {"no_prior", "direct_lm", "uncached", "lru", "static", "adaptive"}
     with pytest.raises(ValueError, match="mode"):
         PriorConnectorConfig(mode="lm")
+
+
+def test_suite_preset_resolves_per_env_defaults():
+    from cachellm_rl.algorithms.ps_dqn.suite import preset
+
+    for env, games, steps in (
+        ("textworld", "data/games/cooking", 30),
+        ("alfworld", "data/games/alfworld-gen", 50),
+        ("babyai", "data/games/babyai", 64),
+    ):
+        cfg = preset("quick", env=env)
+        assert (cfg.games_dir, cfg.max_episode_steps) == (games, steps)
+        assert cfg.prior_model == f"artifacts/priors/{env}"
+    assert preset("full", env="babyai", games_dir="g", max_episode_steps=9).games_dir == "g"
+    with pytest.raises(ValueError, match="unknown env id"):
+        preset("quick", env="zork")

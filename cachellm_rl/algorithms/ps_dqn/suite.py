@@ -55,7 +55,9 @@ PRESETS = ("quick", "full")
 
 @dataclass(frozen=True, kw_only=True)
 class TextSuiteConfig:
-    """One suite run.
+    """One suite run. ``games_dir``, ``prior_model`` and ``max_episode_steps`` left as None are
+    resolved from ``env`` when the config is built; build a new config (not
+    ``dataclasses.replace``) to change ``env``.
 
     Attributes:
         env: Text env id (``textworld``, ``alfworld`` or ``babyai``).
@@ -110,12 +112,14 @@ class TextSuiteConfig:
 def preset(name: str, **overrides) -> TextSuiteConfig:
     """The ``quick`` (minutes on 2 cores) or ``full`` (3 seeds, all test games) suite."""
     if name == "quick":
-        base = TextSuiteConfig(num_games=4, seeds=(0,), env_steps=1000)
+        base = {"num_games": 4, "seeds": (0,), "env_steps": 1000}
     elif name == "full":
-        base = TextSuiteConfig(num_games=0, seeds=(0, 1, 2), env_steps=2000)
+        base = {"num_games": 0, "seeds": (0, 1, 2), "env_steps": 2000}
     else:
         raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    # One construction, so the per-env defaults follow ``env`` (``dataclasses.replace`` of a
+    # built config would keep the first env's games, prior and episode limit).
+    return TextSuiteConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def _games(cfg: TextSuiteConfig) -> list[str]:
