@@ -83,6 +83,9 @@ def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatc
         assert (out / env / "learning_curves.png").stat().st_size > 1000
         config = json.loads((out / env / "config.json").read_text())
         assert config["suite"]["max_episode_steps"] == {"alfworld": 50, "babyai": 64}[env]
+        # The tiny prior and suite were used (absolute paths reach the Ray processes).
+        assert config["suite"]["prior_model"] == str((tmp_path / default_prior_dir(env)).resolve())
+        assert config["suite"]["games_dir"] == str((tmp_path / default_games_dir(env)).resolve())
     # The session's Ray is still up (the script only removes its own Serve app).
     assert ray_session.is_initialized()
 

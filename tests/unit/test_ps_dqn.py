@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -196,8 +198,9 @@ def test_suite_preset_resolves_per_env_defaults():
         ("babyai", "data/games/babyai", 64),
     ):
         cfg = preset("quick", env=env)
-        assert (cfg.games_dir, cfg.max_episode_steps) == (games, steps)
-        assert cfg.prior_model == f"artifacts/priors/{env}"
-    assert preset("full", env="babyai", games_dir="g", max_episode_steps=9).games_dir == "g"
+        assert (cfg.games_dir, cfg.max_episode_steps) == (str(Path(games).resolve()), steps)
+        assert cfg.prior_model == str(Path(f"artifacts/priors/{env}").resolve())
+    # Paths are made absolute: Ray processes do not share the driver's working folder.
+    assert preset("full", env="babyai", games_dir="g").games_dir == str(Path("g").resolve())
     with pytest.raises(ValueError, match="unknown env id"):
         preset("quick", env="zork")

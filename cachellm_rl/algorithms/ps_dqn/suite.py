@@ -96,6 +96,9 @@ class TextSuiteConfig:
             object.__setattr__(self, "games_dir", str(default_games_dir(self.env)))
         if self.prior_model is None:
             object.__setattr__(self, "prior_model", str(default_prior_dir(self.env)))
+        # Absolute paths: Serve replicas and env runners do not share the driver's working dir.
+        object.__setattr__(self, "games_dir", str(Path(self.games_dir).resolve()))
+        object.__setattr__(self, "prior_model", str(Path(self.prior_model).resolve()))
         if self.max_episode_steps is None:
             object.__setattr__(self, "max_episode_steps", DEFAULT_MAX_EPISODE_STEPS[self.env])
         check_methods(self.methods)
