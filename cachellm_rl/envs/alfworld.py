@@ -35,17 +35,12 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from cachellm_rl.envs.game_env import (
-    GameTextEnv,
-    check_game_order,
-    config_kwargs,
-    kept_candidates,
-)
+from cachellm_rl.envs.game_env import GameTextEnv, SuiteEnvConfig, kept_candidates
 from cachellm_rl.envs.text_env import (
     INFO_EXPERT_ACTION,
     INFO_GAME,
@@ -54,7 +49,6 @@ from cachellm_rl.envs.text_env import (
     INFO_SCORE,
     INFO_WON,
     TextDecision,
-    TextObsConfig,
 )
 
 # ALFWorld-specific info key (the others are the shared ``text_env.INFO_*``).
@@ -62,7 +56,6 @@ INFO_TASK_TYPE = "task_type"
 
 GAME_FILE = "game.tw-pddl"
 TRAJ_FILE = "traj_data.json"
-SPLITS = ("train", "valid", "test")
 OFFICIAL_SPLITS = {"train": "train", "valid": "valid_seen", "test": "valid_unseen"}
 OFFICIAL_ROOT = "json_2.1.1"
 # Commands that never change the PDDL state: the env may run them for the expert unseen.
@@ -107,12 +100,37 @@ def split_intro(text: str) -> tuple[str, str]:
     return " ".join(_BANNER_RE.sub("", text).split()), task
 
 
+# Object-state facts shown next to a held object, and their words.
+_STATE_WORDS = {"isclean": "clean", "ishot": "hot", "iscool": "cool"}
+
+
 def inventory_text(facts) -> str:
-    """The inventory sentence of a state from its ``holds`` facts."""
-    held = [f.arguments[1].name.strip() for f in facts if f.name == "holds"]
+    """The inventory sentence of a state from its ``holds`` facts, with the held objects'
+    clean / hot / cool state (ALFWorld's feedback says it once; the prior needs it after).
+    """
+    states: dict[str, list[str]] = {}
+    for f in facts:
+        if f.name in _STATE_WORDS:
+            states.setdefault(f.arguments[0].name.strip(), []).append(_STATE_WORDS[f.name])
+    held = sorted(f.arguments[1].name.strip() for f in facts if f.name == "holds")
     if not held:
         return "You are not carrying anything."
-    return "You are carrying: " + ", ".join(sorted(held)) + "."
+    items = [f"{h} ({', '.join(sorted(states[h]))})" if h in states else h for h in held]
+    return "You are carrying: " + ", ".join(items) + "."
+
+
+def visited_text(visited: Sequence[str]) -> str:
+    """The sentence listing the places visited this episode, in visit order. ALFWorld's
+    feedback only describes the current place, so without it an agent that sees one
+    observation at a time cannot tell where it has already searched.
+
+    Example:
+        >>> visited_text(["fridge 1", "countertop 2"])
+        'Visited so far: fridge 1, countertop 2.'
+    """
+    if not visited:
+        return "Visited so far: nothing."
+    return "Visited so far: " + ", ".join(visited) + "."
 
 
 def read_task_params(game_file: str | Path) -> dict:
@@ -265,82 +283,38 @@ def alfworld_split_games(games_dir: str | Path, split: str) -> list[str]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AlfWorldEnvConfig:
-    """Settings of :class:`AlfWorldEnv`. Give ``games`` or ``games_dir``, not both.
+class AlfWorldEnvConfig(SuiteEnvConfig):
+    """Settings of :class:`AlfWorldEnv`: the fields of
+    :class:`~cachellm_rl.envs.game_env.SuiteEnvConfig` plus the ones below. ``games`` are
+    ``game.tw-pddl`` files (each with a ``traj_data.json`` beside it); ``games_dir`` is a
+    generated suite or the official data (``$ALFWORLD_DATA``); ``expert`` runs the hand-coded
+    expert.
 
     Attributes:
-        games: ``game.tw-pddl`` files (each with a ``traj_data.json`` beside it).
-        games_dir: A generated suite folder or the official data (``$ALFWORLD_DATA``); the
-            games of ``split`` are used.
-        split: ``train``, ``valid`` or ``test`` (with ``games_dir``).
-        obs: Sizes of the fixed-size observation.
-        max_episode_steps: Step limit (``truncated`` after it).
         drop_verbs: Admissible commands starting with one of these words are not candidates.
-        inventory_in_state: Put the inventory sentence in the state (else ``inventory`` is None).
-        game_order: ``"random"`` (seeded draw per episode) or ``"cycle"`` (round robin).
-        seed: Seed of the game draws and of the expert (with the worker and vector index).
-        expert: Run the hand-coded expert (``info["expert_action"]``).
+        memory_in_state: Append the places visited this episode (``go to`` targets, in order)
+            to the observation.
         expert_max_steps: Expert calls per episode before it gives up.
-        strict_actions: Raise on a masked action; otherwise it is a no-op step (reward 0, state
-            unchanged, ``info["invalid_action"] = True``).
     """
 
-    games: tuple[str, ...] = ()
-    games_dir: str | None = None
-    split: str = "train"
-    obs: TextObsConfig = field(default_factory=TextObsConfig)
-    max_episode_steps: int = 50
+    ENV_NAME = "ALFWorld"
+    SUITE = "alfworld-gen"
+
     drop_verbs: tuple[str, ...] = STATE_PRESERVING_VERBS
-    inventory_in_state: bool = True
-    game_order: str = "random"
-    seed: int = 0
-    expert: bool = True
+    memory_in_state: bool = True
     expert_max_steps: int = 200
-    strict_actions: bool = False
 
     def __post_init__(self) -> None:
-        if bool(self.games) == bool(self.games_dir):
-            raise ValueError(
-                "AlfWorldEnvConfig needs exactly one of `games` (game.tw-pddl files) or "
-                "`games_dir` (a generated suite or $ALFWORLD_DATA)"
-            )
-        if self.split not in SPLITS:
-            raise ValueError(f"AlfWorldEnvConfig.split must be one of {SPLITS}, got {self.split!r}")
-        missing = [g for g in self.games if not Path(g).is_file()]
-        if missing:
-            raise ValueError(
-                f"AlfWorldEnvConfig.games: {len(missing)} game file(s) not found, e.g. "
-                f"{missing[0]} (generate them with `cachellm-rl games make --suite alfworld-gen`)"
-            )
+        super().__post_init__()
         no_traj = [g for g in self.games if not (Path(g).parent / TRAJ_FILE).is_file()]
         if no_traj:
             raise ValueError(f"AlfWorldEnvConfig.games: no {TRAJ_FILE} next to {no_traj[0]}")
-        if self.games_dir is not None and not Path(self.games_dir).is_dir():
-            raise ValueError(f"AlfWorldEnvConfig.games_dir {self.games_dir} is not a folder")
-        if self.max_episode_steps < 1:
-            raise ValueError("AlfWorldEnvConfig.max_episode_steps must be >= 1")
         if self.expert_max_steps < 1:
             raise ValueError("AlfWorldEnvConfig.expert_max_steps must be >= 1")
-        check_game_order(self.game_order, "AlfWorldEnvConfig")
 
-    @classmethod
-    def from_mapping(cls, config: Mapping) -> AlfWorldEnvConfig:
-        """Build from a plain mapping (RLlib's ``env_config``); unknown keys are an error."""
-        kw = config_kwargs(cls, config, "ALFWorld")
-        if kw.get("games_dir") is not None:
-            kw["games_dir"] = str(kw["games_dir"])
-        return cls(**kw)
-
-    def to_mapping(self) -> dict:
-        """Plain-dict form (for RLlib's ``env_config`` and result folders)."""
-        return asdict(self)
-
-    def game_files(self) -> tuple[str, ...]:
-        """The games the env draws from."""
-        if self.games:
-            return self.games
-        assert self.games_dir is not None
-        return tuple(alfworld_split_games(self.games_dir, self.split))
+    def split_games(self, games_dir: str, split: str) -> list[str]:
+        """A generated suite's split, or the official data's (no manifest)."""
+        return alfworld_split_games(games_dir, split)
 
 
 class AlfWorldEnv(GameTextEnv):
@@ -353,14 +327,11 @@ class AlfWorldEnv(GameTextEnv):
     """
 
     def __init__(self, config: AlfWorldEnvConfig | Mapping | None = None) -> None:
-        if config is None:
-            raise ValueError("AlfWorldEnv needs a config with `games` or `games_dir`")
-        cfg = config if isinstance(config, AlfWorldEnvConfig) else None
-        if cfg is None:
-            cfg = AlfWorldEnvConfig.from_mapping(config)
+        cfg = AlfWorldEnvConfig.parse(config)
         super().__init__(cfg, cfg.game_files(), config)
         self._task = ""
         self._task_type = ""
+        self._visited: list[str] = []
         self._expert: HandCodedExpert | None = None
         self._expert_action: str | None = None
 
@@ -370,6 +341,8 @@ class AlfWorldEnv(GameTextEnv):
 
     def _decide(self, state, observation: str) -> TextDecision:
         inventory = inventory_text(state["facts"]) if self.config.inventory_in_state else None
+        if self.config.memory_in_state:
+            observation = f"{observation} {visited_text(self._visited)}"
         return TextDecision(
             objective=self._task,
             observation=observation,
@@ -404,6 +377,7 @@ class AlfWorldEnv(GameTextEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""
         self._begin_episode(seed, options)
+        self._visited = []
         state = self._env.reset()
         observation, self._task = split_intro(state["feedback"])
         params = read_task_params(self._game)
@@ -428,6 +402,9 @@ class AlfWorldEnv(GameTextEnv):
         if command is None:
             return self._noop_step()
         state, _, _ = self._env.step(command)
+        place = command[len("go to ") :] if command.startswith("go to ") else None
+        if place and place not in self._visited and state["feedback"].startswith("You arrive"):
+            self._visited.append(place)
         won = bool(state["won"])
         self._decision = self._decide(state, " ".join(state["feedback"].split()))
         self._expert_action = None

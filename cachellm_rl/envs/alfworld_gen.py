@@ -89,7 +89,8 @@ class AlfWorldSuiteConfig:
         valid_floor_plans_per_room: Train floor plans per room type moved to valid.
         min_distractors: Fewest distractor objects per game.
         max_distractors: Most distractor objects per game.
-        expert_max_steps: Expert steps before a candidate problem is rejected.
+        expert_max_steps: Expert steps before a candidate problem is rejected (kept below the
+            50-step episode limit, so the expert's plan fits an episode with room to stray).
         max_attempts: Candidate problems per game before generation fails.
         seed: Base seed; game ``i`` of a split has a seed derived from (seed, split, i).
     """
@@ -101,7 +102,7 @@ class AlfWorldSuiteConfig:
     valid_floor_plans_per_room: int = 2
     min_distractors: int = 2
     max_distractors: int = 6
-    expert_max_steps: int = 150
+    expert_max_steps: int = 40
     max_attempts: int = 20
     seed: int = 1234
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cachellm_rl.envs.game_env import GameTextEnv, check_game_order, config_kwargs
-from cachellm_rl.envs.games import SPLITS, derive_game_seed, split_games, write_manifest
+from cachellm_rl.envs.game_env import GameTextEnv, SuiteEnvConfig
+from cachellm_rl.envs.games import SPLITS, derive_game_seed, write_manifest
 from cachellm_rl.envs.text_env import (
     INFO_EXPERT_ACTION,
     INFO_GAME,
@@ -70,18 +70,90 @@ def _plural(n: int, word: str) -> str:
 
 
 def relative_position(side: int, forward: int) -> str:
-    """``side`` cells to the right (negative: left) and ``forward`` cells ahead, as text.
+    """``side`` cells to the right (negative: left) and ``forward`` cells ahead (negative:
+    behind), as text.
 
     Example:
         >>> relative_position(-2, 1)
         '2 steps left and 1 step forward'
+        >>> relative_position(0, -3)
+        '3 steps behind'
     """
     parts = []
     if side:
         parts.append(f"{_plural(abs(side), 'step')} {'right' if side > 0 else 'left'}")
     if forward:
-        parts.append(f"{_plural(forward, 'step')} forward")
+        parts.append(f"{_plural(abs(forward), 'step')} {'forward' if forward > 0 else 'behind'}")
     return " and ".join(parts) or "here"
+
+
+_MEMORABLE = ("key", "ball", "box", "door")
+
+
+def object_text(obj) -> str:
+    """``"red ball"``, ``"locked blue door"``: a minigrid object as the view describes it."""
+    if obj.type == "door":
+        state = "open" if obj.is_open else ("locked" if obj.is_locked else "closed")
+        return f"{state} {obj.color} door"
+    return f"{obj.color} {obj.type}"
+
+
+class ObjectMemory:
+    """Where the agent has seen objects and doors this episode, for what is out of view now.
+
+    The text observation describes one egocentric view; without a memory, an agent that turns
+    away from its target forgets it. The memory keeps each object seen (by identity, so a
+    moved object is remembered where it now is) and describes those out of view that the
+    mission names, relative to the agent's current pose.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, object] = {}
+
+    def reset(self) -> None:
+        self._seen.clear()
+
+    def observe(self, env, image: np.ndarray) -> set[int]:
+        """Record the objects in view (``image``: minigrid's ``obs["image"]``); their ids."""
+        ax, ay = _VIEW // 2, _VIEW - 1
+        pos, fwd_vec, right_vec = np.asarray(env.agent_pos), env.dir_vec, env.right_vec
+        in_view = set()
+        for x, y in zip(*np.nonzero(np.isin(image[:, :, 0], self._object_ids())), strict=True):
+            cell = pos + (ay - y) * fwd_vec + (x - ax) * right_vec
+            obj = env.grid.get(int(cell[0]), int(cell[1]))
+            if obj is not None and obj.type in _MEMORABLE:
+                self._seen[id(obj)] = obj
+                in_view.add(id(obj))
+        return in_view
+
+    @staticmethod
+    def _object_ids() -> list[int]:
+        from minigrid.core.constants import OBJECT_TO_IDX
+
+        return [OBJECT_TO_IDX[t] for t in _MEMORABLE]
+
+    def describe(self, env, in_view: set[int], mission: str) -> str:
+        """Sentences for the remembered objects out of view that ``mission`` may be about
+        (its object types, and its colours when it names any), nearest first, or ``""``."""
+        from minigrid.core.constants import COLOR_NAMES
+
+        words = set(mission.replace(",", " ").split())
+        colours = words & set(COLOR_NAMES)
+        pos, fwd_vec, right_vec = np.asarray(env.agent_pos), env.dir_vec, env.right_vec
+        found = []
+        for key, obj in self._seen.items():
+            named = obj.type in words and (not colours or obj.color in colours)
+            if key in in_view or not named or obj.cur_pos is None:
+                continue
+            x, y = (int(v) for v in obj.cur_pos)
+            inside = 0 <= x < env.grid.width and 0 <= y < env.grid.height
+            if not inside or env.grid.get(x, y) is not obj:  # carried, or an opened box
+                continue
+            rel = np.array([x, y]) - pos
+            fwd, side = int(rel @ fwd_vec), int(rel @ right_vec)
+            where = relative_position(side, fwd)
+            found.append((abs(side) + abs(fwd), f"You remember a {object_text(obj)} {where}."))
+        return " ".join(t for _, t in sorted(found))
 
 
 def describe_view(image: np.ndarray) -> str:
@@ -213,78 +285,33 @@ class BabyAIExpert:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BabyAIEnvConfig:
-    """Settings of :class:`BabyAIEnv`. Give ``games`` or ``games_dir``, not both.
+class BabyAIEnvConfig(SuiteEnvConfig):
+    """Settings of :class:`BabyAIEnv`: the fields of
+    :class:`~cachellm_rl.envs.game_env.SuiteEnvConfig`, over BabyAI game files
+    (``{"level", "seed"}`` JSON). ``max_episode_steps`` also ends at the level's own limit;
+    ``expert`` runs the BabyAI bot; ``obs.max_actions`` must hold the six primitive actions.
 
     Attributes:
-        games: BabyAI game files (``{"level", "seed"}`` JSON).
-        games_dir: A generated suite folder; the games of ``split`` are used.
-        split: ``train``, ``valid`` or ``test`` (with ``games_dir``).
-        obs: Sizes of the fixed-size observation.
-        max_episode_steps: Step limit (``truncated`` after it, or at the level's own limit).
-        inventory_in_state: Put the carrying sentence in the state (else ``inventory`` is None).
-        game_order: ``"random"`` (seeded draw per episode) or ``"cycle"`` (round robin).
-        seed: Seed of the game draws (with the worker and vector index).
-        expert: Run the BabyAI bot (``info["expert_action"]``).
-        strict_actions: Raise on a masked action; otherwise it is a no-op step.
+        memory_in_state: Append the objects and doors seen earlier this episode and now out
+            of view, relative to the agent (see :class:`ObjectMemory`).
     """
 
-    games: tuple[str, ...] = ()
-    games_dir: str | None = None
-    split: str = "train"
+    ENV_NAME = "BabyAI"
+    SUITE = "babyai"
+
     obs: TextObsConfig = field(
-        default_factory=lambda: TextObsConfig(max_state_tokens=192, max_actions=8)
+        default_factory=lambda: TextObsConfig(max_state_tokens=256, max_actions=8)
     )
     max_episode_steps: int = 64
-    inventory_in_state: bool = True
-    game_order: str = "random"
-    seed: int = 0
-    expert: bool = True
-    strict_actions: bool = False
+    memory_in_state: bool = True
 
     def __post_init__(self) -> None:
-        if bool(self.games) == bool(self.games_dir):
-            raise ValueError(
-                "BabyAIEnvConfig needs exactly one of `games` (game files) or `games_dir` "
-                "(a suite made by `cachellm-rl games make --suite babyai`)"
-            )
-        if self.split not in SPLITS:
-            raise ValueError(f"BabyAIEnvConfig.split must be one of {SPLITS}, got {self.split!r}")
-        missing = [g for g in self.games if not Path(g).is_file()]
-        if missing:
-            raise ValueError(
-                f"BabyAIEnvConfig.games: {len(missing)} game file(s) not found, e.g. "
-                f"{missing[0]} (generate them with `cachellm-rl games make --suite babyai`)"
-            )
-        if self.games_dir is not None and not Path(self.games_dir).is_dir():
-            raise ValueError(f"BabyAIEnvConfig.games_dir {self.games_dir} is not a folder")
-        if self.max_episode_steps < 1:
-            raise ValueError("BabyAIEnvConfig.max_episode_steps must be >= 1")
+        super().__post_init__()
         if self.obs.max_actions < len(ACTION_TEXTS):
             raise ValueError(
                 f"BabyAIEnvConfig.obs.max_actions must be >= {len(ACTION_TEXTS)} (the primitive "
                 f"actions), got {self.obs.max_actions}"
             )
-        check_game_order(self.game_order, "BabyAIEnvConfig")
-
-    @classmethod
-    def from_mapping(cls, config: Mapping) -> BabyAIEnvConfig:
-        """Build from a plain mapping (RLlib's ``env_config``); unknown keys are an error."""
-        kw = config_kwargs(cls, config, "BabyAI")
-        if kw.get("games_dir") is not None:
-            kw["games_dir"] = str(kw["games_dir"])
-        return cls(**kw)
-
-    def to_mapping(self) -> dict:
-        """Plain-dict form (for RLlib's ``env_config`` and result folders)."""
-        return asdict(self)
-
-    def game_files(self) -> tuple[str, ...]:
-        """The games the env draws from."""
-        if self.games:
-            return self.games
-        assert self.games_dir is not None
-        return tuple(split_games(self.games_dir, self.split))
 
 
 class BabyAIEnv(GameTextEnv):
@@ -297,13 +324,10 @@ class BabyAIEnv(GameTextEnv):
     """
 
     def __init__(self, config: BabyAIEnvConfig | Mapping | None = None) -> None:
-        if config is None:
-            raise ValueError("BabyAIEnv needs a config with `games` or `games_dir`")
-        cfg = config if isinstance(config, BabyAIEnvConfig) else None
-        if cfg is None:
-            cfg = BabyAIEnvConfig.from_mapping(config)
+        cfg = BabyAIEnvConfig.parse(config)
         super().__init__(cfg, cfg.game_files(), config)
         self._mission = ""
+        self._memory = ObjectMemory()
         self._expert: BabyAIExpert | None = None
         self._expert_action: str | None = None
 
@@ -312,10 +336,16 @@ class BabyAIEnv(GameTextEnv):
         return BabyAIGame(record["level"], record["seed"])
 
     def _decide(self, obs: Mapping) -> TextDecision:
-        carrying = self._env.unwrapped.carrying
+        env = self._env.unwrapped
+        observation = describe_view(obs["image"])
+        if self.config.memory_in_state:
+            in_view = self._memory.observe(env, obs["image"])
+            remembered = self._memory.describe(env, in_view, str(obs["mission"]))
+            observation = f"{observation} {remembered}" if remembered else observation
+        carrying = env.carrying
         return TextDecision(
             objective=self._mission,
-            observation=describe_view(obs["image"]),
+            observation=observation,
             inventory=carrying_text(carrying) if self.config.inventory_in_state else None,
             candidates=ACTION_TEXTS,
         )
@@ -341,6 +371,7 @@ class BabyAIEnv(GameTextEnv):
         """Start an episode; ``options={"game": path}`` plays a given game."""
         self._begin_episode(seed, options)
         obs = self._env.reset()
+        self._memory.reset()
         self._mission = str(obs["mission"])
         self._decision = self._decide(obs)
         self._expert = BabyAIExpert(self._env) if self.config.expert else None

@@ -7,11 +7,13 @@ parsing from RLlib's ``env_config``. Subclasses load games and turn game states 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 
+from cachellm_rl.envs.games import SPLITS, split_games
 from cachellm_rl.envs.text_env import (
     INFO_INVALID_ACTION,
     TextDecision,
@@ -58,6 +60,93 @@ def kept_candidates(commands: Iterable[str], drop_verbs: tuple[str, ...]) -> tup
     """
     cands = tuple(c for c in commands if c.split(" ", 1)[0] not in drop_verbs)
     return cands or ("look",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteEnvConfig:
+    """Settings shared by the envs that play the games of a generated suite (ALFWorld,
+    BabyAI). Give ``games`` or ``games_dir``, not both. Subclasses add their own fields and set
+    ``ENV_NAME`` (in errors) and ``SUITE`` (the ``games make --suite`` that makes them).
+
+    Attributes:
+        games: Game files the env draws from, one per episode.
+        games_dir: A suite folder; the games of ``split`` are used.
+        split: ``train``, ``valid`` or ``test`` (with ``games_dir``).
+        obs: Sizes of the fixed-size observation.
+        max_episode_steps: Step limit (``truncated`` after it).
+        inventory_in_state: Put the inventory sentence in the state (else ``inventory`` is None).
+        game_order: ``"random"`` (seeded draw per episode) or ``"cycle"`` (round robin).
+        seed: Seed of the game draws (with the worker and vector index).
+        expert: Run the env's expert (``info["expert_action"]``).
+        strict_actions: Raise on a masked action; otherwise it is a no-op step (reward 0, state
+            unchanged, ``info["invalid_action"] = True``).
+    """
+
+    ENV_NAME = "suite"
+    SUITE = ""
+
+    games: tuple[str, ...] = ()
+    games_dir: str | None = None
+    split: str = "train"
+    obs: TextObsConfig = field(default_factory=TextObsConfig)
+    max_episode_steps: int = 50
+    inventory_in_state: bool = True
+    game_order: str = "random"
+    seed: int = 0
+    expert: bool = True
+    strict_actions: bool = False
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        make = f"`cachellm-rl games make --suite {self.SUITE}`"
+        if bool(self.games) == bool(self.games_dir):
+            raise ValueError(
+                f"{name} needs exactly one of `games` (game files) or `games_dir` (a suite "
+                f"made by {make})"
+            )
+        if self.split not in SPLITS:
+            raise ValueError(f"{name}.split must be one of {SPLITS}, got {self.split!r}")
+        missing = [g for g in self.games if not Path(g).is_file()]
+        if missing:
+            raise ValueError(
+                f"{name}.games: {len(missing)} game file(s) not found, e.g. {missing[0]} "
+                f"(generate them with {make})"
+            )
+        if self.games_dir is not None and not Path(self.games_dir).is_dir():
+            raise ValueError(f"{name}.games_dir {self.games_dir} is not a folder")
+        if self.max_episode_steps < 1:
+            raise ValueError(f"{name}.max_episode_steps must be >= 1")
+        check_game_order(self.game_order, name)
+
+    @classmethod
+    def from_mapping(cls, config: Mapping):
+        """Build from a plain mapping (RLlib's ``env_config``); unknown keys are an error."""
+        kw = config_kwargs(cls, config, cls.ENV_NAME)
+        if kw.get("games_dir") is not None:
+            kw["games_dir"] = str(kw["games_dir"])
+        return cls(**kw)
+
+    @classmethod
+    def parse(cls, config):
+        """``config`` itself when it is one, else :meth:`from_mapping` of it."""
+        if config is None:
+            raise ValueError(f"the {cls.ENV_NAME} env needs a config with `games` or `games_dir`")
+        return config if isinstance(config, cls) else cls.from_mapping(config)
+
+    def to_mapping(self) -> dict:
+        """Plain-dict form (for RLlib's ``env_config`` and result folders)."""
+        return asdict(self)
+
+    def split_games(self, games_dir: str, split: str) -> list[str]:
+        """The games of ``split`` in ``games_dir`` (from its manifest)."""
+        return split_games(games_dir, split)
+
+    def game_files(self) -> tuple[str, ...]:
+        """The games the env draws from."""
+        if self.games:
+            return self.games
+        assert self.games_dir is not None
+        return tuple(self.split_games(self.games_dir, self.split))
 
 
 class GameTextEnv(gym.Env):

@@ -39,8 +39,8 @@ class PriorRecipe:
 
 PRIOR_RECIPES = {
     "textworld": PriorRecipe(),
-    "alfworld": PriorRecipe(episodes_per_game=3),
-    "babyai": PriorRecipe(episodes_per_game=3, epochs=12),
+    "alfworld": PriorRecipe(episodes_per_game=5, max_minutes=12.0),
+    "babyai": PriorRecipe(episodes_per_game=3, epochs=30, max_minutes=12.0),
 }
 
 

@@ -16,7 +16,9 @@ from cachellm_rl.envs.alfworld import (
     AlfWorldEnv,
     AlfWorldEnvConfig,
     alfworld_split_games,
+    inventory_text,
     split_intro,
+    visited_text,
 )
 from cachellm_rl.envs.alfworld_gen import (
     AlfWorldSuiteConfig,
@@ -67,13 +69,19 @@ def test_expert_solves_every_generated_game(alf_suite):
         assert e.observation_space.contains(obs)
         assert info["objective"] and "Your task" not in info["observation"]
         assert info["inventory"] == "You are not carrying anything."
-        total, done, n = 0.0, False, 0
+        assert info["observation"].endswith("Visited so far: nothing.")
+        total, done, n, went = 0.0, False, 0, []
         while not done:
             cands = info["candidates"]
             assert not any(c.split()[0] in ("look", "inventory", "examine", "help") for c in cands)
             a = cands.index(info["expert_action"])
+            if info["expert_action"].startswith("go to "):
+                went.append(info["expert_action"][len("go to ") :])
             obs, r, term, trunc, info = e.step(a)
             total, n, done = total + r, n + 1, term or trunc
+            if not done:  # the observation remembers where the agent went, in order
+                places = list(dict.fromkeys(went))
+                assert info["observation"].endswith(visited_text(places)), info["observation"]
         assert info["won"] and term and not trunc and total == 1.0
         assert info["task_type"] in game
     assert random.getstate() == before  # the expert's draws do not touch the caller's random
@@ -128,3 +136,25 @@ def test_split_intro():
         "Your task is to: put two pencil in drawer."
     )
     assert obs == "You are in the middle of a room." and task == "put two pencil in drawer."
+
+
+class _Arg:
+    def __init__(self, name):
+        self.name = name
+
+
+class _Fact:
+    def __init__(self, name, *args):
+        self.name, self.arguments = name, [_Arg(a) for a in args]
+
+
+def test_inventory_shows_held_objects_state():
+    assert inventory_text([]) == "You are not carrying anything."
+    facts = [
+        _Fact("holds", "agent1", "mug 1"),
+        _Fact("holds", "agent1", "apple 2"),
+        _Fact("ishot", "apple 2"),
+        _Fact("isclean", "apple 2"),
+        _Fact("iscool", "lettuce 1"),  # not held: not shown
+    ]
+    assert inventory_text(facts) == "You are carrying: apple 2 (clean, hot), mug 1."

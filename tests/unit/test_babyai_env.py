@@ -20,6 +20,8 @@ from cachellm_rl.envs.babyai import (
     BabyAISuiteConfig,
     describe_view,
     make_babyai_suite,
+    object_text,
+    relative_position,
 )
 from cachellm_rl.envs.games import load_manifest, split_games
 from cachellm_rl.envs.registry import make_text_env
@@ -161,3 +163,51 @@ def test_bad_config_errors_name_the_problem(suite, tmp_path):
     bad.write_text(json.dumps({"level": "BabyAI-GoToLocal-v0"}))
     with pytest.raises(ValueError, match="'level' and 'seed'"):
         BabyAIEnv({"games": [str(bad)]}).reset()
+
+
+def test_memory_recalls_mission_objects_out_of_view(suite):
+    """After turning around, every mission object seen at reset is remembered behind the agent
+    at the mirrored position; objects the mission does not name are not remembered."""
+    e = BabyAIEnv({"games_dir": str(suite), "expert": False})
+    plain = BabyAIEnv({"games_dir": str(suite), "expert": False, "memory_in_state": False})
+    checked = 0
+    for game in split_games(suite, "train") + split_games(suite, "test"):
+        e.reset(options={"game": game})
+        plain.reset(options={"game": game})
+        assert "remember" not in e.decision.observation  # nothing is out of view yet
+        genv = e._env.unwrapped
+        words = set(genv.mission.split())
+        start, fwd, right = np.array(genv.agent_pos), genv.dir_vec, genv.right_vec
+        expected = []
+        for x in range(genv.grid.width):
+            for y in range(genv.grid.height):
+                obj = genv.grid.get(x, y)
+                if obj is None or obj.type not in ("key", "ball", "box", "door"):
+                    continue
+                rel = np.array([x, y]) - start
+                f, s = int(rel @ fwd), int(rel @ right)
+                seen = f"You see a {object_text(obj)} {relative_position(s, f)}."
+                if seen in e.decision.observation and obj.type in words:
+                    # after a half turn: s -> -s and f -> -f
+                    expected.append(
+                        f"You remember a {object_text(obj)} {relative_position(-s, -f)}."
+                    )
+        left = ACTION_TEXTS.index("turn left")
+        for _ in range(2):
+            e.step(left)
+            plain.step(left)
+        text = e.decision.observation
+        assert text.startswith(plain.decision.observation)
+        remembered = text[len(plain.decision.observation) :].strip()
+        colours = words & {"red", "green", "blue", "purple", "yellow", "grey"}
+        for sentence in expected:
+            named = any(c in sentence for c in colours) or not colours
+            if named and sentence.replace("remember", "see") not in text:  # not still in view
+                assert sentence in remembered, (genv.mission, sentence, remembered)
+                checked += 1
+        for sentence in filter(None, remembered.split(".")):
+            kinds = [k for k in ("key", "ball", "box", "door") if k in sentence.split()]
+            assert kinds and kinds[0] in words, (genv.mission, sentence)
+    assert checked > 0
+    e.close()
+    plain.close()
