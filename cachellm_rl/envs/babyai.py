@@ -11,10 +11,13 @@ Design choices:
   agent's 7x7 egocentric view, relative to the agent: every visible object and door
   (``You see a red ball 2 steps left and 1 step forward``), nearest first, and only the nearest
   wall straight ahead, to the left and to the right (walls make long, uninformative lists
-  otherwise). ``inventory`` is what the agent carries.
-- Candidates are the six primitive actions as text, in minigrid's order (``turn left``,
-  ``turn right``, ``go forward``, ``pick up``, ``drop``, ``toggle``); candidate ``i`` is
-  minigrid action ``i``. ``done`` is not offered: it does nothing in BabyAI.
+  otherwise), then the objects the mission names that were seen earlier and are now out of
+  view (``You remember a red ball 3 steps behind``). ``inventory`` is what the agent carries.
+- Candidates are the primitive actions as text, in minigrid's order (``turn left``,
+  ``turn right``, ``go forward``, ``pick up``, ``drop``, ``toggle``), keeping only those that
+  would change the state (as the game-file envs offer admissible commands only): no
+  ``go forward`` into a wall, no ``pick up`` with nothing in front. ``done`` is not offered:
+  it does nothing in BabyAI.
 - Reward is minigrid's: ``1 - 0.9 * steps / level_max_steps`` on success, 0 otherwise;
   ``terminated`` on success (or a failed mission); ``truncated`` at ``max_episode_steps`` or at
   the level's own step limit.
@@ -208,6 +211,25 @@ def describe_view(image: np.ndarray) -> str:
     return " ".join(lines) if lines else "You see nothing special."
 
 
+def admissible_actions(env) -> tuple[str, ...]:
+    """The primitive actions that can change the state of minigrid env ``env`` now, in
+    :data:`ACTION_TEXTS` order: turning always; ``go forward`` onto a free or open cell;
+    ``pick up`` an object in front with empty hands; ``drop`` onto a free cell in front;
+    ``toggle`` a door or box in front. The others would be no-ops, which the game-file envs
+    never offer either (their candidates are the admissible commands).
+    """
+    front = env.grid.get(*env.front_pos)
+    ok = {
+        "turn left": True,
+        "turn right": True,
+        "go forward": front is None or front.can_overlap(),
+        "pick up": env.carrying is None and front is not None and front.can_pickup(),
+        "drop": env.carrying is not None and front is None,
+        "toggle": front is not None and front.type in ("door", "box"),
+    }
+    return tuple(a for a in ACTION_TEXTS if ok[a])
+
+
 def carrying_text(carrying) -> str:
     """The inventory sentence of minigrid's ``carrying`` object (None: nothing)."""
     if carrying is None:
@@ -294,6 +316,8 @@ class BabyAIEnvConfig(SuiteEnvConfig):
     Attributes:
         memory_in_state: Append the objects and doors seen earlier this episode and now out
             of view, relative to the agent (see :class:`ObjectMemory`).
+        admissible_only: Candidates are the actions that would change the state
+            (:func:`admissible_actions`); False offers all six every step.
     """
 
     ENV_NAME = "BabyAI"
@@ -304,6 +328,7 @@ class BabyAIEnvConfig(SuiteEnvConfig):
     )
     max_episode_steps: int = 64
     memory_in_state: bool = True
+    admissible_only: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -347,7 +372,7 @@ class BabyAIEnv(GameTextEnv):
             objective=self._mission,
             observation=observation,
             inventory=carrying_text(carrying) if self.config.inventory_in_state else None,
-            candidates=ACTION_TEXTS,
+            candidates=admissible_actions(env) if self.config.admissible_only else ACTION_TEXTS,
         )
 
     def _info(self, won: bool, lost: bool) -> dict:
@@ -365,7 +390,10 @@ class BabyAIEnv(GameTextEnv):
 
     def _update_expert(self, action_taken: int | None) -> None:
         a = None if self._expert is None else self._expert.act(action_taken)
-        self._expert_action = None if a is None else ACTION_TEXTS[a]
+        text = None if a is None else ACTION_TEXTS[a]
+        # The bot never wastes a step, so its action is a candidate; None if it ever is not.
+        assert self._decision is not None
+        self._expert_action = text if text in self._decision.candidates else None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""

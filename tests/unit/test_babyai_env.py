@@ -18,6 +18,7 @@ from cachellm_rl.envs.babyai import (
     BabyAIEnv,
     BabyAIEnvConfig,
     BabyAISuiteConfig,
+    admissible_actions,
     describe_view,
     make_babyai_suite,
     object_text,
@@ -81,13 +82,17 @@ def test_bot_solves_every_generated_game(suite):
     for game in games:
         obs, info = e.reset(options={"game": game})
         assert e.observation_space.contains(obs)
-        assert info["candidates"] == list(ACTION_TEXTS)
         assert info["objective"] and info["observation"].startswith("You see")
         assert info["inventory"] == "You are not carrying anything."
-        total, done, n = 0.0, False, 0
+        total, done, n, offered = 0.0, False, 0, set()
         while not done:
-            obs, r, term, trunc, info = e.step(info["candidates"].index(info["expert_action"]))
+            cands = info["candidates"]
+            assert cands == list(admissible_actions(e._env.unwrapped))
+            assert cands[:2] == ["turn left", "turn right"] and "drop" not in cands[:1]
+            offered.update(cands)
+            obs, r, term, trunc, info = e.step(cands.index(info["expert_action"]))
             total, n, done = total + r, n + 1, term or trunc
+        assert "go forward" in offered and offered <= set(ACTION_TEXTS)
         assert info["won"] and term and not trunc and 0 < total <= 1
         assert info["state_tokens_truncated"] == 0
         levels.add(info["level"])
@@ -127,9 +132,9 @@ def test_generator_is_idempotent_and_splits_disjoint(suite):
 
 def test_masked_action_is_noop_or_error(suite):
     lenient = BabyAIEnv({"games_dir": str(suite), "expert": False})
-    obs, _ = lenient.reset(seed=0)
+    obs, info = lenient.reset(seed=0)
     bad = int(np.flatnonzero(obs[OBS_ACTION_MASK] == 0)[0])
-    assert bad == len(ACTION_TEXTS)
+    assert bad == len(info["candidates"])
     obs2, r, term, trunc, info = lenient.step(bad)
     assert info["invalid_action"] and r == 0.0 and not term and not trunc
     np.testing.assert_array_equal(obs2[OBS_STATE_TOKENS], obs[OBS_STATE_TOKENS])
@@ -211,3 +216,28 @@ def test_memory_recalls_mission_objects_out_of_view(suite):
     assert checked > 0
     e.close()
     plain.close()
+
+
+def test_admissible_actions_drop_no_ops(suite):
+    """Only state-changing actions are offered: never `go forward` into a wall or object,
+    `pick up` with nothing in front, or `drop` with empty hands; all six without the filter."""
+    game = split_games(suite, "train")[0]
+    e = BabyAIEnv({"games": [game], "expert": False})
+    everything = BabyAIEnv({"games": [game], "expert": False, "admissible_only": False})
+    _, info = everything.reset()
+    assert info["candidates"] == list(ACTION_TEXTS)
+    _, info = e.reset()
+    genv = e._env.unwrapped
+    for _ in range(30):  # walk forward until blocked, turning when blocked
+        front = genv.grid.get(*genv.front_pos)
+        cands = info["candidates"]
+        assert ("go forward" in cands) == (front is None or front.can_overlap())
+        assert ("pick up" in cands) == (front is not None and front.can_pickup())
+        assert "drop" not in cands and genv.carrying is None
+        a = "go forward" if "go forward" in cands else "turn left"
+        _, _, term, trunc, info = e.step(cands.index(a))
+        assert not info["invalid_action"]
+        if term or trunc:
+            break
+    e.close()
+    everything.close()
