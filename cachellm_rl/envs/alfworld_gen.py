@@ -95,7 +95,7 @@ class AlfWorldSuiteConfig:
         seed: Base seed; game ``i`` of a split has a seed derived from (seed, split, i).
     """
 
-    n_train: int = 60
+    n_train: int = 200
     n_valid: int = 12
     n_test: int = 12
     task_types: tuple[str, ...] = TASK_TYPES

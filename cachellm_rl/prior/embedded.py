@@ -39,7 +39,7 @@ class PriorRecipe:
 
 PRIOR_RECIPES = {
     "textworld": PriorRecipe(),
-    "alfworld": PriorRecipe(episodes_per_game=5, max_minutes=12.0),
+    "alfworld": PriorRecipe(episodes_per_game=2, max_minutes=12.0),
     "babyai": PriorRecipe(episodes_per_game=3, epochs=30, max_minutes=12.0),
 }
 
