@@ -138,15 +138,11 @@ class ObjectMemory:
     def describe(self, env, in_view: set[int], mission: str) -> str:
         """Sentences for the remembered objects out of view that ``mission`` may be about
         (its object types, and its colours when it names any), nearest first, or ``""``."""
-        from minigrid.core.constants import COLOR_NAMES
-
-        words = set(mission.replace(",", " ").split())
-        colours = words & set(COLOR_NAMES)
+        named = names_in_mission(mission)
         pos, fwd_vec, right_vec = np.asarray(env.agent_pos), env.dir_vec, env.right_vec
         found = []
         for key, obj in self._seen.items():
-            named = obj.type in words and (not colours or obj.color in colours)
-            if key in in_view or not named or obj.cur_pos is None:
+            if key in in_view or not named(obj.type, obj.color) or obj.cur_pos is None:
                 continue
             x, y = (int(v) for v in obj.cur_pos)
             inside = 0 <= x < env.grid.width and 0 <= y < env.grid.height
@@ -159,15 +155,32 @@ class ObjectMemory:
         return " ".join(t for _, t in sorted(found))
 
 
-def describe_view(image: np.ndarray) -> str:
+def names_in_mission(mission: str):
+    """A test ``(kind, colour) -> bool``: whether ``mission`` may be about such an object
+    (it names the kind, and the colour when it names any colour).
+
+    Example:
+        >>> named = names_in_mission("put the purple key next to the red ball")
+        >>> named("key", "purple"), named("ball", "purple"), named("box", "red")
+        (True, True, False)
+    """
+    from minigrid.core.constants import COLOR_NAMES
+
+    words = set(mission.replace(",", " ").split())
+    colours = words & set(COLOR_NAMES)
+    return lambda kind, colour: kind in words and (not colours or colour in colours)
+
+
+def describe_view(image: np.ndarray, mission: str = "") -> str:
     """The text of the agent's egocentric view (minigrid's ``obs["image"]``).
 
     Args:
         image: ``(7, 7, 3)`` array indexed ``[x, y]`` of (object, colour, state) indices.
+        mission: The mission; objects it names (:func:`names_in_mission`) are listed first.
 
     Returns:
-        One sentence per visible object or door (nearest first) and per nearest wall straight
-        ahead / left / right.
+        One sentence per visible object or door (those the mission names first, then nearest
+        first) and per nearest wall straight ahead / left / right.
 
     Raises:
         ValueError: When ``image`` is not a 7x7x3 view.
@@ -185,8 +198,9 @@ def describe_view(image: np.ndarray) -> str:
     if image.shape != (_VIEW, _VIEW, 3):
         raise ValueError(f"expected a ({_VIEW}, {_VIEW}, 3) view, got shape {image.shape}")
     idx_to_state = {v: k for k, v in STATE_TO_IDX.items()}
+    named = names_in_mission(mission)
     ax, ay = _VIEW // 2, _VIEW - 1
-    things: list[tuple[int, int, str]] = []
+    things: list[tuple[bool, int, int, str]] = []
     walls: dict[str, tuple[int, str]] = {}
     for x in range(_VIEW):
         for y in range(_VIEW):
@@ -205,8 +219,9 @@ def describe_view(image: np.ndarray) -> str:
             desc = f"{IDX_TO_COLOR[c]} {name}"
             if name == "door":
                 desc = f"{idx_to_state[s]} {desc}"
-            things.append((abs(side) + fwd, x * _VIEW + y, f"You see a {desc} {where}."))
-    lines = [t[2] for t in sorted(things)]
+            first = not named(name, IDX_TO_COLOR[c])
+            things.append((first, abs(side) + fwd, x * _VIEW + y, f"You see a {desc} {where}."))
+    lines = [t[3] for t in sorted(things)]
     lines += [walls[k][1] for k in ("forward", "left", "right") if k in walls]
     return " ".join(lines) if lines else "You see nothing special."
 
@@ -362,7 +377,7 @@ class BabyAIEnv(GameTextEnv):
 
     def _decide(self, obs: Mapping) -> TextDecision:
         env = self._env.unwrapped
-        observation = describe_view(obs["image"])
+        observation = describe_view(obs["image"], str(obs["mission"]))
         if self.config.memory_in_state:
             in_view = self._memory.observe(env, obs["image"])
             remembered = self._memory.describe(env, in_view, str(obs["mission"]))

@@ -70,6 +70,12 @@ def test_describe_view_positions_doors_and_nearest_walls():
         "You see a locked yellow door 6 steps forward. "
         "You see a wall 4 steps forward. You see a wall 3 steps left."
     )
+    # objects the mission names come first, then the others nearest first
+    assert describe_view(img, "open the yellow door").startswith(
+        "You see a locked yellow door 6 steps forward. You see a blue key 1 step right. "
+    )
+    assert describe_view(img, "pick up a ball").startswith("You see a red ball")
+    assert describe_view(img, "pick up the green ball").startswith("You see a blue key")
     assert describe_view(np.zeros((7, 7, 3), np.uint8)) == "You see nothing special."
     with pytest.raises(ValueError, match="7, 7, 3"):
         describe_view(np.zeros((5, 5, 3), np.uint8))
