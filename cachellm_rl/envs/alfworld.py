@@ -119,18 +119,52 @@ def inventory_text(facts) -> str:
     return "You are carrying: " + ", ".join(items) + "."
 
 
-def visited_text(visited: Sequence[str]) -> str:
-    """The sentence listing the places visited this episode, in visit order. ALFWorld's
+_NAME_RE = re.compile(r"\b([a-z]+ \d+)\b")
+
+
+def seen_names(feedback: str) -> list[str]:
+    """Names (``cabinet 3``, ``apple 1``) listed after "you see" in a feedback text, in order.
+
+    Example:
+        >>> seen_names("You arrive at shelf 1. On the shelf 1, you see a mug 2, and a pen 1.")
+        ['mug 2', 'pen 1']
+    """
+    found: list[str] = []
+    for part in re.split(r"you see", feedback, flags=re.IGNORECASE)[1:]:
+        found += _NAME_RE.findall(part.split(".", 1)[0])
+    return found
+
+
+def unvisited_text(places: Sequence[str], visited: Sequence[str]) -> str:
+    """The sentence listing the room's places not visited yet this episode, in the order
+    ALFWorld's hand-coded expert searches them (the reverse of the intro's listing). ALFWorld's
     feedback only describes the current place, so without it an agent that sees one
     observation at a time cannot tell where it has already searched.
 
     Example:
-        >>> visited_text(["fridge 1", "countertop 2"])
-        'Visited so far: fridge 1, countertop 2.'
+        >>> unvisited_text(["fridge 1", "countertop 2", "countertop 1"], ["countertop 2"])
+        'Not visited yet: countertop 1, fridge 1.'
     """
-    if not visited:
-        return "Visited so far: nothing."
-    return "Visited so far: " + ", ".join(visited) + "."
+    done = set(visited)
+    left = [p for p in reversed(places) if p not in done]
+    return "Not visited yet: " + (", ".join(left) if left else "none") + "."
+
+
+def goal_objects_text(facts, seen: Sequence[str], objective: str) -> str:
+    """Where the objects the objective names were last seen (an agent's memory: only objects
+    it saw this episode, at their current receptacle; held ones are in the inventory).
+
+    Returns:
+        ``""`` when none was seen, else e.g. ``"Seen: apple 1 at fridge 1."``.
+    """
+    words = set(re.findall(r"[a-z]+", objective.lower()))
+    where = {
+        f.arguments[0].name.strip(): f.arguments[1].name.strip()
+        for f in facts
+        if f.name.lower() == "inreceptacle"
+    }
+    items = [f"{o} at {where[o]}" for o in seen if o.split(" ")[0] in words and o in where]
+    return "Seen: " + ", ".join(items) + "." if items else ""
 
 
 def read_task_params(game_file: str | Path) -> dict:
@@ -292,8 +326,9 @@ class AlfWorldEnvConfig(SuiteEnvConfig):
 
     Attributes:
         drop_verbs: Admissible commands starting with one of these words are not candidates.
-        memory_in_state: Append the places visited this episode (``go to`` targets, in order)
-            to the observation.
+        memory_in_state: Append the agent's memory to the observation: the places not visited
+            yet this episode (:func:`unvisited_text`) and where the objects the objective
+            names were seen (:func:`goal_objects_text`).
         expert_max_steps: Expert calls per episode before it gives up.
     """
 
@@ -331,7 +366,9 @@ class AlfWorldEnv(GameTextEnv):
         super().__init__(cfg, cfg.game_files(), config)
         self._task = ""
         self._task_type = ""
+        self._places: list[str] = []
         self._visited: list[str] = []
+        self._seen: list[str] = []
         self._expert: HandCodedExpert | None = None
         self._expert_action: str | None = None
 
@@ -342,7 +379,11 @@ class AlfWorldEnv(GameTextEnv):
     def _decide(self, state, observation: str) -> TextDecision:
         inventory = inventory_text(state["facts"]) if self.config.inventory_in_state else None
         if self.config.memory_in_state:
-            observation = f"{observation} {visited_text(self._visited)}"
+            memory = [
+                unvisited_text(self._places, self._visited),
+                goal_objects_text(state["facts"], self._seen, self._task),
+            ]
+            observation = " ".join([observation, *filter(None, memory)])
         return TextDecision(
             objective=self._task,
             observation=observation,
@@ -377,9 +418,10 @@ class AlfWorldEnv(GameTextEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""
         self._begin_episode(seed, options)
-        self._visited = []
+        self._visited, self._seen = [], []
         state = self._env.reset()
         observation, self._task = split_intro(state["feedback"])
+        self._places = seen_names(observation)
         params = read_task_params(self._game)
         self._task_type = params["task_type"]
         self._decision = self._decide(state, observation)
@@ -405,6 +447,9 @@ class AlfWorldEnv(GameTextEnv):
         place = command[len("go to ") :] if command.startswith("go to ") else None
         if place and place not in self._visited and state["feedback"].startswith("You arrive"):
             self._visited.append(place)
+        for name in seen_names(state["feedback"]):
+            if name not in self._seen and name not in self._places:
+                self._seen.append(name)
         won = bool(state["won"])
         self._decision = self._decide(state, " ".join(state["feedback"].split()))
         self._expert_action = None

@@ -8,9 +8,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cachellm_rl.envs.demos import collect_demonstrations
 from cachellm_rl.envs.games import split_games
 from cachellm_rl.envs.registry import check_env_id, default_games_dir, make_text_env
+from cachellm_rl.prior.augment import renumber_instances
 from cachellm_rl.prior.train import (
     TRAIN_REPORT,
     PriorTrainConfig,
@@ -29,17 +32,20 @@ class PriorRecipe:
         perturb_probability: Chance of a random step in the other episodes (recoveries).
         epochs: Training epochs.
         max_minutes: Training time budget.
+        renumber_copies: Extra copies of each demonstration with its instance numbers
+            relabelled (:func:`~cachellm_rl.prior.augment.renumber_instances`).
     """
 
     episodes_per_game: int = 5
     perturb_probability: float = 0.25
     epochs: int = 8
     max_minutes: float = 9.0
+    renumber_copies: int = 0
 
 
 PRIOR_RECIPES = {
     "textworld": PriorRecipe(),
-    "alfworld": PriorRecipe(episodes_per_game=2, max_minutes=12.0),
+    "alfworld": PriorRecipe(episodes_per_game=2, epochs=10, max_minutes=20.0, renumber_copies=1),
     "babyai": PriorRecipe(episodes_per_game=3, epochs=30, max_minutes=12.0),
 }
 
@@ -53,6 +59,7 @@ def train_embedded_prior(
     perturb_probability: float | None = None,
     epochs: int | None = None,
     max_minutes: float | None = None,
+    renumber_copies: int | None = None,
     evaluate: bool = True,
     eval_splits: tuple[str, ...] = ("valid", "test"),
     seed: int = 0,
@@ -69,6 +76,7 @@ def train_embedded_prior(
             (None: the env's recipe).
         epochs: Training epochs (None: the env's recipe).
         max_minutes: Training time budget (None: the env's recipe).
+        renumber_copies: Renumbered copies per demonstration (None: the env's recipe).
         evaluate: Measure direct-prior success on ``eval_splits`` afterwards.
         eval_splits: Splits to measure.
         seed: Seed of demonstrations and training.
@@ -84,6 +92,9 @@ def train_embedded_prior(
     )
     epochs = epochs or recipe.epochs
     max_minutes = max_minutes or recipe.max_minutes
+    renumber_copies = recipe.renumber_copies if renumber_copies is None else renumber_copies
+    if renumber_copies < 0:
+        raise ValueError(f"renumber_copies must be >= 0, got {renumber_copies}")
     games_dir = Path(games_dir) if games_dir else default_games_dir(env_id)
     train_games = split_games(games_dir, "train")
     env = make_text_env(env_id, {"games": train_games, "expert": True, "game_order": "cycle"})
@@ -96,6 +107,11 @@ def train_embedded_prior(
         progress=progress,
     )
     examples = [(decision_prompt(d.decision), d.action) for d in demos]
+    rng = np.random.default_rng(seed)
+    for _ in range(renumber_copies):
+        for d in demos:
+            decision, action = renumber_instances(d.decision, d.action, rng)
+            examples.append((decision_prompt(decision), action))
     cfg = PriorTrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed)
     report = train_prior(
         examples,
@@ -108,6 +124,7 @@ def train_embedded_prior(
             "demonstrations": asdict(stats),
             "episodes_per_game": episodes_per_game,
             "perturb_probability": perturb_probability,
+            "renumber_copies": renumber_copies,
         },
         progress=progress,
     )

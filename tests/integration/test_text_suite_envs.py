@@ -35,7 +35,7 @@ def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
         make_babyai_suite(
             BabyAISuiteConfig(n_train=8, n_valid=0, n_test=2), suite_dir, progress=False
         )
-    train_embedded_prior(
+    report = train_embedded_prior(
         env,
         games_dir=suite_dir,
         out_dir=prior_dir,
@@ -44,6 +44,9 @@ def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
         evaluate=False,
         progress=False,
     )
+    # ALFWorld's recipe adds one renumbered copy of each demonstration
+    copies = 2 if env == "alfworld" else 1
+    assert report["examples"] == copies * report["demonstrations"]["unique_decisions"]
 
 
 def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatch):

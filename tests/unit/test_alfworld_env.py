@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,11 @@ from cachellm_rl.envs.alfworld import (
     AlfWorldEnv,
     AlfWorldEnvConfig,
     alfworld_split_games,
+    goal_objects_text,
     inventory_text,
+    seen_names,
     split_intro,
-    visited_text,
+    unvisited_text,
 )
 from cachellm_rl.envs.alfworld_gen import (
     AlfWorldSuiteConfig,
@@ -69,19 +72,22 @@ def test_expert_solves_every_generated_game(alf_suite):
         assert e.observation_space.contains(obs)
         assert info["objective"] and "Your task" not in info["observation"]
         assert info["inventory"] == "You are not carrying anything."
-        assert info["observation"].endswith("Visited so far: nothing.")
+        places = seen_names(info["observation"])
+        assert places and info["observation"].endswith(unvisited_text(places, []))
         total, done, n, went = 0.0, False, 0, []
         while not done:
             cands = info["candidates"]
             assert not any(c.split()[0] in ("look", "inventory", "examine", "help") for c in cands)
             a = cands.index(info["expert_action"])
+            if info["expert_action"].startswith("take "):  # a goal object it has seen
+                obj, place = info["expert_action"][len("take ") :].split(" from ")
+                assert f"{obj} at {place}" in info["observation"], info["observation"]
             if info["expert_action"].startswith("go to "):
                 went.append(info["expert_action"][len("go to ") :])
             obs, r, term, trunc, info = e.step(a)
             total, n, done = total + r, n + 1, term or trunc
-            if not done:  # the observation remembers where the agent went, in order
-                places = list(dict.fromkeys(went))
-                assert info["observation"].endswith(visited_text(places)), info["observation"]
+            if not done:  # the observation remembers where the agent has not been yet
+                assert unvisited_text(places, went) in info["observation"], info["observation"]
         assert info["won"] and term and not trunc and total == 1.0
         assert info["task_type"] in game
     assert random.getstate() == before  # the expert's draws do not touch the caller's random
@@ -158,3 +164,56 @@ def test_inventory_shows_held_objects_state():
         _Fact("iscool", "lettuce 1"),  # not held: not shown
     ]
     assert inventory_text(facts) == "You are carrying: apple 2 (clean, hot), mug 1."
+
+
+def test_memory_sentences():
+    assert seen_names("You arrive at desk 1. On the desk 1, you see a mug 2, and a pen 1.") == [
+        "mug 2",
+        "pen 1",
+    ]
+    assert seen_names("You close the drawer 2.") == []
+    places = ["fridge 1", "countertop 2", "countertop 1"]
+    assert unvisited_text(places, []) == "Not visited yet: countertop 1, countertop 2, fridge 1."
+    assert unvisited_text(places, places) == "Not visited yet: none."
+    facts = [_Fact("inreceptacle", "mug 2", "desk 1"), _Fact("inreceptacle", "pen 1", "desk 1")]
+    # only objects the objective names, that were seen, and are still in a receptacle
+    assert goal_objects_text(facts, ["mug 2", "pen 1"], "put a mug in shelf.") == (
+        "Seen: mug 2 at desk 1."
+    )
+    assert goal_objects_text(facts, ["pen 1"], "put a mug in shelf.") == ""
+    assert goal_objects_text(facts[1:], ["mug 2"], "put a mug in shelf.") == ""
+
+
+def test_official_data_layout(alf_suite, tmp_path):
+    """``games_dir=$ALFWORLD_DATA``: the official folder layout (json_2.1.1/<split>/<task>/
+    <trial>/), built here from generated games (same file formats); movable, Sliced and
+    unsolvable games are skipped, splits map to train / valid_seen / valid_unseen."""
+    import shutil
+
+    root = tmp_path / "alfworld_data"
+    layout = {
+        "train": alfworld_split_games(alf_suite, "train"),
+        "valid_unseen": alfworld_split_games(alf_suite, "test"),
+    }
+    for split, games in layout.items():
+        for i, game in enumerate(games):
+            for task in (f"task-{i}", f"task-{i}-movable", f"task-{i}-Sliced"):
+                shutil.copytree(Path(game).parent, root / "json_2.1.1" / split / task / "trial_1")
+    unsolvable = root / "json_2.1.1" / "train" / "task-x" / "trial_1"
+    shutil.copytree(Path(layout["train"][0]).parent, unsolvable)
+    game = json.loads((unsolvable / "game.tw-pddl").read_text())
+    (unsolvable / "game.tw-pddl").write_text(json.dumps({**game, "solvable": False}))
+
+    train = alfworld_split_games(root, "train")
+    assert [Path(g).parent.parent.name for g in train] == ["task-0", "task-1"]
+    assert alfworld_split_games(root / "json_2.1.1", "train") == train
+    with pytest.raises(FileNotFoundError, match="valid_seen"):
+        alfworld_split_games(root, "valid")
+    e = AlfWorldEnv({"games_dir": str(root), "split": "test", "max_episode_steps": 80})
+    _, info = e.reset(seed=0)
+    done = False
+    while not done:
+        _, _, term, trunc, info = e.step(info["candidates"].index(info["expert_action"]))
+        done = term or trunc
+    assert info["won"]
+    e.close()

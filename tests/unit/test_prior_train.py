@@ -47,3 +47,34 @@ def test_trained_prior_fits_the_train_split(tw_prior):
     assert report["epoch_losses"][-1] < report["epoch_losses"][0] / 4
     assert report["direct_success"]["train"]["success_rate"] >= 0.8
     assert set(report["direct_success"]) == {"train", "test"}
+
+
+def test_renumbering_relabels_instances_consistently():
+    import numpy as np
+
+    from cachellm_rl.prior.augment import renumber_instances
+
+    d = TextDecision(
+        objective="put a mug in shelf.",
+        observation="You arrive at shelf 2. On the shelf 2, you see a mug 1. "
+        "Not visited yet: shelf 1, shelf 3. Seen: mug 1 at shelf 2. You walk 1 step.",
+        inventory="You are not carrying anything.",
+        candidates=("go to shelf 1", "go to shelf 3", "take mug 1 from shelf 2"),
+    )
+    rng = np.random.default_rng(0)
+    seen_numbers = set()
+    for _ in range(20):
+        d2, a2 = renumber_instances(d, "take mug 1 from shelf 2", rng)
+        assert a2 == d2.candidates[2]
+        shelf_here = a2.split(" from ")[1]  # the same renaming everywhere in the texts
+        assert d2.observation.startswith(f"You arrive at {shelf_here}. On the {shelf_here},")
+        assert f"Seen: {a2[5:].replace(' from ', ' at ')}." in d2.observation
+        assert d2.observation.endswith("You walk 1 step.")  # not a candidate's class
+        assert d2.objective == d.objective and d2.inventory == d.inventory
+        shelves = [c[len("go to ") :] for c in d2.candidates[:2]] + [shelf_here]
+        assert len(set(shelves)) == 3  # one-to-one
+        seen_numbers |= {int(s.split()[1]) for s in shelves}
+        assert f"Not visited yet: {shelves[0]}, {shelves[1]}." in d2.observation
+    assert max(seen_numbers) > 3  # numbers are drawn beyond the ones the room has
+    with pytest.raises(ValueError, match="max_number"):
+        renumber_instances(d, d.candidates[0], rng, max_number=0)
