@@ -237,15 +237,14 @@ def prior_finetune(
 ) -> None:
     """LoRA few-shot fine-tuning on k expert episodes of the train split; saves the adapter."""
     from cachellm_rl.envs.demos import collect_demonstrations
-    from cachellm_rl.envs.games import split_games
-    from cachellm_rl.envs.registry import default_games_dir, make_text_env
+    from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
     from cachellm_rl.prior.finetune import FinetuneConfig, finetune_lora
     from cachellm_rl.prior.train import decision_prompt
 
     _check_env_option(env)
     if shots < 1:
         raise typer.BadParameter("--shots must be >= 1")
-    train = split_games(games or default_games_dir(env), "train")[:shots]
+    train = env_split_games(env, games or default_games_dir(env), "train")[:shots]
     text_env = make_text_env(env, {"games": train, "expert": True})
     demos, _ = collect_demonstrations(text_env, train, episodes_per_game=1, seed=seed)
     text_env.close()

@@ -76,11 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool) -> None:
     """Generate the env's games and train its default prior when they are missing."""
-    from cachellm_rl.envs.games import MANIFEST
-    from cachellm_rl.envs.registry import make_games
+    from cachellm_rl.envs.registry import has_games, make_games
 
     games, prior = Path(cfg.games_dir), Path(cfg.prior_model)
-    if not (games / MANIFEST).is_file():
+    if not has_games(cfg.env, games):
         print(f"generating the {cfg.env} game suite into {games} ...", flush=True)
         make_games(cfg.env, games, progress=progress)
     if not (prior / "config.json").is_file():

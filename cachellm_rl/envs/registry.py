@@ -3,6 +3,7 @@ episode length."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,9 +30,50 @@ def env_of_suite(suite: str) -> str:
     raise ValueError(f"unknown game suite {suite!r}; known: {list(ENV_SUITES.values())}")
 
 
+def official_alfworld_dir() -> Path | None:
+    """``$ALFWORLD_DATA`` when it holds the official ALFWorld data (``json_2.1.1``, fetched
+    with ``alfworld-download``), else None."""
+    data = os.environ.get("ALFWORLD_DATA")
+    if data and (Path(data) / "json_2.1.1").is_dir():
+        return Path(data)
+    return None
+
+
 def default_games_dir(env_id: str) -> Path:
-    """Where ``cachellm-rl games make`` puts the games of ``env_id`` by default."""
-    return Path(DEFAULT_SUITES[check_env_id(env_id)])
+    """The games ``env_id`` plays by default: for ALFWorld the official data when
+    ``$ALFWORLD_DATA`` holds it, otherwise where ``cachellm-rl games make`` puts the env's
+    generated suite."""
+    if check_env_id(env_id) == "alfworld" and (official := official_alfworld_dir()):
+        return official
+    return Path(DEFAULT_SUITES[env_id])
+
+
+def has_games(env_id: str, games_dir: str | Path) -> bool:
+    """Whether ``games_dir`` holds games of ``env_id`` (a generated suite's manifest, or for
+    ALFWorld the official data)."""
+    from cachellm_rl.envs.games import MANIFEST
+
+    root = Path(games_dir)
+    if (root / MANIFEST).is_file():
+        return True
+    return check_env_id(env_id) == "alfworld" and (
+        (root / "json_2.1.1").is_dir() or root.name == "json_2.1.1"
+    )
+
+
+def env_split_games(env_id: str, games_dir: str | Path, split: str) -> list[str]:
+    """The games of ``split`` in ``games_dir``: a generated suite (its manifest) or, for
+    ALFWorld, the official data. Raises ValueError for a split the folder does not have."""
+    if check_env_id(env_id) == "alfworld":
+        from cachellm_rl.envs.alfworld import alfworld_split_games
+
+        try:
+            return alfworld_split_games(games_dir, split)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from e
+    from cachellm_rl.envs.games import split_games
+
+    return split_games(games_dir, split)
 
 
 def default_prior_dir(env_id: str) -> Path:

@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from cachellm_rl.envs.demos import collect_demonstrations
-from cachellm_rl.envs.games import split_games
-from cachellm_rl.envs.registry import check_env_id, default_games_dir, make_text_env
+from cachellm_rl.envs.registry import (
+    check_env_id,
+    default_games_dir,
+    env_split_games,
+    make_text_env,
+)
 from cachellm_rl.prior.augment import renumber_instances
 from cachellm_rl.prior.train import (
     TRAIN_REPORT,
@@ -96,7 +100,7 @@ def train_embedded_prior(
     if renumber_copies < 0:
         raise ValueError(f"renumber_copies must be >= 0, got {renumber_copies}")
     games_dir = Path(games_dir) if games_dir else default_games_dir(env_id)
-    train_games = split_games(games_dir, "train")
+    train_games = env_split_games(env_id, games_dir, "train")
     env = make_text_env(env_id, {"games": train_games, "expert": True, "game_order": "cycle"})
     demos, stats = collect_demonstrations(
         env,
@@ -170,7 +174,7 @@ def evaluate_embedded_prior(
     out = {}
     for split in splits:
         try:
-            games = split_games(games_dir, split)[:max_games]
+            games = env_split_games(env_id, games_dir, split)[:max_games]
         except ValueError:
             continue
         env = make_text_env(env_id, {"games": games, "expert": False})

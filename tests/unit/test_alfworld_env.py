@@ -29,8 +29,14 @@ from cachellm_rl.envs.alfworld_gen import (
     make_alfworld_suite,
 )
 from cachellm_rl.envs.games import load_manifest
-from cachellm_rl.envs.registry import make_text_env
+from cachellm_rl.envs.registry import (
+    default_games_dir,
+    env_split_games,
+    has_games,
+    make_text_env,
+)
 from cachellm_rl.envs.text_env import OBS_ACTION_MASK, OBS_STATE_TOKENS
+from cachellm_rl.prior.embedded import train_embedded_prior
 
 # Fast task types; pick_two exercises the expert's "move"/"put" fix.
 _CFG = AlfWorldSuiteConfig(
@@ -184,7 +190,7 @@ def test_memory_sentences():
     assert goal_objects_text(facts[1:], ["mug 2"], "put a mug in shelf.") == ""
 
 
-def test_official_data_layout(alf_suite, tmp_path):
+def test_official_data_layout(alf_suite, tmp_path, monkeypatch):
     """``games_dir=$ALFWORLD_DATA``: the official folder layout (json_2.1.1/<split>/<task>/
     <trial>/), built here from generated games (same file formats); movable, Sliced and
     unsolvable games are skipped, splits map to train / valid_seen / valid_unseen."""
@@ -209,6 +215,26 @@ def test_official_data_layout(alf_suite, tmp_path):
     assert alfworld_split_games(root / "json_2.1.1", "train") == train
     with pytest.raises(FileNotFoundError, match="valid_seen"):
         alfworld_split_games(root, "valid")
+    # $ALFWORLD_DATA holding the official data makes it ALFWorld's default games
+    monkeypatch.setenv("ALFWORLD_DATA", str(root))
+    assert default_games_dir("alfworld") == root and has_games("alfworld", root)
+    assert env_split_games("alfworld", default_games_dir("alfworld"), "train") == train
+    with pytest.raises(ValueError, match="valid_seen"):
+        env_split_games("alfworld", root, "valid")
+    report = train_embedded_prior(
+        "alfworld",
+        games_dir=None,
+        out_dir=tmp_path / "prior",
+        episodes_per_game=1,
+        epochs=1,
+        renumber_copies=0,
+        eval_splits=("valid", "test"),
+        progress=False,
+    )
+    assert report["games_dir"] == str(root) and report["train_games"] == 2
+    assert set(report["direct_success"]) == {"train", "test"}  # no valid_seen here
+    monkeypatch.delenv("ALFWORLD_DATA")
+    assert default_games_dir("alfworld") == Path("data/games/alfworld-gen")
     e = AlfWorldEnv({"games_dir": str(root), "split": "test", "max_episode_steps": 80})
     _, info = e.reset(seed=0)
     done = False

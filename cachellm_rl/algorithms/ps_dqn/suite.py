@@ -126,9 +126,9 @@ def preset(name: str, **overrides) -> TextSuiteConfig:
 
 
 def _games(cfg: TextSuiteConfig) -> list[str]:
-    from cachellm_rl.envs.games import split_games
+    from cachellm_rl.envs.registry import env_split_games
 
-    games = split_games(cfg.games_dir, cfg.split)
+    games = env_split_games(cfg.env, cfg.games_dir, cfg.split)
     return games[: cfg.num_games] if cfg.num_games else games
 
 
