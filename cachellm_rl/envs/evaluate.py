@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,6 +31,30 @@ class GreedyResult:
     @property
     def success_rate(self) -> float:
         return float(np.mean(list(self.per_game_success.values())))
+
+    def per_game_success_by_name(self) -> dict[str, float]:
+        """Per-game success keyed by :func:`short_game_names` instead of full paths."""
+        names = short_game_names(list(self.per_game_success))
+        return {names[g]: s for g, s in self.per_game_success.items()}
+
+
+def short_game_names(games: Sequence[str]) -> dict[str, str]:
+    """The shortest path tails that tell ``games`` apart: the file name, unless several games
+    share it (every ALFWorld game is a ``game.tw-pddl``), then with its parent folders.
+
+    Example:
+        >>> short_game_names(["/s/test/a.z8", "/s/test/b.z8"])
+        {'/s/test/a.z8': 'a.z8', '/s/test/b.z8': 'b.z8'}
+        >>> short_game_names(["/s/test/t1/game.tw-pddl", "/s/test/t2/game.tw-pddl"])
+        {'/s/test/t1/game.tw-pddl': 't1/game.tw-pddl', '/s/test/t2/game.tw-pddl': 't2/game.tw-pddl'}
+    """
+    unique = list(dict.fromkeys(str(g) for g in games))
+    depth = max((len(Path(g).parts) for g in unique), default=1)
+    for k in range(1, depth + 1):
+        names = ["/".join(Path(g).parts[-k:]) for g in unique]
+        if len(set(names)) == len(unique):
+            return dict(zip(unique, names, strict=True))
+    return {g: g for g in unique}
 
 
 def greedy_evaluate(

@@ -256,6 +256,6 @@ def evaluate_direct_prior(
         success_rate=res.success_rate,
         mean_return=float(np.mean(res.returns)),
         mean_steps=float(np.mean(res.lengths)),
-        per_game_success={Path(g).name: bool(s) for g, s in res.per_game_success.items()},
+        per_game_success={g: bool(s) for g, s in res.per_game_success_by_name().items()},
         lm_calls=res.decisions,
     )

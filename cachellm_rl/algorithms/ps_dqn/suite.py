@@ -166,7 +166,7 @@ def _eval_row(method, seed, res, stats, extra) -> dict:
         "success_ci95_games": binomial_ci95(succ),
         "return_mean": float(np.mean(res.returns)),
         "eval_episode_length_mean": float(np.mean(res.lengths)),
-        "per_game_success": {Path(g).name: s for g, s in res.per_game_success.items()},
+        "per_game_success": res.per_game_success_by_name(),
         "lm_queries": int(stats.get("lm_queries", 0)),
         "hit_rate": stats.get("hit_rate"),
         **extra,
