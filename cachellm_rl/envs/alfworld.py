@@ -275,6 +275,13 @@ def next_expert_command(env, expert: HandCodedExpert, state, last: str, allowed)
     return None, state
 
 
+def is_official_data(path: str | Path) -> bool:
+    """Whether ``path`` is the official ALFWorld data: ``$ALFWORLD_DATA`` holding
+    ``json_2.1.1``, or that folder itself."""
+    root = Path(path)
+    return (root / OFFICIAL_ROOT).is_dir() or (root.name == OFFICIAL_ROOT and root.is_dir())
+
+
 def official_split_games(data_dir: str | Path, split: str) -> list[str]:
     """Solvable ``game.tw-pddl`` files of a split of the official ALFWorld data.
 

@@ -33,10 +33,10 @@ def env_of_suite(suite: str) -> str:
 def official_alfworld_dir() -> Path | None:
     """``$ALFWORLD_DATA`` when it holds the official ALFWorld data (``json_2.1.1``, fetched
     with ``alfworld-download``), else None."""
+    from cachellm_rl.envs.alfworld import is_official_data
+
     data = os.environ.get("ALFWORLD_DATA")
-    if data and (Path(data) / "json_2.1.1").is_dir():
-        return Path(data)
-    return None
+    return Path(data) if data and is_official_data(data) else None
 
 
 def default_games_dir(env_id: str) -> Path:
@@ -53,12 +53,13 @@ def has_games(env_id: str, games_dir: str | Path) -> bool:
     ALFWorld the official data)."""
     from cachellm_rl.envs.games import MANIFEST
 
-    root = Path(games_dir)
-    if (root / MANIFEST).is_file():
+    if (Path(games_dir) / MANIFEST).is_file():
         return True
-    return check_env_id(env_id) == "alfworld" and (
-        (root / "json_2.1.1").is_dir() or root.name == "json_2.1.1"
-    )
+    if check_env_id(env_id) != "alfworld":
+        return False
+    from cachellm_rl.envs.alfworld import is_official_data
+
+    return is_official_data(games_dir)
 
 
 def env_split_games(env_id: str, games_dir: str | Path, split: str) -> list[str]:
