@@ -25,6 +25,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy cachellm_rl
 
 demo: $(VENV)/.installed
 	$(PY) experiments/text_suite.py --preset quick

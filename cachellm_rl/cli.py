@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -19,8 +22,31 @@ app.add_typer(games_app, name="games")
 DEFAULT_GAMES_DIR = Path("data/games")
 DEFAULT_PRIOR_DIR = Path("artifacts/priors")
 
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a user error as one line on stderr; return the exit (code 2) to raise."""
+    print(f"cachellm-rl: error: {message}", file=sys.stderr)
+    return typer.Exit(code=2)
+
+
+def user_errors(fn: F) -> F:
+    """Turn the library's input errors (``ValueError``, ``FileNotFoundError``) into one line
+    on stderr and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    return wrapped  # type: ignore[return-value]
+
 
 @app.command()
+@user_errors
 def info() -> None:
     """Print versions and what hardware the scorer would use."""
     import faiss
@@ -47,6 +73,7 @@ def info() -> None:
 
 
 @prior_app.command("score")
+@user_errors
 def prior_score(
     model: Annotated[Path, typer.Option(help="Local Hugging Face model directory.")],
     state: Annotated[str, typer.Option(help="State / observation text.")],
@@ -73,6 +100,7 @@ def prior_score(
 
 
 @prior_app.command("make-tiny")
+@user_errors
 def prior_make_tiny(
     out: Annotated[Path, typer.Argument(help="Directory to write the model into.")],
     corpus: Annotated[
@@ -88,6 +116,7 @@ def prior_make_tiny(
 
 
 @games_app.command("make")
+@user_errors
 def games_make(
     suite: Annotated[
         str, typer.Option(help="Game suite: cooking, alfworld-gen or babyai.")
@@ -116,21 +145,20 @@ def games_make(
     """
     from cachellm_rl.envs.registry import env_of_suite, make_games
 
-    try:
-        env_id = env_of_suite(suite)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--suite") from e
+    env_id = env_of_suite(suite)
     target = out or DEFAULT_GAMES_DIR / suite
     if env_id == "textworld" and food_splits:
         from cachellm_rl.envs.games import SuiteConfig, make_suite
+        from cachellm_rl.envs.registry import SuiteCounts
 
-        counts = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
-        cfg = SuiteConfig(
-            **{k: v for k, v in counts.items() if v is not None}, seed=seed, food_splits=True
-        )
+        counts: SuiteCounts = {"seed": seed}
+        for key, value in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
+            if value is not None:
+                counts[key] = value  # type: ignore[literal-required]
+        cfg = SuiteConfig(**counts, food_splits=True)
         manifest = make_suite(cfg, target)
     elif food_splits:
-        raise typer.BadParameter("--food-splits applies to the cooking suite only")
+        raise ValueError("--food-splits applies to the cooking suite only")
     else:
         manifest = make_games(
             env_id, target, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=seed
@@ -142,13 +170,11 @@ def games_make(
 def _check_env_option(env: str) -> None:
     from cachellm_rl.envs.registry import check_env_id
 
-    try:
-        check_env_id(env)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--env") from e
+    check_env_id(env)
 
 
 @prior_app.command("train")
+@user_errors
 def prior_train(
     env: Annotated[
         str,
@@ -170,7 +196,8 @@ def prior_train(
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default per env).")] = None,
     max_minutes: Annotated[
-        float | None, typer.Option(help="Training time budget (default per env).")
+        float | None,
+        typer.Option(help="Safety cap on training minutes (training ends after --epochs)."),
     ] = None,
     evaluate: Annotated[bool, typer.Option(help="Measure direct-prior success after.")] = True,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -194,6 +221,7 @@ def prior_train(
 
 
 @prior_app.command("evaluate")
+@user_errors
 def prior_evaluate(
     env: Annotated[str, typer.Option(help="Environment: textworld, alfworld or babyai.")],
     model: Annotated[
@@ -220,6 +248,7 @@ def prior_evaluate(
 
 
 @prior_app.command("finetune")
+@user_errors
 def prior_finetune(
     model: Annotated[Path, typer.Option(help="Local Hugging Face model directory (the base).")],
     shots: Annotated[int, typer.Option(help="Expert episodes (k) to fine-tune on.")] = 5,
@@ -243,7 +272,7 @@ def prior_finetune(
 
     _check_env_option(env)
     if shots < 1:
-        raise typer.BadParameter("--shots must be >= 1")
+        raise ValueError("--shots must be >= 1")
     train = env_split_games(env, games or default_games_dir(env), "train")[:shots]
     text_env = make_text_env(env, {"games": train, "expert": True})
     demos, _ = collect_demonstrations(text_env, train, episodes_per_game=1, seed=seed)
@@ -256,6 +285,7 @@ def prior_finetune(
 
 
 @cache_app.command("inspect")
+@user_errors
 def cache_inspect(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot root (with LATEST) or snap-* folder.")],
 ) -> None:
@@ -264,9 +294,65 @@ def cache_inspect(
 
     cache = AdaptiveCache.restore(snapshot)
     s = cache.snapshot_stats()
-    out = {k: v for k, v in s.as_flat_dict().items() if not k.startswith("latency")}
+    out: dict[str, object] = {
+        k: v for k, v in s.as_flat_dict().items() if not k.startswith("latency")
+    }
     out.update(model_version=cache.model_version, encoder_tag=cache.encoder_tag)
     print(json.dumps(out, indent=2))
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate(
+    checkpoint: Annotated[
+        Path, typer.Option(help="A checkpoint folder (a results folder's checkpoints/<run>).")
+    ],
+    env: Annotated[str, typer.Option(help="Environment: textworld, alfworld or babyai.")],
+    games: Annotated[
+        Path | None, typer.Option(help="Game suite folder (default: the env's suite).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of the suite to play.")] = "test",
+    num_games: Annotated[int, typer.Option(help="The first N games of the split (0 = all).")] = 0,
+    prior_model: Annotated[
+        Path | None,
+        typer.Option(help="Prior model folder (default: the one the checkpoint was trained with)."),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(help="Read the prior through a shared cache actor and Serve (needs Ray)."),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Play a trained agent greedily (argmax of its posterior) on a suite's games.
+
+    The checkpoint's metadata must match the env, its observation encoding and the prior
+    (model version) given; otherwise nothing is played. Prints success and return.
+    """
+    from cachellm_rl.algorithms.ps_dqn.checkpoints import evaluate_checkpoint
+
+    _check_env_option(env)
+    if num_games < 0:
+        raise ValueError("--num-games must be >= 0")
+    res = evaluate_checkpoint(
+        checkpoint,
+        env=env,
+        games_dir=games,
+        split=split,
+        num_games=num_games,
+        prior_model=prior_model,
+        through_cache=cache,
+    )
+    for game, won in res["per_game_success"].items():
+        print(f"{'won ' if won else 'lost'}  {game}")
+    print(
+        f"{res['method']} ({res['protocol']}, {res['env_steps']} env steps): success "
+        f"{res['success']:.3f} over {res['games']} games, mean return {res['return_mean']:.3f}"
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

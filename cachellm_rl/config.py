@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ class RayInitConfig:
         include_dashboard: Start the dashboard (loopback only).
         namespace: Ray namespace of the driver.
         address: Cluster address (e.g. ``"auto"``); None starts a local Ray.
+        log_to_driver: Forward worker processes' output to the driver's terminal (quiet runs
+            turn it off; the output stays in Ray's session logs under ``temp_dir``).
     """
 
     num_cpus: int | None = 2
@@ -28,6 +31,7 @@ class RayInitConfig:
     include_dashboard: bool = False
     namespace: str = "cachellm_rl"
     address: str | None = None
+    log_to_driver: bool = True
 
 
 def default_temp_dir() -> str:
@@ -57,7 +61,9 @@ def init_ray(config: RayInitConfig | None = None, **overrides):
         return ray.get_runtime_context()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.address is not None or os.environ.get("RAY_ADDRESS"):
-        return ray.init(address=cfg.address, namespace=cfg.namespace)
+        return ray.init(
+            address=cfg.address, namespace=cfg.namespace, log_to_driver=cfg.log_to_driver
+        )
     temp_dir = cfg.temp_dir or default_temp_dir()
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     return ray.init(
@@ -65,7 +71,7 @@ def init_ray(config: RayInitConfig | None = None, **overrides):
         include_dashboard=cfg.include_dashboard,
         namespace=cfg.namespace,
         _temp_dir=temp_dir,
-        log_to_driver=True,
+        log_to_driver=cfg.log_to_driver,
         configure_logging=True,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
     )

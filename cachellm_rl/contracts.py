@@ -1,4 +1,4 @@
-"""Wire contracts shared by the prior server, the cache actor and its callers (DESIGN §3).
+"""Wire contracts of the prior server, the cache actor and its callers (see docs/architecture.md).
 
 Everything here is plain picklable data: numpy arrays, never torch tensors, cross process
 boundaries.
@@ -72,7 +72,7 @@ class PriorResponse:
 
 @dataclass(frozen=True)
 class CacheQuery:
-    """A caller's question to the shared cache (DESIGN §3).
+    """A caller's question to the shared cache (see docs/architecture.md).
 
     The caller computes the exact key and the embedding, so encoding runs in the env runners in
     parallel and the cache actor never becomes the encoding bottleneck.
@@ -117,7 +117,7 @@ class LookupResult:
         similarity: Cosine similarity of the matched entry (1.0 for exact, None on a miss).
         coverage: Fraction of the caller's candidates present in the matched entry.
         entry_id: Id of the matched entry, or -1.
-        refresh: True when this hit was drawn for a background refresh (§4.4).
+        refresh: True when this hit was drawn for a background refresh (see docs/cache.md).
     """
 
     tier: HitTier

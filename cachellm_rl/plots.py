@@ -45,6 +45,7 @@ def plot_curves(
     title: str,
     x: str = "env_steps",
     logy: bool = False,
+    hlines: Mapping[str, float] | None = None,
 ) -> Path:
     """One line per method (mean over seeds, shaded standard error) of ``y`` against ``x``.
 
@@ -56,6 +57,7 @@ def plot_curves(
         title: Plot title.
         x: X column.
         logy: Log-scale y axis.
+        hlines: Reference levels drawn as dashed horizontal lines (e.g. ``direct_lm``).
 
     Returns:
         ``out``.
@@ -74,6 +76,8 @@ def plot_curves(
             continue
         ax.plot(grid, mean, label=method)
         ax.fill_between(grid, mean - se, mean + se, alpha=0.2)
+    for k, (label, level) in enumerate((hlines or {}).items()):
+        ax.axhline(level, linestyle="--", color=f"C{(len(by) + k) % 10}", label=label)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -106,8 +110,8 @@ def plot_latency_histogram(
         1, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 3.2), squeeze=False
     )
     for ax, m in zip(axes[0], methods, strict=False):
-        edges, hits, misses = histograms[m]
-        edges = np.asarray(edges)
+        bucket_edges, hits, misses = histograms[m]
+        edges = np.asarray(bucket_edges)
         centers = np.sqrt(edges[:-1] * edges[1:])
         widths = np.diff(edges)
         for counts, label in ((hits, "hit"), (misses, "miss")):

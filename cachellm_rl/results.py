@@ -1,4 +1,4 @@
-"""Results folders (DESIGN §5): resolved config, per-run rows, aggregates with 95% CIs,
+"""Results folders (see docs/results.md): resolved config, per-run rows, aggregates with 95% CIs,
 ``table.md``, PNG plots and TensorBoard events. Shared by the experiment suites.
 """
 
@@ -142,8 +142,8 @@ class TensorBoardLogger:
             return
         self._writer = SummaryWriter(log_dir=str(logdir))
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Log finite scalar values at ``step``."""
+    def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        """Log the finite scalar values at ``step`` (None and NaN are skipped)."""
         if self._writer is None:
             return
         for k, v in values.items():

@@ -9,15 +9,16 @@ On a running Ray cluster (see the README for Ray 2.60's token auth):
 
 Each env's games and embedded default prior are created on first use when missing. Results go to
 ``results/text_suite-<timestamp>/`` (or ``--out``): config.json, runs.jsonl, curves.jsonl,
-summary.json, table.md, PNG plots and TensorBoard events under tb/. With several envs each env
-has these in its own ``<env>/`` subfolder, and the top level holds the all-envs summary.json and
-table.md.
+summary.json, table.md, PNG plots, TensorBoard events under tb/, an RLlib checkpoint per RL run
+under checkpoints/ and run.log (library logs; ``-v`` shows them on the terminal instead). With
+several envs each env has these in its own ``<env>/`` subfolder, and the top level holds the
+all-envs summary.json and table.md. Running again with the same ``--out`` resumes an interrupted
+run. See docs/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -27,8 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / job dir
 
 from cachellm_rl.algorithms.ps_dqn.methods import METHODS
+from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES
 from cachellm_rl.algorithms.ps_dqn.suite import (
     PRESETS,
+    PROTOCOLS,
     TextSuiteConfig,
     preset,
     run_text_suite,
@@ -36,6 +39,7 @@ from cachellm_rl.algorithms.ps_dqn.suite import (
 )
 from cachellm_rl.config import init_ray
 from cachellm_rl.envs.registry import TEXT_ENVS, check_env_id
+from cachellm_rl.logs import run_log
 from cachellm_rl.results import new_results_dir
 
 
@@ -55,6 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-model", type=Path, default=None, help="HF model dir (one env only)")
     p.add_argument("--prior-temperature", type=float, default=None, help="T_prior")
     p.add_argument("--soft-q-prior", action="store_true", help="KL-regularised soft-Q target")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: same_games")
+    p.add_argument("--prior-weight", type=float, default=None, help="beta of the posterior")
+    p.add_argument("--schedule", choices=TEMPERATURE_SCHEDULES, default=None, help="T schedule")
+    p.add_argument("--temperature", type=float, default=None, help="T (fixed) or T_0")
+    p.add_argument("--temperature-final", type=float, default=None, help="last T (annealed)")
+    p.add_argument("--lr", type=float, default=None, help="Q-network learning rate")
+    p.add_argument("--split", default=None, help="evaluation split (default: test)")
+    p.add_argument("--eval-every", type=int, default=None, help="greedy eval every N env steps")
+    p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default 2)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,7 +104,7 @@ def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool) -> None:
         )
 
 
-def run_env(cfg: TextSuiteConfig, out: Path) -> dict:
+def run_env(cfg: TextSuiteConfig, out: Path, console=None) -> dict:
     """Deploy the env's prior behind Serve (replacing the previous env's) and run the suite."""
     from cachellm_rl.prior.scoring import ScorerConfig
     from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
@@ -106,14 +119,11 @@ def run_env(cfg: TextSuiteConfig, out: Path) -> dict:
             num_cpus=0,
         )
     )
-    return run_text_suite(cfg, out)
+    return run_text_suite(cfg, out, console=console)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    progress = not args.no_progress
+def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
+    """One suite config per env from the command line (ValueError on a bad value)."""
     cfgs = []
     for env in args.envs:
         cfg = preset(
@@ -123,21 +133,51 @@ def main(argv: list[str] | None = None) -> int:
             seeds=tuple(range(args.seeds)) if args.seeds else None,
             env_steps=args.env_steps,
             num_games=args.num_games,
+            split=args.split,
+            protocol=args.protocol,
             max_episode_steps=args.max_episode_steps,
             num_env_runners=args.num_env_runners,
             games_dir=str(args.games) if args.games else None,
             prior_model=str(args.prior_model) if args.prior_model else None,
             prior_temperature=args.prior_temperature,
-            progress=progress,
+            eval_every_env_steps=args.eval_every,
+            progress=not args.no_progress,
         )
+        s = cfg.settings
+        post = {
+            "prior_weight": args.prior_weight,
+            "schedule": args.schedule,
+            "temperature": args.temperature,
+            "temperature_final": args.temperature_final,
+        }
+        post = {k: v for k, v in post.items() if v is not None}
+        if post:
+            s = replace(s, posterior=replace(s.posterior, **post))
         if args.soft_q_prior:
-            cfg = replace(cfg, settings=replace(cfg.settings, soft_q_prior=True))
-        cfgs.append(cfg)
-    for cfg in cfgs:
-        ensure_inputs(cfg, progress=progress)
+            s = replace(s, soft_q_prior=True)
+        if args.lr is not None:
+            s = replace(s, lr=args.lr)
+        cfgs.append(replace(cfg, settings=s))
+    return cfgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        cfgs = build_configs(args)
+    except ValueError as e:
+        print(f"text_suite.py: error: {e}", file=sys.stderr)
+        return 2
     out = new_results_dir("text_suite", args.out)
     print(f"results -> {out}", flush=True)
+    with run_log(out / "run.log", verbose=args.verbose) as console:
+        for cfg in cfgs:
+            ensure_inputs(cfg, progress=cfg.progress)
+        return run_all(cfgs, args, out, console)
 
+
+def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, console) -> int:
     import ray
     from ray import serve
 
@@ -145,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     owns_ray = not ray.is_initialized()  # a caller's Ray (e.g. a test session) is left running
-    init_ray(**({"num_cpus": args.num_cpus} if args.num_cpus else {}))
+    init_ray(log_to_driver=args.verbose, **({"num_cpus": args.num_cpus} if args.num_cpus else {}))
     summaries: dict[str, dict] = {}
     try:
         for cfg in cfgs:
             env_out = out if len(cfgs) == 1 else out / cfg.env
             env_out.mkdir(parents=True, exist_ok=True)
-            summaries[cfg.env] = run_env(cfg, env_out)
+            summaries[cfg.env] = run_env(cfg, env_out, console)
             print((env_out / "table.md").read_text(), flush=True)
     finally:
         if owns_ray:

@@ -68,7 +68,7 @@ def tw_prior(tw_suite, tmp_path_factory):
         out_dir=out,
         episodes_per_game=4,
         epochs=16,
-        max_minutes=3.0,
+        max_minutes=15.0,  # a safety cap: 16 epochs take about a minute
         eval_splits=("test",),
         progress=False,
     )

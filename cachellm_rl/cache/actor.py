@@ -1,5 +1,5 @@
 """``SharedPriorCache``: the adaptive cache as a named async Ray actor shared by all rollout
-workers (DESIGN §2, §3, §6). A thin shell around :class:`AdaptiveCache` and
+workers (see docs/architecture.md). A thin shell around :class:`AdaptiveCache` and
 :class:`MetaOptimizer`; the LM is reached through the ``PriorServer`` Serve application.
 
 Reliability: an LM call has a timeout; on failure or timeout the caller gets the nearest cached
@@ -179,6 +179,7 @@ class SharedPriorCache:
         for i, q in enumerate(queries):
             r = self._cache.lookup(q, min_cosine_similarity=tau)
             if r.hit:
+                assert r.logp is not None, "a cache hit always carries its prior"
                 ms = (time.perf_counter() - t0) * 1e3
                 src = (
                     PriorSource.CACHE_EXACT
@@ -295,6 +296,7 @@ class SharedPriorCache:
         task.add_done_callback(self._background.discard)
 
     async def _refresh(self, q: CacheQuery, hit: LookupResult) -> None:
+        assert hit.logp is not None, "only hits are refreshed and a hit carries its prior"
         try:
             fresh = await self._call_lm(q.request)
             m = self._cache.apply_refresh(

@@ -1,4 +1,4 @@
-"""The adaptive semantic cache of priors (DESIGN §4.3, §4.4): plain Python, no Ray.
+"""The adaptive semantic cache of priors (see docs/cache.md): plain Python, no Ray.
 
 Lookup goes exact tier first (hash of canonical text, candidate set and versions), then the
 semantic tier: the nearest cached state by cosine similarity is a hit when
@@ -160,7 +160,7 @@ def align_prior(
     candidates: tuple[str, ...] | list[str],
     missing_action_margin: float,
 ) -> tuple[np.ndarray, float]:
-    """Align a cached prior to the caller's candidates (DESIGN §4.3).
+    """Align a cached prior to the caller's candidates (see docs/cache.md).
 
     Args:
         entry_actions: Actions stored in the entry.
@@ -213,7 +213,7 @@ def top1_regret(fresh_logp: np.ndarray, cached_logp: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class RefreshMeasure:
-    """What one refresh measured (DESIGN §4.4).
+    """What one refresh measured (see docs/cache.md).
 
     Attributes:
         kl: ``KL(fresh || cached)``.
@@ -308,7 +308,7 @@ class CacheStats:
 
 @dataclass
 class WindowCounters:
-    """Signals accumulated since the last meta-update (DESIGN §4.5)."""
+    """Signals accumulated since the last meta-update (see docs/cache.md)."""
 
     decisions: int = 0
     hits: int = 0
@@ -336,7 +336,7 @@ class _Entry:
 
 
 class AdaptiveCache:
-    """Semantic cache of LM priors with exact and semantic tiers (DESIGN §4.3-4.4).
+    """Semantic cache of LM priors with exact and semantic tiers (see docs/cache.md).
 
     Not thread-safe: the shared actor serialises calls.
 
@@ -614,7 +614,7 @@ class AdaptiveCache:
             while len(self._ghost) > self.config.ghost_entries:
                 self._ghost.popitem(last=False)
 
-    # -- refresh (§4.4) -----------------------------------------------------------------------
+    # -- refresh (see docs/cache.md) ----------------------------------------------------------
     def apply_refresh(
         self,
         query: CacheQuery,

@@ -1,10 +1,11 @@
 """Caller side of the shared cache (runs in env runners): prompts, exact keys and memoised
 embeddings are computed here, in parallel across workers, and sent to the actor in one call per
-vector step (DESIGN §2, §3).
+vector step (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class PriorCacheClient:
         self._actor = None
         self._prior_version: str | None = None
         self.calls = 0
+        self.last_encode_s = 0.0  # seconds the last build_queries spent encoding
 
     @property
     def actor(self):
@@ -90,10 +92,12 @@ class PriorCacheClient:
         version = self.prior_version()
         tag = getattr(self.encoder, "tag", "")
         texts = [s.key_text() for s in states]
+        t0 = time.perf_counter()
         if self.encoder is not None and states:
             embeddings = list(self.encoder.encode(texts))
         else:
             embeddings = [None] * len(states)
+        self.last_encode_s = time.perf_counter() - t0
         queries = []
         for s, text, emb in zip(states, texts, embeddings, strict=True):
             prompt = build_prompt(
@@ -123,3 +127,53 @@ class PriorCacheClient:
             if r.model_version and r.model_version != self._prior_version and not r.stale:
                 self._prior_version = r.model_version  # the server was updated
         return results
+
+
+class DirectPriorClient:
+    """The :class:`PriorCacheClient` interface without Ray: every state is scored by an
+    in-process :class:`~cachellm_rl.prior.scoring.CandidateScorer` (uncached). For tools that
+    play a trained agent in a plain process, e.g. ``cachellm-rl evaluate``.
+
+    Args:
+        scorer: The scorer (its ``model_version`` is the prior version).
+        prompt_config: Prompt layout (the same as the cache client's).
+    """
+
+    def __init__(self, scorer, *, prompt_config: PromptConfig | None = None) -> None:
+        self.scorer = scorer
+        self.prompt_config = prompt_config or PromptConfig()
+        self.calls = 0
+
+    def prior_version(self) -> str:
+        """The scorer's model version."""
+        return str(self.scorer.model_version)
+
+    def get_priors(self, states: Sequence[TextState]) -> list[PriorResult]:
+        """One LM scoring per state; always returns usable priors."""
+        from cachellm_rl.contracts import PriorSource
+
+        requests = [
+            PriorRequest(
+                prompt=build_prompt(
+                    state=s.observation,
+                    objective=s.objective,
+                    inventory=s.inventory,
+                    candidates=s.candidates,
+                    config=self.prompt_config,
+                ),
+                candidates=tuple(s.candidates),
+            )
+            for s in states
+        ]
+        self.calls += 1
+        out = []
+        for resp in self.scorer.score(requests):
+            out.append(
+                PriorResult(
+                    logp=resp.logp,
+                    source=PriorSource.LM,
+                    latency_ms=0.0,
+                    model_version=resp.model_version,
+                )
+            )
+        return out

@@ -1,4 +1,4 @@
-"""State encoders: the cache key embeddings (DESIGN §2, §4.3).
+"""State encoders: the cache key embeddings (see docs/cache.md).
 
 Encoding runs on the caller side (env runners), batched and memoised by exact text, so the shared
 cache actor never becomes the encoding bottleneck.
@@ -18,7 +18,7 @@ import numpy as np
 
 @runtime_checkable
 class VectorStateEncoder(Protocol):
-    """Maps numeric states to L2-normalised float32 embeddings (continuous envs, DESIGN §4.9).
+    """Maps numeric states to L2-normalised float32 embeddings (continuous envs; see docs/cache.md).
 
     Attributes:
         dim: Embedding dimension.
@@ -102,11 +102,17 @@ class TextStateEncoder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._model = SentenceTransformer(model_dir, device=device, local_files_only=True)
         if self.config.max_tokens is not None:
-            self._model.max_seq_length = min(self.config.max_tokens, self._model.max_seq_length)
+            limit = self._model.max_seq_length  # None: the model sets no limit of its own
+            self._model.max_seq_length = (
+                self.config.max_tokens if limit is None else min(self.config.max_tokens, limit)
+            )
         get_dim = getattr(self._model, "get_embedding_dimension", None) or (
             self._model.get_sentence_embedding_dimension
         )
-        self.dim = int(get_dim())
+        dim = get_dim()
+        if dim is None:
+            raise ValueError(f"text encoder {model_dir!r} reports no fixed embedding dimension")
+        self.dim = int(dim)
         h = hashlib.blake2b(digest_size=6)
         h.update(model_dir.rsplit("/", 1)[-1].encode())
         for p in sorted(Path(model_dir).glob("*.safetensors")):

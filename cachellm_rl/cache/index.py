@@ -1,4 +1,4 @@
-"""FAISS index of unit state embeddings with stable int64 ids (DESIGN §4.3).
+"""FAISS index of unit state embeddings with stable int64 ids (see docs/cache.md).
 
 Inner product on L2-normalised vectors is cosine similarity. The index is exact (flat) while it is
 small and switches to HNSW above ``hnsw_threshold`` entries. HNSW has no native removal, so removed
@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,8 @@ class PriorIndex:
         self.config = config
         self._vectors: dict[int, np.ndarray] = {}
         self._tombstones: set[int] = set()
-        self._index = None
+        # Assigned a faiss index by ``_new_index`` below; faiss ships no type stubs.
+        self._index: Any = None
         self.kind = "flat"
         self.rebuilds = 0
         self._new_index("flat")
@@ -130,17 +132,17 @@ class PriorIndex:
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (unknown ids are ignored)."""
-        ids = [
+        known = [
             int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1) if int(i) in self._vectors
         ]
-        if not ids:
+        if not known:
             return
-        for i in ids:
+        for i in known:
             del self._vectors[i]
         if self.kind == "flat":
-            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
+            self._index.remove_ids(np.asarray(known, dtype=np.int64))
             return
-        self._tombstones.update(ids)
+        self._tombstones.update(known)
         if len(self._vectors) <= self.config.hnsw_threshold // 2:
             self._rebuild("flat")
         elif len(self._tombstones) > self.config.rebuild_tombstone_fraction * len(self._vectors):

@@ -1,4 +1,4 @@
-"""Exact-tier keys of the cache (DESIGN §2, §4.3)."""
+"""Exact-tier keys of the cache (see docs/cache.md)."""
 
 from __future__ import annotations
 

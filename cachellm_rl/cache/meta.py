@@ -1,5 +1,6 @@
-"""Online meta-optimisation of the cache parameters (K, tau, rho) — DESIGN §4.5 — and the
-posterior temperature schedule of §4.6. Pure functions and small state machines, no Ray.
+"""Online meta-optimisation of the cache parameters (K, tau, rho) (see docs/cache.md) and the
+posterior temperature schedule (see docs/algorithms.md). Pure functions and small state machines,
+no Ray.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class MetaConfig:
 
 @dataclass(frozen=True)
 class WindowSignals:
-    """Measured signals of one window (DESIGN §4.5).
+    """Measured signals of one window (see docs/cache.md).
 
     Attributes:
         decisions: Decisions in the window.
@@ -173,7 +174,7 @@ def is_stale(s: WindowSignals, cfg: MetaConfig) -> bool | None:
 
 
 def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> CacheParams:
-    """One projected heuristic step (DESIGN §4.5).
+    """One projected heuristic step (see docs/cache.md).
 
     - tau up when the cache is stale (:func:`is_stale`); down when it is not and the hit rate
       is under target (nothing measured yet: only the hit-rate rule applies);
@@ -335,7 +336,7 @@ class MetaOptimizer:
 
 
 def posterior_temperature(hit_rate: float, *, t0: float = 1.0, t_min: float = 0.1) -> float:
-    """``T(h) = T_min + (T_0 - T_min)(1 - h)`` (DESIGN §4.6), with ``h`` clipped to [0, 1].
+    """``T(h) = T_min + (T_0 - T_min)(1 - h)``, ``h`` clipped to [0, 1] (see docs/algorithms.md).
 
     Example:
         >>> posterior_temperature(0.0, t0=1.0, t_min=0.1)

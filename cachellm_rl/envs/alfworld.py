@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cachellm_rl.envs.game_env import GameTextEnv, SuiteEnvConfig, kept_candidates
 from cachellm_rl.envs.text_env import (
@@ -359,7 +360,7 @@ class AlfWorldEnvConfig(SuiteEnvConfig):
         return alfworld_split_games(games_dir, split)
 
 
-class AlfWorldEnv(GameTextEnv):
+class AlfWorldEnv(GameTextEnv[Any]):  # ALFWorld's TextWorld PDDL envs are untyped
     """An ALFWorld text game as ``Dict(state_tokens, action_tokens, action_mask)`` observations
     and ``Discrete(max_actions)`` actions (index into ``info["candidates"]``).
 
@@ -405,7 +406,7 @@ class AlfWorldEnv(GameTextEnv):
             return None, state
         assert self._decision is not None
         allowed = self._decision.candidates[: self.config.obs.max_actions]
-        return next_expert_command(self._env, self._expert, state, last, allowed)
+        return next_expert_command(self._open_env, self._expert, state, last, allowed)
 
     def _info(self, state) -> dict:
         won = bool(state["won"])
@@ -426,7 +427,7 @@ class AlfWorldEnv(GameTextEnv):
         """Start an episode; ``options={"game": path}`` plays a given game."""
         self._begin_episode(seed, options)
         self._visited, self._seen = [], []
-        state = self._env.reset()
+        state = self._open_env.reset()
         observation, self._task = split_intro(state["feedback"])
         self._places = seen_names(observation)
         params = read_task_params(self._game)
@@ -441,7 +442,7 @@ class AlfWorldEnv(GameTextEnv):
             )
             self._expert.observe_intro(state["feedback"])
             # ALFWorld's expert starts from a "look" (state-preserving, run unseen).
-            state, _, _ = self._env.step("look")
+            state, _, _ = self._open_env.step("look")
             self._expert_action, state = self._update_expert(state, "look")
         info = self._info(state)
         return self._obs, info
@@ -450,7 +451,7 @@ class AlfWorldEnv(GameTextEnv):
         command = self._command(action)
         if command is None:
             return self._noop_step()
-        state, _, _ = self._env.step(command)
+        state, _, _ = self._open_env.step(command)
         place = command[len("go to ") :] if command.startswith("go to ") else None
         if place and place not in self._visited and state["feedback"].startswith("You arrive"):
             self._visited.append(place)

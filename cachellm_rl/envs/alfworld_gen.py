@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -96,8 +97,8 @@ class AlfWorldSuiteConfig:
     """
 
     n_train: int = 200
-    n_valid: int = 12
-    n_test: int = 12
+    n_valid: int = 30
+    n_test: int = 30
     task_types: tuple[str, ...] = TASK_TYPES
     valid_floor_plans_per_room: int = 2
     min_distractors: int = 2
@@ -512,7 +513,7 @@ def make_alfworld_suite(
                 **record,
             }
         )
-    manifest = {"suite": SUITE, "config": asdict(config), "games": entries}
+    manifest: dict[str, Any] = {"suite": SUITE, "config": asdict(config), "games": entries}
     write_manifest(root, manifest)
     manifest["generated"] = made
     return manifest

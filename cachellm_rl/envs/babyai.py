@@ -35,6 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -51,6 +52,9 @@ from cachellm_rl.envs.text_env import (
     TextDecision,
     TextObsConfig,
 )
+
+if TYPE_CHECKING:
+    from minigrid.core.world_object import WorldObj
 
 SUITE = "babyai"
 # Candidate i is minigrid action i (Actions.left ... Actions.toggle; ``done`` is left out).
@@ -111,7 +115,7 @@ class ObjectMemory:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, object] = {}
+        self._seen: dict[int, WorldObj] = {}
 
     def reset(self) -> None:
         self._seen.clear()
@@ -354,7 +358,7 @@ class BabyAIEnvConfig(SuiteEnvConfig):
             )
 
 
-class BabyAIEnv(GameTextEnv):
+class BabyAIEnv(GameTextEnv[BabyAIGame]):
     """A BabyAI level as ``Dict(state_tokens, action_tokens, action_mask)`` observations and
     ``Discrete(max_actions)`` actions (index into ``info["candidates"]``).
 
@@ -376,7 +380,7 @@ class BabyAIEnv(GameTextEnv):
         return BabyAIGame(record["level"], record["seed"])
 
     def _decide(self, obs: Mapping) -> TextDecision:
-        env = self._env.unwrapped
+        env = self._open_env.unwrapped
         observation = describe_view(obs["image"], str(obs["mission"]))
         if self.config.memory_in_state:
             in_view = self._memory.observe(env, obs["image"])
@@ -398,7 +402,7 @@ class BabyAIEnv(GameTextEnv):
                 INFO_SCORE: int(won),
                 INFO_MAX_SCORE: 1,
                 INFO_GAME: Path(self._game).stem,
-                INFO_LEVEL: self._env.level,
+                INFO_LEVEL: self._open_env.level,
                 INFO_EXPERT_ACTION: self._expert_action,
             }
         )
@@ -413,11 +417,11 @@ class BabyAIEnv(GameTextEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""
         self._begin_episode(seed, options)
-        obs = self._env.reset()
+        obs = self._open_env.reset()
         self._memory.reset()
         self._mission = str(obs["mission"])
         self._decision = self._decide(obs)
-        self._expert = BabyAIExpert(self._env) if self.config.expert else None
+        self._expert = BabyAIExpert(self._open_env) if self.config.expert else None
         self._update_expert(None)
         info = self._info(False, False)
         return self._obs, info
@@ -427,7 +431,7 @@ class BabyAIEnv(GameTextEnv):
         if command is None:
             return self._noop_step()
         a = ACTION_TEXTS.index(command)
-        obs, reward, term, trunc, _ = self._env.env.step(a)
+        obs, reward, term, trunc, _ = self._open_env.env.step(a)
         won = bool(term and reward > 0)
         self._decision = self._decide(obs)
         self._expert_action = None
@@ -455,8 +459,8 @@ class BabyAISuiteConfig:
     """
 
     n_train: int = 400
-    n_valid: int = 10
-    n_test: int = 10
+    n_valid: int = 30
+    n_test: int = 30
     levels: tuple[str, ...] = DEFAULT_LEVELS
     max_bot_steps: int = 64
     max_attempts: int = 20
@@ -497,7 +501,7 @@ def bot_solves(level: str, seed: int, max_steps: int) -> tuple[bool, int, str]:
             _, reward, term, trunc, _ = game.env.step(a)
             steps += 1
             if term or trunc:
-                return bool(term and reward > 0), steps, str(obs["mission"])
+                return bool(term and float(reward) > 0), steps, str(obs["mission"])
             a = expert.act(a)
         return False, steps, str(obs["mission"])
     finally:
@@ -557,7 +561,7 @@ def make_babyai_suite(
             path.write_text(json.dumps(record, indent=1))
             made += 1
         entries.append({"split": split, "index": i, "file": f"{stem}.json", **record})
-    manifest = {"suite": SUITE, "config": asdict(config), "games": entries}
+    manifest: dict[str, Any] = {"suite": SUITE, "config": asdict(config), "games": entries}
     write_manifest(root, manifest)
     manifest["generated"] = made
     return manifest

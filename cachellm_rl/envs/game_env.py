@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -25,6 +26,16 @@ from cachellm_rl.envs.text_env import (
 )
 
 GAME_ORDERS = ("random", "cycle")
+
+
+class ClosableGame(Protocol):
+    """What :class:`GameTextEnv` needs of a loaded game beyond what its subclass uses."""
+
+    def close(self) -> None:
+        """Release the game's resources."""
+
+
+GameT = TypeVar("GameT", bound=ClosableGame)
 
 
 def check_game_order(value: str, owner: str) -> None:
@@ -149,11 +160,12 @@ class SuiteEnvConfig:
         return tuple(self.split_games(self.games_dir, self.split))
 
 
-class GameTextEnv(gym.Env):
+class GameTextEnv(gym.Env, Generic[GameT]):
     """Base of the text envs that play game files, one per episode.
 
     The subclass's config needs ``obs``, ``max_episode_steps``, ``game_order``, ``seed`` and
-    ``strict_actions``; the subclass implements :meth:`_load_game`.
+    ``strict_actions``; the subclass implements :meth:`_load_game`, which returns its game type
+    ``GameT``.
 
     Args:
         cfg: The parsed config.
@@ -175,8 +187,8 @@ class GameTextEnv(gym.Env):
         self._rng = np.random.default_rng([cfg.seed, worker, vector])
         self._first_game = (worker * 7 + vector) % len(self._games)
         self._next_game = self._first_game
-        self._envs: dict[str, object] = {}
-        self._env = None
+        self._envs: dict[str, GameT] = {}
+        self._env: GameT | None = None
         self._game = ""
         self._decision: TextDecision | None = None
         self._steps = 0
@@ -194,11 +206,11 @@ class GameTextEnv(gym.Env):
         return self._decision
 
     # -- game handling ------------------------------------------------------------------------
-    def _load_game(self, game: str):
+    def _load_game(self, game: str) -> GameT:
         """Open one game (called once per game file; the result is kept)."""
         raise NotImplementedError
 
-    def _start(self, game: str):
+    def _start(self, game: str) -> GameT:
         if game not in self._envs:
             self._envs[game] = self._load_game(game)
         return self._envs[game]
@@ -210,6 +222,13 @@ class GameTextEnv(gym.Env):
             self._next_game += 1
             return g
         return games[int(self._rng.integers(len(games)))]
+
+    @property
+    def _open_env(self) -> GameT:
+        """The game of the current episode (a ``RuntimeError`` before :meth:`reset`)."""
+        if self._env is None:
+            raise RuntimeError("call reset() before step()")
+        return self._env
 
     def _begin_episode(self, seed: int | None, options: dict | None) -> None:
         """Reseed (when ``seed`` is given), choose the game and open it."""

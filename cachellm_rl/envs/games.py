@@ -11,6 +11,7 @@ import json
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -96,8 +97,8 @@ class SuiteConfig:
 
     suite: str = "cooking"
     n_train: int = 60
-    n_valid: int = 10
-    n_test: int = 10
+    n_valid: int = 30
+    n_test: int = 30
     levels: tuple[CookingLevel, ...] = field(default_factory=_default_levels)
     food_splits: bool = False
     seed: int = 1234
@@ -206,7 +207,7 @@ def make_suite(config: SuiteConfig, out_dir: str | Path, *, progress: bool = Tru
         entries.append(
             {"split": split, "index": i, "file": name, "seed": seed, "level": asdict(level)}
         )
-    manifest = {"config": asdict(config), "games": entries}
+    manifest: dict[str, Any] = {"config": asdict(config), "games": entries}
     write_manifest(root, manifest)
     manifest["generated"] = made
     return manifest

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 TEXT_ENVS = ("textworld", "alfworld", "babyai")
 # The generated suite of each env (``cachellm-rl games make --suite SUITE``) and its folder.
@@ -13,6 +14,15 @@ ENV_SUITES = {"textworld": "cooking", "alfworld": "alfworld-gen", "babyai": "bab
 DEFAULT_SUITES = {env: f"data/games/{suite}" for env, suite in ENV_SUITES.items()}
 # Episode step limits the suite uses by default (long enough for the expert's episodes).
 DEFAULT_MAX_EPISODE_STEPS = {"textworld": 30, "alfworld": 50, "babyai": 64}
+
+
+class SuiteCounts(TypedDict, total=False):
+    """The seed and split sizes every suite config takes (a missing size keeps its default)."""
+
+    seed: int
+    n_train: int
+    n_valid: int
+    n_test: int
 
 
 def check_env_id(env_id: str) -> str:
@@ -120,8 +130,13 @@ def make_games(
     Returns:
         The suite's manifest, with ``generated`` (games made by this call).
     """
-    given = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
-    counts = {"seed": seed, **{k: v for k, v in given.items() if v is not None}}
+    counts: SuiteCounts = {"seed": seed}
+    if n_train is not None:
+        counts["n_train"] = n_train
+    if n_valid is not None:
+        counts["n_valid"] = n_valid
+    if n_test is not None:
+        counts["n_test"] = n_test
     if check_env_id(env_id) == "alfworld":
         from cachellm_rl.envs.alfworld_gen import AlfWorldSuiteConfig, make_alfworld_suite
 

@@ -1,4 +1,4 @@
-"""The text-game observation contract shared by every text environment (DESIGN §7).
+"""The text-game observation contract shared by every text environment (see docs/envs.md).
 
 RLlib has no text space, so a text state becomes fixed-size integer arrays:
 ``Dict(state_tokens, action_tokens, action_mask)``. Words are hashed into a fixed vocabulary

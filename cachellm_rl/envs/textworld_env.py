@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cachellm_rl.envs.game_env import (
     GameTextEnv,
@@ -123,7 +124,7 @@ class TextWorldEnvConfig:
         return asdict(self)
 
 
-class TextWorldEnv(GameTextEnv):
+class TextWorldEnv(GameTextEnv[Any]):  # TextWorld's envs are untyped
     """A TextWorld game as ``Dict(state_tokens, action_tokens, action_mask)`` observations and
     ``Discrete(max_actions)`` actions (index into ``info["candidates"]``).
 
@@ -135,9 +136,11 @@ class TextWorldEnv(GameTextEnv):
     def __init__(self, config: TextWorldEnvConfig | Mapping | None = None) -> None:
         if config is None:
             raise ValueError("TextWorldEnv needs a config with at least `games`")
-        cfg = config if isinstance(config, TextWorldEnvConfig) else None
-        if cfg is None:
-            cfg = TextWorldEnvConfig.from_mapping(config)
+        cfg = (
+            config
+            if isinstance(config, TextWorldEnvConfig)
+            else TextWorldEnvConfig.from_mapping(config)
+        )
         super().__init__(cfg, cfg.games, config)
         self._recipes: dict[str, str] = {}
         self._state = None
@@ -199,7 +202,7 @@ class TextWorldEnv(GameTextEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode; ``options={"game": path}`` plays a given game."""
         self._begin_episode(seed, options)
-        gs = self._env.reset()
+        gs = self._open_env.reset()
         self._last_score = int(gs.score or 0)
         self._state = gs
         self._decision = self._decide(gs, None)
@@ -210,7 +213,7 @@ class TextWorldEnv(GameTextEnv):
         command = self._command(action)
         if command is None:
             return self._noop_step()
-        gs, _, done = self._env.step(command)
+        gs, _, done = self._open_env.step(command)
         score = int(gs.score or 0)
         reward = float(score - self._last_score)
         self._last_score = score

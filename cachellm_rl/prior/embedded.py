@@ -34,8 +34,8 @@ class PriorRecipe:
     Attributes:
         episodes_per_game: Demonstration episodes per train game (the first unperturbed).
         perturb_probability: Chance of a random step in the other episodes (recoveries).
-        epochs: Training epochs.
-        max_minutes: Training time budget.
+        epochs: Training epochs (training stops after exactly this many: reproducible).
+        max_minutes: Safety cap on training time (reported when it fires).
         renumber_copies: Extra copies of each demonstration with its instance numbers
             relabelled (:func:`~cachellm_rl.prior.augment.renumber_instances`).
     """
@@ -43,14 +43,14 @@ class PriorRecipe:
     episodes_per_game: int = 5
     perturb_probability: float = 0.25
     epochs: int = 8
-    max_minutes: float = 9.0
+    max_minutes: float = 120.0
     renumber_copies: int = 0
 
 
 PRIOR_RECIPES = {
     "textworld": PriorRecipe(),
-    "alfworld": PriorRecipe(episodes_per_game=2, epochs=10, max_minutes=20.0, renumber_copies=1),
-    "babyai": PriorRecipe(episodes_per_game=3, epochs=30, max_minutes=12.0),
+    "alfworld": PriorRecipe(episodes_per_game=2, epochs=9, renumber_copies=1),
+    "babyai": PriorRecipe(episodes_per_game=3, epochs=27),
 }
 
 
@@ -79,7 +79,7 @@ def train_embedded_prior(
         perturb_probability: Chance of a random step in perturbed demonstration episodes
             (None: the env's recipe).
         epochs: Training epochs (None: the env's recipe).
-        max_minutes: Training time budget (None: the env's recipe).
+        max_minutes: Safety cap on training time (None: the env's recipe).
         renumber_copies: Renumbered copies per demonstration (None: the env's recipe).
         evaluate: Measure direct-prior success on ``eval_splits`` afterwards.
         eval_splits: Splits to measure.

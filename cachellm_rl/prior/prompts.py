@@ -1,4 +1,4 @@
-"""Prompt construction for candidate scoring (DESIGN §4.1)."""
+"""Prompt construction for candidate scoring (see docs/priors.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Candidate scoring with a causal LM: the prior ``p(a|s)`` of DESIGN §4.1.
+"""Candidate scoring with a causal LM: the prior ``p(a|s)`` (see docs/priors.md).
 
 The score of candidate ``a`` is the mean token log-likelihood of ``a``'s tokens after the prompt
 (length-normalised so short commands are not favoured); the prior is
@@ -18,11 +18,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cachellm_rl.contracts import PriorRequest, PriorResponse
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +139,9 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_causal_lm(config: ScorerConfig) -> tuple[torch.nn.Module, object, torch.device]:
+def load_causal_lm(
+    config: ScorerConfig,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
     """Load model and tokenizer from a local directory (safetensors only).
 
     Args:
@@ -177,7 +183,7 @@ def load_causal_lm(config: ScorerConfig) -> tuple[torch.nn.Module, object, torch
         else:
             dtype = _DTYPES[config.dtype]
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.adapter_dir is not None:
         from peft import PeftModel
 
@@ -322,7 +328,7 @@ def prior_from_token_logprobs(
 
 
 class CandidateScorer:
-    """Scores the candidate actions of states with a causal LM (DESIGN §4.1, §4.2).
+    """Scores the candidate actions of states with a causal LM (see docs/priors.md).
 
     Any Hugging Face causal LM in a local directory works: the project's embedded default prior,
     a user's bf16 checkpoint, a GPTQ checkpoint (with the ``gptq`` extra), or bitsandbytes 4-bit.

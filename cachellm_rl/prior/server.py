@@ -1,4 +1,4 @@
-"""``PriorServer``: the LM prior behind a Ray Serve deployment with request batching (DESIGN §2).
+"""``PriorServer``: the LM prior behind a batching Ray Serve deployment (see docs/priors.md).
 
 The deployment is a thin shell around :class:`~cachellm_rl.prior.scoring.CandidateScorer`:
 ``@serve.batch`` gathers concurrent :class:`PriorRequest` objects and scores them in one call.
@@ -8,6 +8,7 @@ The HTTP proxy is off unless asked; callers use a ``DeploymentHandle``.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from ray import serve
@@ -67,31 +68,43 @@ class PriorServer:
 
     def __init__(self, config: PriorServerConfig) -> None:
         self._scorer = CandidateScorer(config.scorer)
-        self.score_batch.set_max_batch_size(config.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # serve.batch's stubs type the wrapper as a bare coroutine function, but at runtime it
+        # carries these setters (documented Serve API).
+        self.score_batch.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+        self.score_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            config.batch_wait_timeout_s
+        )
         self._batch_sizes: list[int] = []
+        self._score_s = 0.0
 
     async def __call__(self, request: PriorRequest) -> PriorResponse:
         """Score one request (batched with concurrent ones)."""
-        ok, value = await self.score_batch(request)
-        if not ok:
-            raise value
-        return value
+        outcome = await self.score_batch(request)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def score_batch(self, requests: list[PriorRequest]) -> list[tuple[bool, object]]:
+    async def score_batch(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
         """Score a batch; a bad request fails alone, not its batch-mates."""
         self._batch_sizes.append(len(requests))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._score_each, requests)
 
-    def _score_each(self, requests: list[PriorRequest]) -> list[tuple[bool, object]]:
-        out: list[tuple[bool, object]] = []
+    def _score_each(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
+        t0 = time.perf_counter()
+        try:
+            return self._score_all(requests)
+        finally:
+            self._score_s += time.perf_counter() - t0
+
+    def _score_all(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
+        out: list[PriorResponse | Exception] = []
         for r in requests:
             try:
-                out.append((True, self._scorer.score([r])[0]))
+                out.append(self._scorer.score([r])[0])
             except Exception as exc:  # returned to that caller only
-                out.append((False, exc))
+                out.append(exc)
         return out
 
     def model_version(self) -> str:
@@ -101,6 +114,14 @@ class PriorServer:
     def batch_sizes(self) -> list[int]:
         """Sizes of the batches scored so far (for tests and benchmarks)."""
         return list(self._batch_sizes)
+
+    def timings(self) -> dict[str, float]:
+        """Batches, requests and seconds spent scoring so far (for benchmarks)."""
+        return {
+            "batches": float(len(self._batch_sizes)),
+            "requests": float(sum(self._batch_sizes)),
+            "score_s": self._score_s,
+        }
 
 
 def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_APP_NAME):
@@ -120,7 +141,8 @@ def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_AP
     actor_options = {"num_cpus": config.num_cpus, **config.extra_actor_options}
     if config.num_gpus:
         actor_options["num_gpus"] = config.num_gpus
-    app = PriorServer.options(
+    # mypy does not apply class decorators: @serve.deployment made PriorServer a Deployment.
+    app = PriorServer.options(  # type: ignore[attr-defined]
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options=actor_options,

@@ -2,7 +2,7 @@
 
 These are real Hugging Face checkpoints (``config.json`` + ``model.safetensors`` + tokenizer
 files) that load through ``from_pretrained`` like any user model. The embedded default prior
-(DESIGN §4.2) is trained from this starting point; tests and benchmarks build untrained ones.
+(see docs/priors.md) is trained from this starting point; tests and benchmarks build untrained ones.
 """
 
 from __future__ import annotations

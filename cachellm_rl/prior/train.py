@@ -1,4 +1,4 @@
-"""Training the embedded default prior (DESIGN §4.2) and measuring a prior as a policy.
+"""Training the embedded default prior (see docs/priors.md) and measuring a prior as a policy.
 
 The embedded prior is a small GPT-2-architecture causal LM with its own word-level tokenizer,
 trained by maximum likelihood of the expert's action given the same prompt the cache client
@@ -12,6 +12,7 @@ as any user model.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from cachellm_rl.prior.tiny_model import TinyLMConfig, make_tiny_causal_lm
 
 TRAIN_REPORT = "prior_train.json"
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PriorTrainConfig:
@@ -36,12 +39,16 @@ class PriorTrainConfig:
 
     Attributes:
         model: Size of the GPT-2 model and its vocabulary.
-        epochs: Passes over the demonstrations (stopped earlier by ``max_minutes``).
+        epochs: Passes over the demonstrations: training stops after exactly this many, so one
+            seed gives one prior however loaded the machine is.
         batch_size: Examples per step (length-bucketed to limit padding).
         learning_rate: Peak AdamW learning rate (linear warm-up, cosine decay).
         weight_decay: AdamW weight decay.
         warmup_fraction: Fraction of steps of linear warm-up.
-        max_minutes: Wall-clock budget of the training loop.
+        max_minutes: Safety cap on the training loop's wall-clock time. It is not how
+            training normally ends (``epochs`` is); when it fires the prior depends on the
+            machine's speed, so the report says so (``stopped_by_time_budget``) and a warning
+            is logged.
         candidate_prefix: Text before each action (must match the scorer's).
         seed: Seed of initialisation and shuffling.
     """
@@ -56,7 +63,7 @@ class PriorTrainConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
-    max_minutes: float = 9.0
+    max_minutes: float = 120.0
     candidate_prefix: str = " "
     seed: int = 0
 
@@ -194,6 +201,14 @@ def train_prior(
         if stopped_early:
             break
     bar.close()
+    if stopped_early:
+        logger.warning(
+            "prior training hit its %.0f-minute safety cap after %d of %d steps: this prior "
+            "depends on the machine's speed (raise max_minutes for a reproducible prior)",
+            cfg.max_minutes,
+            step,
+            total,
+        )
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -203,6 +218,7 @@ def train_prior(
         "vocab_size": len(tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": step,
+        "planned_steps": total,
         "epoch_losses": losses,
         "stopped_by_time_budget": stopped_early,
         "train_seconds": round(time.perf_counter() - t0, 1),

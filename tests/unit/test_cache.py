@@ -1,4 +1,4 @@
-"""AdaptiveCache semantics (DESIGN §4.3-4.4) without Ray."""
+"""AdaptiveCache semantics (see docs/cache.md) without Ray."""
 
 from __future__ import annotations
 

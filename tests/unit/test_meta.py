@@ -1,4 +1,5 @@
-"""Meta-update directions, projection and the temperature schedule (DESIGN §4.5-4.6)."""
+"""Meta-update directions and projection (see docs/cache.md), and the temperature schedule
+(see docs/algorithms.md)."""
 
 from __future__ import annotations
 

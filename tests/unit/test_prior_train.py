@@ -41,6 +41,27 @@ def test_train_prior_rejects_bad_input(tmp_path):
         PriorTrainConfig(max_minutes=0)
 
 
+def test_one_seed_gives_one_prior(tmp_path):
+    """Training stops on its epoch count, not the clock: the same seed gives the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cachellm_rl.prior.tiny_model import TinyLMConfig
+
+    examples = [
+        (f"goal: eat. state: room {i}. actions: go north, take apple{i % 3}", f"take apple{i % 3}")
+        for i in range(24)
+    ]
+    cfg = PriorTrainConfig(
+        model=TinyLMConfig(n_layer=1, n_head=2, n_embd=16, n_positions=64), epochs=2, batch_size=8
+    )
+    reports = [train_prior(examples, tmp_path / f"m{k}", cfg, progress=False) for k in (0, 1)]
+    assert [r["steps"] for r in reports] == [6, 6] == [r["planned_steps"] for r in reports]
+    assert not any(r["stopped_by_time_budget"] for r in reports)
+    w0, w1 = (load_file(str(tmp_path / f"m{k}" / "model.safetensors")) for k in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 def test_trained_prior_fits_the_train_split(tw_prior):
     """The fixture's prior (≈50 s of training on 10 easy games) solves its own train games."""
     _, report = tw_prior

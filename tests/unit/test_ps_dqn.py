@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import gymnasium as gym
@@ -13,9 +14,9 @@ from ray.rllib.core.columns import Columns
 from cachellm_rl.algorithms.columns import (
     OBS_ACTION_MASK,
     OBS_ACTION_TOKENS,
+    OBS_HIT_RATE,
     OBS_PRIOR_LOGP,
     OBS_STATE_TOKENS,
-    OBS_TEMPERATURE,
 )
 from cachellm_rl.algorithms.ps_dqn.connectors import (
     PriorConnectorConfig,
@@ -33,10 +34,13 @@ from cachellm_rl.algorithms.ps_dqn.losses import (
 from cachellm_rl.algorithms.ps_dqn.methods import (
     METHODS,
     MethodSettings,
+    algo_config_for,
     cache_config_for,
     check_methods,
     connector_config_for,
+    posterior_for_run,
 )
+from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
 from cachellm_rl.algorithms.ps_dqn.rl_module import PSDQNTorchRLModule
 from cachellm_rl.envs.text_env import TextObsConfig, text_observation_space
 
@@ -79,13 +83,13 @@ def _obs(valid: int = 3, seed: int = 0, prior_on_masked: bool = False) -> dict:
         OBS_ACTION_TOKENS: actions,
         OBS_ACTION_MASK: mask,
         OBS_PRIOR_LOGP: prior,
-        OBS_TEMPERATURE: torch.ones(B, 1),
+        OBS_HIT_RATE: torch.zeros(B, 1),
     }
 
 
-def test_connector_adds_prior_and_temperature_to_the_space():
+def test_connector_adds_prior_and_hit_rate_to_the_space():
     space = _space()
-    assert space[OBS_PRIOR_LOGP].shape == (A,) and space[OBS_TEMPERATURE].shape == (1,)
+    assert space[OBS_PRIOR_LOGP].shape == (A,) and space[OBS_HIT_RATE].shape == (1,)
     assert {OBS_STATE_TOKENS, OBS_ACTION_TOKENS, OBS_ACTION_MASK} <= set(space.spaces)
 
 
@@ -95,7 +99,7 @@ def test_module_output_shapes():
     q = m.compute_q_values({Columns.OBS: obs})["qf_preds"]
     assert q.shape == (B, A)
     out = m.forward_train({Columns.OBS: obs, Columns.NEXT_OBS: _obs(seed=1)})
-    for k in ("qf_preds", "qf_next_preds", "qf_target_next_preds", "posterior_logits"):
+    for k in ("qf_preds", "qf_next_preds", "qf_target_next_preds"):
         assert out[k].shape == (B, A), k
     assert m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS].shape == (B,)
 
@@ -138,8 +142,12 @@ def test_targets_ignore_masked_next_actions_and_terminals():
     assert y.tolist() == pytest.approx([5.5, 1.0])
 
 
-def test_td_loss_gradients_are_finite_with_masked_entries():
-    m = _module()
+@pytest.mark.parametrize("encoder", ["bag", "gru"])
+def test_td_loss_gradients_are_finite_with_masked_entries(encoder):
+    m = _module(encoder=encoder)
+    # Zero-initialised output layer: only it gets a gradient on the first step; perturb it so
+    # the test sees gradients reach the encoders too.
+    torch.nn.init.normal_(m.q_net.head[-1].weight)
     out = m.forward_train({Columns.OBS: _obs(valid=2), Columns.NEXT_OBS: _obs(valid=1, seed=3)})
     q_sel = out["qf_preds"].gather(-1, torch.zeros(B, 1, dtype=torch.long)).squeeze(-1)
     v = double_q_next_value(
@@ -162,11 +170,11 @@ def test_epsilon_schedule_is_linear():
 def test_prior_row_and_report_merge():
     row = prior_row(np.array([-0.1, -50000.0], np.float32), 4)
     assert row.tolist() == pytest.approx([-0.1, -1e4, 0.0, 0.0])
-    a = PriorConnectorReport(decisions=10, hits=5, hit_rate_ema=0.5, temperature=1.5)
-    b = PriorConnectorReport(decisions=30, hits=30, hit_rate_ema=1.0, temperature=1.0)
+    a = PriorConnectorReport(decisions=10, hits=5, hit_rate_ema=0.5, connector_s=1.0)
+    b = PriorConnectorReport(decisions=30, hits=30, hit_rate_ema=1.0, connector_s=2.0)
     merged = PriorConnectorReport().merge(a).merge(b)
     assert merged.decisions == 40 and merged.hits == 35
-    assert merged.hit_rate_ema == pytest.approx(0.875)
+    assert merged.hit_rate_ema == pytest.approx(0.875) and merged.connector_s == 3.0
 
 
 def test_method_configs():
@@ -175,7 +183,9 @@ def test_method_configs():
         check_methods(["cached"])
     s = MethodSettings()
     assert cache_config_for("no_prior", s) is None
-    assert cache_config_for("uncached", s).bypass and cache_config_for("direct_lm", s).bypass
+    for m in ("uncached", "direct_lm", "frozen_q"):
+        assert cache_config_for(m, s).bypass, m
+        assert not connector_config_for(m, s, "x").use_embeddings, m
     lru = cache_config_for("lru", s)
     assert lru.cache.capacity_entries == 1000 and lru.cache.visit_bonus_steps == 0
     assert lru.cache.refresh_probability == 0 and lru.meta.mode == "static"
@@ -184,7 +194,15 @@ def test_method_configs():
     assert connector_config_for("no_prior", s, "x").mode == "uniform"
     assert not connector_config_for("uncached", s, "x").use_embeddings
     assert connector_config_for("adaptive", s, "x").use_embeddings
-    assert set(METHODS) == {"no_prior", "direct_lm", "uncached", "lru", "static", "adaptive"}
+    assert set(METHODS) == {
+        "no_prior",
+        "direct_lm",
+        "uncached",
+        "frozen_q",
+        "lru",
+        "static",
+        "adaptive",
+    }
     with pytest.raises(ValueError, match="mode"):
         PriorConnectorConfig(mode="lm")
 
@@ -204,3 +222,121 @@ def test_suite_preset_resolves_per_env_defaults():
     assert preset("full", env="babyai", games_dir="g").games_dir == str(Path("g").resolve())
     with pytest.raises(ValueError, match="unknown env id"):
         preset("quick", env="zork")
+
+
+# -- the posterior as a policy: beta, temperature schedules, epsilon by global env steps ------
+def test_beta_weighs_the_prior_against_q():
+    prior = torch.log(torch.tensor([[0.9, 0.1]]))
+    q, mask, t = torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), torch.tensor([1.0])
+    # log-odds of action 1 over 0 = beta * log(0.1 / 0.9) + 1 / T
+    for beta in (0.0, 0.5, 1.0, 2.0):
+        logits = posterior_logits(q, prior, mask, t, beta)
+        expected = beta * np.log(0.1 / 0.9) + 1.0
+        assert (logits[0, 1] - logits[0, 0]).item() == pytest.approx(expected, rel=1e-5)
+    # beta = 0: a Boltzmann policy over Q alone; a large beta: the prior's argmax
+    assert posterior_logits(q, prior, mask, t, 0.0).argmax().item() == 1
+    assert posterior_logits(q, prior, mask, t, 2.0).argmax().item() == 0
+
+
+def test_temperature_schedules():
+    fixed = PosteriorConfig(schedule="fixed", temperature=0.7, temperature_final=0.1)
+    assert fixed.temperature_at(0) == fixed.temperature_at(10**6) == fixed.final_temperature()
+    assert fixed.final_temperature() == 0.7
+    ann = PosteriorConfig(
+        schedule="annealed", temperature=1.0, temperature_final=0.01, anneal_env_steps=1000
+    )
+    temps = [ann.temperature_at(t) for t in (0, 250, 500, 1000, 5000)]
+    assert temps[0] == 1.0 and temps[2] == pytest.approx(0.1) and temps[3] == temps[4] == 0.01
+    assert all(a > b for a, b in itertools.pairwise(temps[:4]))  # falls until the end
+    assert ann.final_temperature() == 0.01
+    # annealed ignores the hit rate: every method acts at the same T at the same step
+    assert ann.temperature_at(250, 0.0) == ann.temperature_at(250, 0.9)
+    hit = PosteriorConfig(schedule="hit_rate", temperature=2.0, temperature_final=1.0)
+    assert hit.temperature_at(123, 0.0) == 2.0 and hit.temperature_at(0, 1.0) == 1.0
+    assert hit.final_temperature(0.5) == 1.5
+    with pytest.raises(ValueError, match="schedule"):
+        PosteriorConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="temperature_final"):
+        PosteriorConfig(temperature=0.1, temperature_final=0.5)
+    with pytest.raises(ValueError, match="prior_weight"):
+        PosteriorConfig(prior_weight=-1.0)
+
+
+def test_module_acts_at_the_schedules_temperature_of_global_step_t():
+    post = PosteriorConfig(
+        schedule="annealed", temperature=1.0, temperature_final=0.01, anneal_env_steps=100
+    )
+    m = _module(posterior=post.to_dict())
+    obs = _obs(valid=2)
+    # Q prefers action 1 by 0.1 while the prior prefers action 0 by log(0.9 / 0.1) = 2.2 nats:
+    # at T = 1 the prior wins, at T = 0.01 (after annealing) Q wins.
+    q_BA = torch.zeros(B, A)
+    q_BA[:, 1] = 0.1
+    obs[OBS_PRIOR_LOGP][:, :2] = torch.log(torch.tensor([0.9, 0.1]))
+    m._q = lambda net, o: q_BA
+    hit_B = torch.zeros(B)
+    assert m.temperatures(hit_B, 0).tolist() == pytest.approx([1.0] * B)
+    assert m.temperatures(hit_B, 100).tolist() == pytest.approx([0.01] * B)
+    _, early = m._posterior({Columns.OBS: obs}, 0)
+    _, late = m._posterior({Columns.OBS: obs}, 100)
+    assert (early.argmax(-1) == 0).all() and (late.argmax(-1) == 1).all()
+    # greedy inference uses the schedule's final T
+    assert (m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS] == 1).all()
+    with torch.no_grad():
+        m.forward_exploration({Columns.OBS: obs}, t=42)
+    assert m.last_t == 42
+
+
+def test_hit_rate_schedule_reads_the_observed_hit_rate():
+    post = PosteriorConfig(schedule="hit_rate", temperature=2.0, temperature_final=1.0)
+    m = _module(posterior=post.to_dict())
+    hit_B = torch.tensor([0.0, 0.5, 1.0, 0.25, 0.75])
+    assert m.temperatures(hit_B, 0).tolist() == pytest.approx([2.0, 1.5, 1.0, 1.75, 1.25])
+
+
+def test_untrained_q_is_zero_so_the_posterior_is_the_prior():
+    m = _module()
+    obs = _obs(valid=3)
+    obs[OBS_PRIOR_LOGP][:, :3] = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    q = m.compute_q_values({Columns.OBS: obs})["qf_preds"]
+    assert torch.equal(q[:, :3], torch.zeros(B, 3))
+    assert (m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS] == 1).all()
+
+
+def test_epsilon_and_annealing_follow_the_runs_budget_in_global_steps():
+    from cachellm_rl.envs.textworld_env import TextWorldEnv
+
+    s = MethodSettings(epsilon_fraction=0.5, anneal_fraction=0.25)
+    assert posterior_for_run(s, 8000).anneal_env_steps == 2000
+    cfg = algo_config_for(
+        "no_prior",
+        s,
+        env_class=TextWorldEnv,
+        env_config={},
+        cache_name="x",
+        num_env_runners=2,
+        total_env_steps=8000,
+        seed=0,
+    )
+    # Schedules are over *global* env steps (RLlib passes them as ``t``), so they do not
+    # depend on how many env runners sample.
+    assert cfg.model_config["epsilon"] == [[0, 1.0], [4000, s.epsilon_final]]
+    assert cfg.model_config["posterior"]["anneal_env_steps"] == 2000
+
+
+def test_frozen_q_is_uncached_with_learning_rate_zero():
+    from cachellm_rl.envs.textworld_env import TextWorldEnv
+
+    kw = {
+        "env_class": TextWorldEnv,
+        "env_config": {},
+        "cache_name": "x",
+        "num_env_runners": 1,
+        "total_env_steps": 1000,
+        "seed": 0,
+    }
+    s = MethodSettings(lr=3e-4)
+    frozen, uncached = algo_config_for("frozen_q", s, **kw), algo_config_for("uncached", s, **kw)
+    assert frozen.lr == 0.0 and uncached.lr == 3e-4
+    assert frozen.model_config == uncached.model_config
+    assert frozen.prior_connector == uncached.prior_connector

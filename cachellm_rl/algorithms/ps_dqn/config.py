@@ -33,12 +33,11 @@ class PSDQNConfig(DQNConfig):
     def prior(self, connector: PriorConnectorConfig) -> PSDQNConfig:
         """Where priors come from (the shared cache actor, or uniform for ``no_prior``)."""
         self.prior_connector = connector
-        cc = connector
-        self.env_runners(
-            env_to_module_connector=lambda env, spaces=None, device=None: PriorObservationConnector(
-                config=cc
-            )
-        )
+
+        def make_connector(env, spaces=None, device=None) -> PriorObservationConnector:
+            return PriorObservationConnector(config=connector)
+
+        self.env_runners(env_to_module_connector=make_connector)
         return self
 
     def get_default_learner_class(self):

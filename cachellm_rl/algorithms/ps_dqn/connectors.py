@@ -1,11 +1,13 @@
 """Env-to-module connector that fetches the LM prior of every sub-env's state from the shared
-cache actor: **one** actor call per vector step (DESIGN §2, §7).
+cache actor: **one** actor call per vector step (see docs/architecture.md).
 
 Keys and embeddings are computed here, in the env runner. The prior log-probabilities and the
-posterior temperature ``T(h)`` are written *into the observation* (``prior_logp``,
-``posterior_temperature``), so the replay buffer keeps them for both the current and the next
-state of every transition: the learner sees the prior without a custom buffer, and the
-soft-Q-with-prior target gets the next state's prior.
+runner's cache hit-rate EMA are written *into the observation* (``prior_logp``,
+``cache_hit_rate``), so the replay buffer keeps them for both the current and the next state of
+every transition: the learner sees the prior without a custom buffer, and the
+soft-Q-with-prior target gets the next state's prior. The posterior temperature is not stored:
+it is a function of the global env step (and, for the ``hit_rate`` schedule, of the stored hit
+rate), computed by the module and the learner.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import gymnasium as gym
 import numpy as np
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
-from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_PRIOR_LOGP, OBS_TEMPERATURE
+from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_HIT_RATE, OBS_PRIOR_LOGP
 from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
-from cachellm_rl.cache.meta import posterior_temperature
 from cachellm_rl.contracts import LatencyHistogram
 from cachellm_rl.envs.text_env import (
     INFO_CANDIDATES,
@@ -50,9 +51,8 @@ class PriorConnectorConfig:
         namespace: Its Ray namespace.
         use_embeddings: Compute state embeddings for the semantic tier (False for a cache that
             never does semantic lookups, e.g. ``uncached``).
-        temperature_initial: ``T_0`` of ``T(h) = T_min + (T_0 - T_min)(1 - h)``.
-        temperature_min: ``T_min``.
-        hit_rate_ema_decay: Weight of the newest decision in this runner's hit-rate EMA ``h``.
+        hit_rate_ema_decay: Weight of the newest decision in this runner's hit-rate EMA ``h``
+            (written into the observation for the ``hit_rate`` temperature schedule).
         encoder_threads: Torch threads of the state encoder in the env runner.
         encoder_max_tokens: Word pieces of each state text the encoder reads.
         query_final_observations: Also fetch the prior of an episode's final observation when
@@ -64,8 +64,6 @@ class PriorConnectorConfig:
     cache_name: str = DEFAULT_CACHE_NAME
     namespace: str = DEFAULT_NAMESPACE
     use_embeddings: bool = True
-    temperature_initial: float = 2.0
-    temperature_min: float = 1.0
     hit_rate_ema_decay: float = 0.02
     encoder_threads: int = 1
     encoder_max_tokens: int | None = 128
@@ -75,10 +73,6 @@ class PriorConnectorConfig:
         if self.mode not in PRIOR_MODES:
             raise ValueError(
                 f"PriorConnectorConfig.mode must be one of {PRIOR_MODES}, got {self.mode!r}"
-            )
-        if not 0 < self.temperature_min <= self.temperature_initial:
-            raise ValueError(
-                "PriorConnectorConfig needs 0 < temperature_min <= temperature_initial"
             )
         if not 0 < self.hit_rate_ema_decay <= 1:
             raise ValueError("PriorConnectorConfig.hit_rate_ema_decay must be in (0, 1]")
@@ -97,12 +91,14 @@ class PriorConnectorReport:
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
     hit_rate_ema: float = 0.0
-    temperature: float = 1.0
+    connector_s: float = 0.0
+    actor_call_s: float = 0.0
+    encode_s: float = 0.0
     pid: int = 0
     episodes: list[dict] = field(default_factory=list)
 
     def merge(self, other: PriorConnectorReport) -> PriorConnectorReport:
-        """Sum of two reports (gauges: decision-weighted mean of hit rate and temperature)."""
+        """Sum of two reports (the hit-rate gauge: decision-weighted mean)."""
         out = PriorConnectorReport(
             decisions=self.decisions + other.decisions,
             actor_calls=self.actor_calls + other.actor_calls,
@@ -116,7 +112,9 @@ class PriorConnectorReport:
             latency_hit=self.latency_hit.merged(other.latency_hit),
             latency_miss=self.latency_miss.merged(other.latency_miss),
             hit_rate_ema=_weighted(self, other, "hit_rate_ema"),
-            temperature=_weighted(self, other, "temperature"),
+            connector_s=self.connector_s + other.connector_s,
+            actor_call_s=self.actor_call_s + other.actor_call_s,
+            encode_s=self.encode_s + other.encode_s,
             episodes=self.episodes + other.episodes,
         )
         return out
@@ -159,7 +157,7 @@ def prior_row(logp: np.ndarray, num_slots: int) -> np.ndarray:
 
 
 class PriorObservationConnector(ConnectorV2):
-    """Adds ``prior_logp`` (A,) and ``posterior_temperature`` (1,) to each sub-env's latest
+    """Adds ``prior_logp`` (A,) and ``cache_hit_rate`` (1,) to each sub-env's latest
     observation, with one call to the shared cache actor for all sub-envs of a vector step.
 
     Args:
@@ -188,7 +186,7 @@ class PriorObservationConnector(ConnectorV2):
         num = input_observation_space[OBS_ACTION_MASK].shape[0]
         spaces = dict(input_observation_space.spaces)
         spaces[OBS_PRIOR_LOGP] = gym.spaces.Box(PRIOR_FLOOR, 0.0, (num,), np.float32)
-        spaces[OBS_TEMPERATURE] = gym.spaces.Box(0.0, 1e3, (1,), np.float32)
+        spaces[OBS_HIT_RATE] = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
         return gym.spaces.Dict(spaces)
 
     def _get_client(self):
@@ -213,13 +211,8 @@ class PriorObservationConnector(ConnectorV2):
             )
         return self._client
 
-    def temperature(self) -> float:
-        """``T(h)`` with this runner's hit-rate EMA."""
-        return posterior_temperature(
-            self._hit_ema, t0=self.config.temperature_initial, t_min=self.config.temperature_min
-        )
-
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
+        t_start = time.perf_counter()
         eps = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=True))
         if not eps:
             return batch
@@ -234,37 +227,38 @@ class PriorObservationConnector(ConnectorV2):
             for e in eps
         ]
         rows = [_uniform_row(len(i[INFO_CANDIDATES]), num) for i in infos]
-        temps = [self.temperature()] * len(eps)
         ask = [k for k, f in enumerate(final) if not f]
         rep.vector_steps += 1
         rep.final_observations += len(eps) - len(ask)
         if self.config.mode == "uniform":
-            temps = [1.0] * len(eps)
             rep.decisions += len(ask)
         elif ask:
             states = [text_state_from_info(infos[k]) for k in ask]
+            client = self._get_client()
             t0 = time.perf_counter()
-            results = self._get_client().get_priors(states)  # the one actor call
+            results = client.get_priors(states)  # the one actor call
             ms = (time.perf_counter() - t0) * 1e3
             rep.actor_calls += 1
+            rep.actor_call_s += ms / 1e3 - client.last_encode_s
+            rep.encode_s += client.last_encode_s
             decay = self.config.hit_rate_ema_decay
             for k, r in zip(ask, results, strict=True):
                 rows[k] = prior_row(r.logp, num)
                 hit = r.hit
                 self._hit_ema += decay * (float(hit) - self._hit_ema)
-                temps[k] = self.temperature()
                 rep.decisions += 1
                 rep.hits += int(hit)
                 rep.sources[r.source.value] = rep.sources.get(r.source.value, 0) + 1
                 (rep.latency_hit if hit else rep.latency_miss).record(ms)
             rep.hit_rate_ema = self._hit_ema
-            rep.temperature = self.temperature()
-        for e, o, row, temp in zip(eps, obs, rows, temps, strict=True):
+        hit_row = np.array([self._hit_ema], np.float32)
+        for e, o, row in zip(eps, obs, rows, strict=True):
             new = dict(o)
             new[OBS_PRIOR_LOGP] = row
-            new[OBS_TEMPERATURE] = np.array([temp], np.float32)
+            new[OBS_HIT_RATE] = hit_row
             e.set_observations(at_indices=-1, new_data=new)
             e.observation_space = self.observation_space
+        rep.connector_s += time.perf_counter() - t_start
         return batch
 
 

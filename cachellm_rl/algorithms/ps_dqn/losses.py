@@ -27,14 +27,16 @@ def posterior_logits(
     prior_logp_BA: torch.Tensor,
     mask_BA: torch.Tensor,
     temperature_B: torch.Tensor,
+    prior_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Masked logits of the posterior ``p(a|s) exp(Q(s,a)/T)``: ``log p + Q/T``.
+    """Masked logits of the posterior ``p(a|s)^beta exp(Q(s,a)/T)``: ``beta log p + Q/T``.
 
     Args:
         q_BA: Q-values.
         prior_logp_BA: Prior log-probabilities (any finite value on masked slots).
         mask_BA: Admissible actions.
         temperature_B: Posterior temperature per row (> 0).
+        prior_weight: ``beta``, the weight of the prior (>= 0).
 
     Returns:
         (B, A) logits with masked slots at :data:`MASKED_LOGIT`.
@@ -44,9 +46,15 @@ def posterior_logits(
         >>> lp = torch.log(torch.tensor([[0.5, 0.5, 1e-3]]))
         >>> posterior_logits(q, lp, torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1.0])).argmax(-1)
         tensor([1])
+        >>> lp2 = torch.log(torch.tensor([[0.9, 0.1]]))
+        >>> q2, m2, t2 = torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), torch.tensor([0.5])
+        >>> posterior_logits(q2, lp2, m2, t2).argmax(-1)  # beta = 1: the prior wins
+        tensor([0])
+        >>> posterior_logits(q2, lp2, m2, t2, prior_weight=0.2).argmax(-1)  # Q wins
+        tensor([1])
     """
     t_B1 = temperature_B.reshape(-1, 1).clamp_min(1e-6)
-    return masked(prior_logp_BA + q_BA / t_B1, mask_BA)
+    return masked(prior_weight * prior_logp_BA + q_BA / t_B1, mask_BA)
 
 
 def masked_argmax(x_BA: torch.Tensor, mask_BA: torch.Tensor) -> torch.Tensor:
@@ -78,8 +86,10 @@ def soft_prior_next_value(
     next_prior_logp_BA: torch.Tensor,
     next_mask_BA: torch.Tensor,
     temperature_B: torch.Tensor,
+    prior_weight: float = 1.0,
 ) -> torch.Tensor:
-    """KL-regularised soft value ``V(s') = T log sum_a p(a|s') exp(Q(s',a)/T)`` (DESIGN §4.6).
+    """KL-regularised soft value ``V(s') = T log sum_a p(a|s')^beta exp(Q(s',a)/T)`` (see
+    docs/algorithms.md).
 
     Example:
         >>> q = torch.tensor([[1.0, 1.0]]); lp = torch.log(torch.tensor([[0.5, 0.5]]))
@@ -87,7 +97,9 @@ def soft_prior_next_value(
         tensor([1.])
     """
     t_B = temperature_B.reshape(-1).clamp_min(1e-6)
-    logits_BA = posterior_logits(q_next_target_BA, next_prior_logp_BA, next_mask_BA, t_B)
+    logits_BA = posterior_logits(
+        q_next_target_BA, next_prior_logp_BA, next_mask_BA, t_B, prior_weight
+    )
     return t_B * torch.logsumexp(logits_BA, dim=-1)
 
 

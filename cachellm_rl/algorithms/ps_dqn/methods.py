@@ -1,9 +1,11 @@
-"""The six methods of the text suite (DESIGN §5) as configurations of one algorithm, plus the
-run and greedy-evaluation loops the suite calls for each (method, seed).
+"""The methods of the text suite (see docs/results.md) as configurations of one algorithm, plus
+the pieces the suite's run and greedy-evaluation loops use for each (method, seed).
 
 - ``no_prior``: epsilon-greedy DQN, uniform prior, inference = argmax Q.
 - ``direct_lm``: argmax of the prior, no learning (every decision asks the LM).
 - ``uncached``: posterior sampling, the LM answers every decision.
+- ``frozen_q``: ``uncached`` with no Q updates (learning rate 0): the same agent, code path and
+  budget, so ``uncached`` minus ``frozen_q`` is what learning adds beyond the prior.
 - ``lru``: posterior + exact/semantic cache, plain LRU eviction, fixed ``K``, ``tau``, no refresh.
 - ``static``: posterior + the adaptive cache's eviction and refresh with fixed ``(K, tau, rho)``.
 - ``adaptive``: posterior + meta-optimised ``(K, tau, rho)``.
@@ -20,7 +22,7 @@ import ray
 import torch
 from ray.rllib.core.columns import Columns
 
-from cachellm_rl.algorithms.columns import OBS_PRIOR_LOGP, OBS_TEMPERATURE
+from cachellm_rl.algorithms.columns import OBS_HIT_RATE, OBS_PRIOR_LOGP
 from cachellm_rl.algorithms.ps_dqn.config import PSDQNConfig
 from cachellm_rl.algorithms.ps_dqn.connectors import (
     PriorConnectorConfig,
@@ -30,13 +32,16 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
     record_episode_end,
     text_state_from_info,
 )
+from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
-from cachellm_rl.cache.meta import MetaConfig, posterior_temperature
+from cachellm_rl.cache.meta import MetaConfig
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 
-METHODS = ("no_prior", "direct_lm", "uncached", "lru", "static", "adaptive")
-RL_METHODS = ("no_prior", "uncached", "lru", "static", "adaptive")
+METHODS = ("no_prior", "direct_lm", "uncached", "frozen_q", "lru", "static", "adaptive")
+RL_METHODS = ("no_prior", "uncached", "frozen_q", "lru", "static", "adaptive")
+# Methods whose every decision is answered by the LM (no cache).
+UNCACHED_METHODS = ("direct_lm", "uncached", "frozen_q")
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -57,9 +62,11 @@ class MethodSettings:
         refresh_probability: ``rho`` of ``static`` and the start of ``adaptive``.
         adaptive_initial_capacity: Starting ``K`` of ``adaptive``.
         meta: Meta-optimiser of ``adaptive``.
-        temperature_initial: ``T_0`` of the posterior temperature.
-        temperature_min: ``T_min``.
-        lr: Learning rate of the Q network.
+        posterior: The posterior ``beta * log p + Q / T`` and its temperature schedule (its
+            ``anneal_env_steps`` is set per run from ``anneal_fraction``).
+        anneal_fraction: Fraction of the step budget over which ``annealed`` lowers ``T``.
+        encoder: Text encoders of the Q network (``"bag"`` or ``"gru"``).
+        lr: Learning rate of the Q network (``frozen_q`` always uses 0).
         gamma: Discount.
         train_batch_size: Transitions per update.
         replay_capacity: Replay buffer size (transitions).
@@ -90,8 +97,9 @@ class MethodSettings:
             rho_min=0.02,  # keep measuring the cache error (and narrowing radii)
         )
     )
-    temperature_initial: float = 2.0
-    temperature_min: float = 1.0
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    anneal_fraction: float = 0.5
+    encoder: str = "bag"
     lr: float = 1e-3
     gamma: float = 0.9
     train_batch_size: int = 32
@@ -115,7 +123,7 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
     static = MetaConfig(mode="static")
     if method == "no_prior":
         return None
-    if method in ("direct_lm", "uncached"):
+    if method in UNCACHED_METHODS:
         return SharedCacheConfig(
             cache=CacheConfig(dim=dim, refresh_probability=0.0), meta=static, bypass=True
         )
@@ -146,12 +154,14 @@ def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> Pri
     if method == "no_prior":
         return PriorConnectorConfig(mode="uniform", cache_name=cache_name)
     return PriorConnectorConfig(
-        mode="cache",
-        cache_name=cache_name,
-        use_embeddings=method not in ("direct_lm", "uncached"),
-        temperature_initial=s.temperature_initial,
-        temperature_min=s.temperature_min,
+        mode="cache", cache_name=cache_name, use_embeddings=method not in UNCACHED_METHODS
     )
+
+
+def posterior_for_run(s: MethodSettings, total_env_steps: int) -> PosteriorConfig:
+    """``s.posterior`` with ``anneal_env_steps`` sized to a run of ``total_env_steps``."""
+    steps = max(1, int(s.anneal_fraction * total_env_steps))
+    return replace(s.posterior, anneal_env_steps=steps)
 
 
 def algo_config_for(
@@ -180,9 +190,11 @@ def algo_config_for(
     eps_steps = max(1, int(s.epsilon_fraction * total_env_steps))
     model_config = {
         "hidden": s.hidden,
+        "encoder": s.encoder,
         "exploration": "posterior" if posterior else "epsilon",
         "inference": "posterior" if posterior else "q",
         "epsilon": [[0, 1.0], [eps_steps, s.epsilon_final]],
+        "posterior": posterior_for_run(s, total_env_steps).to_dict(),
     }
     cfg = (
         PSDQNConfig()
@@ -191,12 +203,13 @@ def algo_config_for(
             num_env_runners=num_env_runners,
             num_envs_per_env_runner=s.num_envs_per_env_runner,
             rollout_fragment_length=s.rollout_fragment_length,
-            num_cpus_per_env_runner=s.num_cpus_per_env_runner,
+            # RLlib's annotation says int; fractions are what small machines need, and work.
+            num_cpus_per_env_runner=s.num_cpus_per_env_runner,  # type: ignore[arg-type]
         )
         .prior(connector)
         .training(
             soft_q_prior=s.soft_q_prior and posterior,
-            lr=s.lr,
+            lr=0.0 if method == "frozen_q" else s.lr,
             gamma=s.gamma,
             double_q=True,
             dueling=False,
@@ -250,12 +263,13 @@ def collect_reports(algo) -> PriorConnectorReport:
     return merge_reports(algo.env_runner_group.foreach_env_runner(pop_report))
 
 
-def prior_chooser(client, *, temperature: float, module=None) -> Callable:
+def prior_chooser(client, *, hit_rate: float = 0.0, module=None) -> Callable:
     """A ``choose`` function for :func:`greedy_evaluate`.
 
-    With ``module`` it is the module's inference (masked argmax of the posterior or of Q) on an
-    observation carrying the prior; without it, the argmax of the prior (``direct_lm``). With
-    ``client=None`` the prior is uniform (``no_prior``).
+    With ``module`` it is the module's inference (masked argmax of the posterior at the
+    schedule's final ``T``, or of Q) on an observation carrying the prior and ``hit_rate`` (the
+    runners' final hit-rate EMA, read by the ``hit_rate`` schedule only); without it, the argmax
+    of the prior (``direct_lm``). With ``client=None`` the prior is uniform (``no_prior``).
     """
 
     def choose(obs: dict, info: dict) -> tuple[int, bool | None, float]:
@@ -273,16 +287,9 @@ def prior_chooser(client, *, temperature: float, module=None) -> Callable:
             return int(np.argmax(logp[:n])), hit, ms
         full = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
         full[OBS_PRIOR_LOGP] = torch.as_tensor(prior_row(logp, num))[None]
-        full[OBS_TEMPERATURE] = torch.tensor([[temperature]], dtype=torch.float32)
+        full[OBS_HIT_RATE] = torch.tensor([[hit_rate]], dtype=torch.float32)
         with torch.no_grad():
             a = module.forward_inference({Columns.OBS: full})[Columns.ACTIONS]
         return int(a.reshape(-1)[0]), hit, ms
 
     return choose
-
-
-def final_temperature(report: PriorConnectorReport, s: MethodSettings) -> float:
-    """The posterior temperature at the end of training (from the runners' hit-rate EMA)."""
-    return posterior_temperature(
-        report.hit_rate_ema, t0=s.temperature_initial, t_min=s.temperature_min
-    )

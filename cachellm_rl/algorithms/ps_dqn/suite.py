@@ -1,6 +1,17 @@
 """The text suite: every method on the same games, seeds and env-step budget, through RLlib, with
 one shared cache actor per (method, seed) run and one ``PriorServer`` for all runs. Writes the
-results folder of DESIGN §5. ``experiments/text_suite.py`` is the command-line front end.
+results folder described in docs/results.md. ``experiments/text_suite.py`` is the command-line
+front end.
+
+Protocols (named in the config and in every results file):
+
+- ``same_games``: RL trains on the evaluation games and is evaluated on them.
+- ``held_out``: RL trains on the ``train_split`` games (the prior's own train split) and is
+  evaluated on the unseen ``split`` games.
+
+Comparisons are paired (same games, seeds, budget): a method's greedy success forms a
+``(seeds, games)`` matrix, and differences and probabilities of improvement come with
+stratified-bootstrap 95% CIs over (game, seed) from rliable (:mod:`cachellm_rl.stats`).
 """
 
 from __future__ import annotations
@@ -12,26 +23,30 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from cachellm_rl import stats as rstats
+from cachellm_rl.algorithms.ps_dqn.checkpoints import code_revision, save_checkpoint
 from cachellm_rl.algorithms.ps_dqn.connectors import PriorConnectorReport
 from cachellm_rl.algorithms.ps_dqn.methods import (
     METHODS,
     RL_METHODS,
+    UNCACHED_METHODS,
     MethodSettings,
     algo_config_for,
     check_methods,
     collect_reports,
-    final_temperature,
+    posterior_for_run,
     prior_chooser,
     start_cache,
 )
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
 from cachellm_rl.contracts import LatencyHistogram
-from cachellm_rl.envs.evaluate import greedy_evaluate
+from cachellm_rl.envs.evaluate import GreedyResult, greedy_evaluate, short_game_names
 from cachellm_rl.envs.registry import (
     DEFAULT_MAX_EPISODE_STEPS,
     check_env_id,
@@ -41,9 +56,7 @@ from cachellm_rl.envs.registry import (
 from cachellm_rl.results import (
     TensorBoardLogger,
     append_jsonl,
-    binomial_ci95,
     markdown_table,
-    mean_ci95,
     read_jsonl,
     write_json,
 )
@@ -51,6 +64,8 @@ from cachellm_rl.results import (
 logger = logging.getLogger(__name__)
 
 PRESETS = ("quick", "full")
+PROTOCOLS = ("same_games", "held_out")
+CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +77,12 @@ class TextSuiteConfig:
     Attributes:
         env: Text env id (``textworld``, ``alfworld`` or ``babyai``).
         games_dir: Generated game suite folder (None: the env's default suite).
-        split: Split the agents train and are evaluated on (held out from the prior).
+        split: Split the agents are evaluated on (held out from the prior).
         num_games: Games of ``split`` used (the first ``num_games``; 0 = all).
+        protocol: ``same_games`` (RL trains on the evaluation games) or ``held_out`` (RL trains
+            on ``train_split`` and is evaluated on the unseen ``split`` games).
+        train_split: Split RL trains on under ``held_out``.
+        num_train_games: Games of ``train_split`` used under ``held_out`` (0 = all).
         prior_model: Prior model folder, Hugging Face format (None: the env's embedded prior).
         prior_temperature: ``T_prior`` of the prior's softmax over candidate scores.
         methods: Methods to compare.
@@ -72,6 +91,11 @@ class TextSuiteConfig:
         max_episode_steps: Episode step limit (None: the env's default).
         num_env_runners: Remote env runners (0: sample in the driver).
         settings: Hyper-parameters of the methods.
+        eval_every_env_steps: Greedy evaluation on the evaluation games every this many env
+            steps during training (0: only at the end). Its LM queries count as evaluation
+            traffic, apart from training traffic.
+        checkpoint_every_env_steps: Save a resumable checkpoint every this many env steps (0:
+            only the final one).
         progress: Show progress bars.
     """
 
@@ -79,6 +103,9 @@ class TextSuiteConfig:
     games_dir: str | None = None
     split: str = "test"
     num_games: int = 0
+    protocol: str = "same_games"
+    train_split: str = "train"
+    num_train_games: int = 0
     prior_model: str | None = None
     prior_temperature: float = 0.5
     methods: tuple[str, ...] = METHODS
@@ -87,6 +114,8 @@ class TextSuiteConfig:
     max_episode_steps: int | None = None
     num_env_runners: int = 1
     settings: MethodSettings = field(default_factory=MethodSettings)
+    eval_every_env_steps: int = 0
+    checkpoint_every_env_steps: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -97,27 +126,45 @@ class TextSuiteConfig:
         if self.prior_model is None:
             object.__setattr__(self, "prior_model", str(default_prior_dir(self.env)))
         # Absolute paths: Serve replicas and env runners do not share the driver's working dir.
-        object.__setattr__(self, "games_dir", str(Path(self.games_dir).resolve()))
-        object.__setattr__(self, "prior_model", str(Path(self.prior_model).resolve()))
+        object.__setattr__(self, "games_dir", str(Path(str(self.games_dir)).resolve()))
+        object.__setattr__(self, "prior_model", str(Path(str(self.prior_model)).resolve()))
         if self.max_episode_steps is None:
             object.__setattr__(self, "max_episode_steps", DEFAULT_MAX_EPISODE_STEPS[self.env])
         check_methods(self.methods)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"TextSuiteConfig.protocol must be one of {PROTOCOLS}, got {self.protocol!r}"
+            )
+        if self.protocol == "held_out" and self.train_split == self.split:
+            raise ValueError("held_out needs train_split != split (the evaluation split)")
         if not self.seeds:
             raise ValueError("TextSuiteConfig.seeds is empty")
-        if self.env_steps < 1:
-            raise ValueError("TextSuiteConfig.env_steps must be >= 1")
-        if self.num_env_runners < 0:
-            raise ValueError("TextSuiteConfig.num_env_runners must be >= 0")
-        if self.num_games < 0:
-            raise ValueError("TextSuiteConfig.num_games must be >= 0")
+        for name in ("env_steps",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TextSuiteConfig.{name} must be >= 1")
+        for name in (
+            "num_env_runners",
+            "num_games",
+            "num_train_games",
+            "eval_every_env_steps",
+            "checkpoint_every_env_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TextSuiteConfig.{name} must be >= 0")
+
+    @property
+    def steps_cap(self) -> int:
+        """The episode step limit (resolved)."""
+        assert self.max_episode_steps is not None
+        return self.max_episode_steps
 
 
 def preset(name: str, **overrides) -> TextSuiteConfig:
-    """The ``quick`` (minutes on 2 cores) or ``full`` (3 seeds, all test games) suite."""
+    """The ``quick`` (minutes on 2 cores) or ``full`` suite (see docs/results.md)."""
     if name == "quick":
-        base = {"num_games": 4, "seeds": (0,), "env_steps": 1000}
+        base: dict = {"num_games": 4, "seeds": (0,), "env_steps": 1000}
     elif name == "full":
-        base = {"num_games": 0, "seeds": (0, 1, 2), "env_steps": 2000}
+        base = {"num_games": 0, "seeds": (0, 1, 2, 3, 4), "env_steps": 20_000}
     else:
         raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
     # One construction, so the per-env defaults follow ``env`` (``dataclasses.replace`` of a
@@ -125,14 +172,27 @@ def preset(name: str, **overrides) -> TextSuiteConfig:
     return TextSuiteConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def _games(cfg: TextSuiteConfig) -> list[str]:
+def suite_games(cfg: TextSuiteConfig) -> list[str]:
+    """The games every method is evaluated on."""
     from cachellm_rl.envs.registry import env_split_games
 
-    games = env_split_games(cfg.env, cfg.games_dir, cfg.split)
+    games = env_split_games(cfg.env, str(cfg.games_dir), cfg.split)
     return games[: cfg.num_games] if cfg.num_games else games
 
 
-def _env_config(cfg: TextSuiteConfig, games: Sequence[str], seed: int) -> dict:
+def training_games(cfg: TextSuiteConfig, eval_games: Sequence[str]) -> list[str]:
+    """The games RL trains on: the evaluation games (``same_games``) or the train split
+    (``held_out``)."""
+    if cfg.protocol == "same_games":
+        return list(eval_games)
+    from cachellm_rl.envs.registry import env_split_games
+
+    games = env_split_games(cfg.env, str(cfg.games_dir), cfg.train_split)
+    return games[: cfg.num_train_games] if cfg.num_train_games else games
+
+
+def env_config_for(cfg: TextSuiteConfig, games: Sequence[str], seed: int) -> dict:
+    """The env config of a run on ``games``."""
     return {
         "games": list(games),
         "expert": False,
@@ -157,13 +217,12 @@ class RunOutcome:
     latency_miss: LatencyHistogram
 
 
-def _eval_row(method, seed, res, stats, extra) -> dict:
+def _eval_row(method: str, seed: int, res: GreedyResult, stats: dict, extra: dict) -> dict:
     succ = list(res.per_game_success.values())
     return {
         "method": method,
         "seed": seed,
         "success": float(np.mean(succ)),
-        "success_ci95_games": binomial_ci95(succ),
         "return_mean": float(np.mean(res.returns)),
         "eval_episode_length_mean": float(np.mean(res.lengths)),
         "per_game_success": res.per_game_success_by_name(),
@@ -173,41 +232,78 @@ def _eval_row(method, seed, res, stats, extra) -> dict:
     }
 
 
-def run_direct_lm(cfg: TextSuiteConfig, seed: int, games: Sequence[str], cache_name: str):
-    """``direct_lm``: the prior's argmax on every game, every decision answered by the LM."""
+def run_direct_lm(cfg: TextSuiteConfig, games: Sequence[str], cache_name: str) -> RunOutcome:
+    """``direct_lm``: the prior's argmax on every game, every decision answered by the LM. It is
+    deterministic, so it runs once and stands for every seed in paired comparisons."""
     from cachellm_rl.cache.client import PriorCacheClient
     from cachellm_rl.envs.registry import make_text_env
 
     t0 = time.perf_counter()
     handle = start_cache("direct_lm", cfg.settings, cache_name, DEFAULT_NAMESPACE)
     client = PriorCacheClient(None, cache_name=cache_name, namespace=DEFAULT_NAMESPACE)
-    env = make_text_env(cfg.env, _env_config(cfg, games, seed))
-    res = greedy_evaluate(env, games, prior_chooser(client, temperature=1.0))
+    env = make_text_env(cfg.env, env_config_for(cfg, games, 0))
+    res = greedy_evaluate(env, games, prior_chooser(client))
     env.close()
     stats = _cache_stats(handle)
     wall = time.perf_counter() - t0
     row = _eval_row(
         "direct_lm",
-        seed,
+        0,
         res,
         stats,
         {
+            "protocol": cfg.protocol,
+            "deterministic": True,
             "train_env_steps": 0,
-            "env_steps_per_s": res.decisions / wall if wall > 0 else None,
             "wall_s": wall,
+            "train_lm_queries": 0,
             "eval_lm_queries": int(stats.get("lm_queries", 0)),
-            "latency_hit_p50_ms": res.latency_hit.quantile(0.5),
             "latency_miss_p50_ms": res.latency_miss.quantile(0.5),
-            "latency_hit_p95_ms": res.latency_hit.quantile(0.95),
             "latency_miss_p95_ms": res.latency_miss.quantile(0.95),
         },
     )
-    curve = [
-        {"method": "direct_lm", "seed": seed, "env_steps": s, "train_success": row["success"]}
-        for s in (0, cfg.env_steps)
-    ]
     kill_cache(cache_name, DEFAULT_NAMESPACE)
-    return RunOutcome(row, curve, res.latency_hit, res.latency_miss)
+    return RunOutcome(row, [], res.latency_hit, res.latency_miss)
+
+
+def checkpoint_dir(out: Path, method: str, seed: int) -> Path:
+    """Where the (method, seed) run's checkpoint lives in a results folder."""
+    return out / CHECKPOINTS_DIR / f"{method}-s{seed}"
+
+
+def _prior_version(handle) -> str | None:
+    if handle is None:
+        return None
+    version, _ = ray.get(handle.versions.remote())
+    return str(version) if version else None
+
+
+def _checkpoint_metadata(cfg, method, seed, steps, env_config, prior_version, hit_rate) -> dict:
+    from cachellm_rl.envs.registry import make_text_env
+
+    env = make_text_env(cfg.env, {**env_config, "games": env_config["games"][:1]})
+    obs_config = asdict(env.config.obs)
+    env.close()
+    s = cfg.settings
+    return {
+        "format": 1,
+        "env": cfg.env,
+        "method": method,
+        "seed": seed,
+        "env_steps": steps,
+        "protocol": cfg.protocol,
+        "obs_config": obs_config,
+        "max_episode_steps": cfg.max_episode_steps,
+        "prior_model": None if method == "no_prior" else cfg.prior_model,
+        "prior_version": None if method == "no_prior" else prior_version,
+        "prior_temperature": cfg.prior_temperature,
+        "posterior": posterior_for_run(s, cfg.env_steps).to_dict(),
+        "inference": "q" if method == "no_prior" else "posterior",
+        "final_hit_rate": hit_rate,
+        "encoder": s.encoder,
+        "code_revision": code_revision(),
+        "ray_version": ray.__version__,
+    }
 
 
 def run_rl_method(
@@ -217,30 +313,50 @@ def run_rl_method(
     games: Sequence[str],
     cache_name: str,
     tb: TensorBoardLogger,
+    out: Path,
     bar=None,
 ) -> RunOutcome:
-    """Train one RL method for ``cfg.env_steps`` env steps, then evaluate greedily on ``games``."""
-    from cachellm_rl.cache.client import PriorCacheClient
-    from cachellm_rl.envs.registry import env_class, make_text_env
+    """Train one RL method for ``cfg.env_steps`` env steps (resuming from the run's periodic
+    checkpoint when an earlier attempt left one), then evaluate greedily on ``games``."""
+    from cachellm_rl.envs.registry import env_class
 
     t_start = time.perf_counter()
     s = cfg.settings
+    train_games = training_games(cfg, games)
     handle = start_cache(method, s, cache_name, DEFAULT_NAMESPACE)
-    algo_cfg = algo_config_for(
+    env_config = env_config_for(cfg, train_games, seed)
+    algo = algo_config_for(
         method,
         s,
         env_class=env_class(cfg.env),
-        env_config=_env_config(cfg, games, seed),
+        env_config=env_config,
         cache_name=cache_name,
         num_env_runners=cfg.num_env_runners,
         total_env_steps=cfg.env_steps,
         seed=seed,
-    )
-    algo = algo_cfg.build_algo()
+    ).build_algo()
+    posterior = posterior_for_run(s, cfg.env_steps)
+    ckpt = checkpoint_dir(out, method, seed)
+    resumed_from = 0
+    if (ckpt / "cachellm_checkpoint.json").is_file():
+        algo.restore_from_path(str(ckpt))
+        from cachellm_rl.algorithms.ps_dqn.checkpoints import read_metadata
+
+        resumed_from = int(read_metadata(ckpt)["env_steps"])
+        logger.warning(
+            "%s seed %d: resumed from its checkpoint at %d env steps", method, seed, resumed_from
+        )
+    prior_version = _prior_version(handle)
     curve: list[dict] = []
     report = PriorConnectorReport()
     episodes: list[dict] = []
-    steps, train_s = 0, 0.0
+    steps, train_s, eval_lm = resumed_from, 0.0, 0
+    next_eval = cfg.eval_every_env_steps or math.inf
+    next_ckpt = cfg.checkpoint_every_env_steps or math.inf
+    while next_eval <= steps:
+        next_eval += cfg.eval_every_env_steps
+    while next_ckpt <= steps:
+        next_ckpt += cfg.checkpoint_every_env_steps
     try:
         while steps < cfg.env_steps:
             t0 = time.perf_counter()
@@ -264,6 +380,7 @@ def run_rl_method(
                 "train_success": float(np.mean([e["success"] for e in recent])) if recent else None,
                 "train_return": float(np.mean([e["return"] for e in recent])) if recent else None,
                 "lm_queries": stats.get("lm_queries", 0),
+                "train_lm_queries": stats.get("lm_queries", 0) - eval_lm,
                 "hit_rate": stats.get("hit_rate"),
                 "hit_rate_ema": stats.get("hit_rate_ema"),
                 "capacity_entries": stats.get("capacity_entries"),
@@ -273,15 +390,31 @@ def run_rl_method(
                 "refresh_error_ema": stats.get("refresh_error_ema"),
                 "radius_narrowed": stats.get("radius_narrowed"),
                 "cache_size": stats.get("size"),
-                "temperature": rep.temperature if rep.decisions else None,
+                "temperature": posterior.temperature_at(steps, rep.hit_rate_ema),
                 "qf_loss": learner.get("qf_loss"),
+                "kl_posterior_to_prior": learner.get("kl_posterior_to_prior"),
             }
+            if steps >= next_eval and steps < cfg.env_steps:
+                before = _cache_stats(handle).get("lm_queries", 0)
+                res = _greedy(cfg, method, seed, games, algo, cache_name, report)
+                eval_lm += _cache_stats(handle).get("lm_queries", 0) - before
+                point["eval_success"] = res.success_rate
+                while next_eval <= steps:
+                    next_eval += cfg.eval_every_env_steps
+            if steps >= next_ckpt and steps < cfg.env_steps:
+                meta = _checkpoint_metadata(
+                    cfg, method, seed, steps, env_config, prior_version, report.hit_rate_ema
+                )
+                save_checkpoint(algo, ckpt, meta)
+                while next_ckpt <= steps:
+                    next_ckpt += cfg.checkpoint_every_env_steps
             curve.append(point)
             tb.scalars(
                 steps,
                 {
                     "train/success": point["train_success"],
                     "train/return": point["train_return"],
+                    "eval/success": point.get("eval_success"),
                     "cache/hit_rate": point["hit_rate"],
                     "cache/hit_rate_ema": point["hit_rate_ema"],
                     "cache/lm_queries": point["lm_queries"],
@@ -293,67 +426,92 @@ def run_rl_method(
                     "cache/radius_narrowed": point["radius_narrowed"],
                     "cache/size": point["cache_size"],
                     "posterior/temperature": point["temperature"],
+                    "posterior/kl_to_prior": point["kl_posterior_to_prior"],
                     "learner/qf_loss": point["qf_loss"],
                 },
             )
             if bar is not None:
+                succ = point["train_success"]
                 bar.set_postfix_str(
                     f"{method} s{seed} {steps}/{cfg.env_steps} steps "
-                    f"succ={point['train_success'] if recent else float('nan'):.2f}"
+                    f"succ={succ if succ is not None else float('nan'):.2f}"
                 )
-        module = algo.get_module()
-        temperature = final_temperature(report, s)
-        client = (
-            None
-            if method == "no_prior"
-            else PriorCacheClient(
-                None if method == "uncached" else _driver_encoder(),
-                cache_name=cache_name,
-                namespace=DEFAULT_NAMESPACE,
-            )
+        train_lm = _cache_stats(handle).get("lm_queries", 0) - eval_lm
+        meta = _checkpoint_metadata(
+            cfg, method, seed, steps, env_config, prior_version, report.hit_rate_ema
         )
-        train_lm = _cache_stats(handle).get("lm_queries", 0)
-        env = make_text_env(cfg.env, _env_config(cfg, games, seed))
-        res = greedy_evaluate(
-            env, games, prior_chooser(client, temperature=temperature, module=module)
-        )
-        env.close()
+        save_checkpoint(algo, ckpt, meta)
+        before = _cache_stats(handle).get("lm_queries", 0)
+        res = _greedy(cfg, method, seed, games, algo, cache_name, report)
+        eval_lm += _cache_stats(handle).get("lm_queries", 0) - before
     finally:
         algo.stop()
     stats = _cache_stats(handle)
     wall = time.perf_counter() - t_start
     invalid = sum(e["invalid_actions"] for e in episodes)
+    fresh_steps = steps - resumed_from
     row = _eval_row(
         method,
         seed,
         res,
         stats,
         {
+            "protocol": cfg.protocol,
+            "train_games": len(train_games),
             "train_env_steps": steps,
+            "resumed_from_env_steps": resumed_from,
             "train_episodes": len(episodes),
             "train_success_last20": curve[-1]["train_success"] if curve else None,
             "train_success_all": (
                 float(np.mean([e["success"] for e in episodes])) if episodes else None
             ),
-            "env_steps_per_s": steps / train_s if train_s > 0 else None,
+            "env_steps_per_s": fresh_steps / train_s if train_s > 0 else None,
             "train_s": train_s,
             "wall_s": wall,
+            "lm_queries": int(train_lm),
             "train_lm_queries": int(train_lm),
-            "eval_lm_queries": int(stats.get("lm_queries", 0)) - int(train_lm),
+            "eval_lm_queries": int(eval_lm),
             "latency_hit_p50_ms": report.latency_hit.quantile(0.5),
             "latency_miss_p50_ms": report.latency_miss.quantile(0.5),
             "latency_hit_p95_ms": report.latency_hit.quantile(0.95),
             "latency_miss_p95_ms": report.latency_miss.quantile(0.95),
-            "final_temperature": temperature,
+            "final_temperature": posterior.final_temperature(report.hit_rate_ema),
+            "prior_weight": posterior.prior_weight,
+            "temperature_schedule": posterior.schedule,
             "invalid_actions": invalid,
             "candidates_dropped": sum(e["candidates_dropped"] for e in episodes),
             "state_tokens_truncated": sum(e["state_tokens_truncated"] for e in episodes),
             "cache_stats": {k: v for k, v in stats.items() if not k.startswith("latency")},
             "connector_sources": report.sources,
+            "checkpoint": str(ckpt),
         },
     )
     kill_cache(cache_name, DEFAULT_NAMESPACE)
     return RunOutcome(row, curve, report.latency_hit, report.latency_miss)
+
+
+def _greedy(cfg, method, seed, games, algo, cache_name, report) -> GreedyResult:
+    """Greedy play of the trained module on ``games`` (prior through the run's cache actor)."""
+    from cachellm_rl.cache.client import PriorCacheClient
+    from cachellm_rl.envs.registry import make_text_env
+
+    module = algo.get_module()
+    client = (
+        None
+        if method == "no_prior"
+        else PriorCacheClient(
+            None if method in UNCACHED_METHODS else _driver_encoder(),
+            cache_name=cache_name,
+            namespace=DEFAULT_NAMESPACE,
+        )
+    )
+    env = make_text_env(cfg.env, env_config_for(cfg, games, seed))
+    try:
+        return greedy_evaluate(
+            env, games, prior_chooser(client, hit_rate=report.hit_rate_ema, module=module)
+        )
+    finally:
+        env.close()
 
 
 @functools.cache
@@ -364,92 +522,207 @@ def _driver_encoder():
     return TextStateEncoder(TextEncoderConfig(max_tokens=128))
 
 
-def aggregate(rows: Sequence[dict], methods: Sequence[str]) -> dict:
-    """Per-method aggregates over seeds (95% CIs over seeds; over games with one seed)."""
+# -- aggregation ------------------------------------------------------------------------------
+def _avg(rs: Sequence[dict], key: str) -> float | None:
+    vals = [r[key] for r in rs if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else None
+
+
+def aggregate(
+    rows: Sequence[dict],
+    methods: Sequence[str],
+    games: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    reps: int = rstats.DEFAULT_REPS,
+) -> dict:
+    """Per-method aggregates and paired comparisons.
+
+    ``success_mean`` with its stratified-bootstrap 95% CI over (game, seed) and its IQM;
+    comparisons as paired differences with CIs and probabilities of improvement. Methods
+    missing a seed (a run still going) get means but no CI.
+    """
+    names = short_game_names(list(games))
+    keys = [names[str(g)] for g in games]
+    mats = {m: rstats.score_matrix(rows, m, keys, seeds) for m in methods}
     out: dict[str, dict] = {}
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         if not rs:
             continue
-        succ = [r["success"] for r in rs]
-        mean, ci = mean_ci95(succ)
-        if len(rs) == 1:
-            ci = rs[0]["success_ci95_games"]
-
-        def avg(key, rs=rs):
-            vals = [r[key] for r in rs if r.get(key) is not None and math.isfinite(r[key])]
-            return float(np.mean(vals)) if vals else None
-
-        out[m] = {
-            "success_mean": mean,
-            "success_ci95": ci,
-            "return_mean": avg("return_mean"),
-            "lm_queries": avg("lm_queries"),
-            "hit_rate": avg("hit_rate"),
-            "latency_hit_p50_ms": avg("latency_hit_p50_ms"),
-            "latency_miss_p50_ms": avg("latency_miss_p50_ms"),
-            "latency_hit_p95_ms": avg("latency_hit_p95_ms"),
-            "latency_miss_p95_ms": avg("latency_miss_p95_ms"),
-            "env_steps_per_s": avg("env_steps_per_s"),
-            "wall_s": avg("wall_s"),
-            "train_lm_queries": avg("train_lm_queries"),
-            "eval_lm_queries": avg("eval_lm_queries"),
+        agg: dict = {
+            "success_mean": float(np.mean([r["success"] for r in rs])),
             "seeds": len(rs),
-            "success_per_seed": succ,
+            "success_per_seed": [r["success"] for r in rs],
+            "return_mean": _avg(rs, "return_mean"),
+            "lm_queries": _avg(rs, "lm_queries"),
+            "train_lm_queries": _avg(rs, "train_lm_queries"),
+            "eval_lm_queries": _avg(rs, "eval_lm_queries"),
+            "hit_rate": _avg(rs, "hit_rate"),
+            "latency_hit_p50_ms": _avg(rs, "latency_hit_p50_ms"),
+            "latency_miss_p50_ms": _avg(rs, "latency_miss_p50_ms"),
+            "latency_hit_p95_ms": _avg(rs, "latency_hit_p95_ms"),
+            "latency_miss_p95_ms": _avg(rs, "latency_miss_p95_ms"),
+            "env_steps_per_s": _avg(rs, "env_steps_per_s"),
+            "train_success_all": _avg(rs, "train_success_all"),
+            "wall_s": _avg(rs, "wall_s"),
         }
-    base = out.get("uncached")
-    if base and base.get("lm_queries"):
-        for agg in out.values():
-            if agg.get("lm_queries") is not None:
-                agg["lm_queries_vs_uncached"] = agg["lm_queries"] / base["lm_queries"]
-            agg["success_vs_uncached"] = (
-                agg["success_mean"] / base["success_mean"] if base["success_mean"] else None
+        mat = mats[m]
+        if mat is not None:
+            ci = rstats.mean_interval(mat, reps=reps)
+            agg.update(
+                success_mean=ci.value,
+                success_ci95=[ci.low, ci.high],
+                success_iqm=rstats.iqm_interval(mat, reps=reps).value,
             )
+        out[m] = agg
+    base = out.get("uncached")
+    if base and base.get("train_lm_queries"):
+        for agg in out.values():
+            if agg.get("train_lm_queries") is not None:
+                agg["train_lm_queries_vs_uncached"] = (
+                    agg["train_lm_queries"] / base["train_lm_queries"]
+                )
+    return {"methods": out, "comparisons": comparisons(mats, out, reps=reps)}
+
+
+def comparisons(mats: dict, agg: dict, *, reps: int = rstats.DEFAULT_REPS) -> dict:
+    """The paired comparisons the suite reports (each needs both methods' full matrices).
+
+    - ``<m> vs direct_lm`` for every RL method with a prior;
+    - ``uncached vs frozen_q``: what Q-learning adds on the same agent and budget;
+    - ``uncached vs best of (direct_lm, frozen_q)``: learning beyond the prior, against
+      whichever control scored higher;
+    - ``<cached> vs uncached``: what a cache costs (or gains) in success.
+    """
+    out: dict[str, dict] = {}
+
+    def add(a: str, b: str, label: str | None = None) -> None:
+        if mats.get(a) is not None and mats.get(b) is not None and a != b:
+            out[label or f"{a} vs {b}"] = rstats.compare(mats[a], mats[b], reps=reps)
+
+    for m in ("uncached", "frozen_q", "lru", "static", "adaptive", "no_prior"):
+        add(m, "direct_lm")
+    add("uncached", "frozen_q")
+    controls = [c for c in ("direct_lm", "frozen_q") if mats.get(c) is not None]
+    if controls and mats.get("uncached") is not None:
+        best = max(controls, key=lambda c: agg[c]["success_mean"])
+        add("uncached", best, f"uncached vs best of (direct_lm, frozen_q) = {best}")
+    for m in ("lru", "static", "adaptive"):
+        add(m, "uncached")
     return out
 
 
 TABLE_COLUMNS = (
     ("method", "method"),
     ("success_mean", "success"),
-    ("success_ci95", "±95% CI"),
+    ("success_ci", "95% CI"),
+    ("success_iqm", "IQM"),
     ("return_mean", "return"),
-    ("lm_queries", "LM queries"),
-    ("lm_queries_vs_uncached", "vs uncached"),
+    ("train_lm_queries", "train LM queries"),
+    ("train_lm_queries_vs_uncached", "vs uncached"),
+    ("eval_lm_queries", "eval LM queries"),
     ("hit_rate", "hit rate"),
     ("latency_hit_p50_ms", "hit p50 ms"),
     ("latency_miss_p50_ms", "miss p50 ms"),
     ("env_steps_per_s", "env steps/s"),
     ("wall_s", "wall s"),
 )
+COMPARISON_COLUMNS = (
+    ("comparison", "paired comparison"),
+    ("diff", "success difference"),
+    ("diff_ci", "95% CI"),
+    ("poi", "P(improvement)"),
+    ("poi_ci", "95% CI"),
+)
 
 
-def write_outputs(out: Path, cfg: TextSuiteConfig, hists: dict) -> dict:
+def _ci_text(lo_hi) -> str | None:
+    if not lo_hi:
+        return None
+    return f"[{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]"
+
+
+def protocol_note(cfg: TextSuiteConfig, games: Sequence[str], train_games: int) -> str:
+    """The protocol sentence printed beside every table."""
+    if cfg.protocol == "same_games":
+        where = f"RL trained and evaluated on the same {len(games)} `{cfg.split}` games"
+    else:
+        where = (
+            f"RL trained on {train_games} `{cfg.train_split}` games, evaluated on "
+            f"{len(games)} unseen `{cfg.split}` games"
+        )
+    return (
+        f"Protocol `{cfg.protocol}`: {where}; the prior was trained on the suite's `train` split. "
+        f"{len(cfg.seeds)} seed(s), {cfg.env_steps} env steps per RL run; greedy evaluation, "
+        "one episode per game; CIs: stratified bootstrap over (game, seed), rliable."
+    )
+
+
+def write_outputs(out: Path, cfg: TextSuiteConfig, hists: dict, games: Sequence[str]) -> dict:
     """Summary, table and plots from the rows written so far."""
     from cachellm_rl.plots import plot_curves, plot_latency_histogram
 
     rows = read_jsonl(out / "runs.jsonl")
     curves = read_jsonl(out / "curves.jsonl")
     methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
-    agg = aggregate(rows, methods)
-    summary = {"env": cfg.env, "methods": agg, "runs": rows, "config": asdict(cfg)}
+    result = aggregate(rows, methods, games, cfg.seeds)
+    agg = result["methods"]
+    n_train = len(training_games(cfg, games))
+    note = protocol_note(cfg, games, n_train)
+    summary = {
+        "env": cfg.env,
+        "protocol": cfg.protocol,
+        "protocol_note": note,
+        "games": list(short_game_names(list(games)).values()),
+        "methods": agg,
+        "comparisons": result["comparisons"],
+        "runs": rows,
+        "config": asdict(cfg),
+    }
     write_json(out / "summary.json", summary)
-    table = markdown_table([{"method": m, **a} for m, a in agg.items()], TABLE_COLUMNS)
-    (out / "table.md").write_text(
-        f"# {cfg.env}: {len(cfg.seeds)} seed(s), {cfg.env_steps} env steps per RL run, "
-        f"{cfg.split} games\n\n{table}"
+    table = markdown_table(
+        [{"method": m, **a, "success_ci": _ci_text(a.get("success_ci95"))} for m, a in agg.items()],
+        TABLE_COLUMNS,
     )
+    comp_rows = [
+        {
+            "comparison": k,
+            "diff": v["difference"]["value"],
+            "diff_ci": _ci_text([v["difference"]["low"], v["difference"]["high"]]),
+            "poi": v["probability_of_improvement"]["value"],
+            "poi_ci": _ci_text(
+                [v["probability_of_improvement"]["low"], v["probability_of_improvement"]["high"]]
+            ),
+        }
+        for k, v in result["comparisons"].items()
+    ]
+    comp = markdown_table(comp_rows, COMPARISON_COLUMNS) if comp_rows else ""
+    (out / "table.md").write_text(f"# {cfg.env}\n\n{note}\n\n{table}\n{comp}")
+    direct = agg.get("direct_lm", {}).get("success_mean")
+    refs = {"direct_lm (greedy)": direct} if direct is not None else {}
     if curves:
         plot_curves(
             curves,
             y="train_success",
             ylabel="success (last 20 training episodes)",
             out=out / "learning_curves.png",
-            title=f"{cfg.env}: training success",
+            title=f"{cfg.env}: training success ({cfg.protocol})",
+            hlines=refs,
         )
+        if any(c.get("eval_success") is not None for c in curves):
+            plot_curves(
+                curves,
+                y="eval_success",
+                ylabel="greedy success on the evaluation games",
+                out=out / "eval_curves.png",
+                title=f"{cfg.env}: greedy success during training ({cfg.protocol})",
+                hlines=refs,
+            )
         plot_curves(
-            [c for c in curves if "lm_queries" in c],
-            y="lm_queries",
-            ylabel="LM queries (cumulative)",
+            [c for c in curves if "train_lm_queries" in c],
+            y="train_lm_queries",
+            ylabel="LM queries in training (cumulative)",
             out=out / "lm_queries.png",
             title=f"{cfg.env}: LM queries",
         )
@@ -473,43 +746,62 @@ def write_outputs(out: Path, cfg: TextSuiteConfig, hists: dict) -> dict:
     return summary
 
 
-def run_text_suite(cfg: TextSuiteConfig, out: Path) -> dict:
+def run_text_suite(cfg: TextSuiteConfig, out: Path, *, console: TextIO | None = None) -> dict:
     """Run every (method, seed), appending rows as they finish; returns the summary.
 
-    Assumes Ray is initialised and the ``PriorServer`` application is deployed.
+    A results folder that already has rows is resumed: finished (method, seed) runs are kept,
+    an interrupted run restarts from its last periodic checkpoint. Assumes Ray is initialised
+    and the ``PriorServer`` application is deployed.
+
+    Args:
+        cfg: The suite.
+        out: Results folder.
+        console: Stream for the progress bar (default: stderr).
     """
-    games = _games(cfg)
-    write_json(out / "config.json", {"suite": asdict(cfg), "games": games})
-    runs = [(m, s) for s in cfg.seeds for m in cfg.methods]
+    games = suite_games(cfg)
+    train = training_games(cfg, games)
+    write_json(
+        out / "config.json",
+        {"suite": asdict(cfg), "games": games, "train_games": train, "protocol": cfg.protocol},
+    )
+    done = {(r["method"], int(r["seed"])) for r in read_jsonl(out / "runs.jsonl")}
+    runs = [(m, s) for s in cfg.seeds for m in cfg.methods if m != "direct_lm"]
+    if "direct_lm" in cfg.methods:
+        runs.insert(0, ("direct_lm", 0))
+    todo = [r for r in runs if r not in done]
+    if done:
+        logger.warning(
+            "resuming %s: %d of %d runs already done", out, len(runs) - len(todo), len(runs)
+        )
     hists: dict[str, tuple[LatencyHistogram, LatencyHistogram]] = {}
-    bar = tqdm(runs, desc="text suite", disable=not cfg.progress, unit="run")
+    bar = tqdm(todo, desc=f"{cfg.env} suite", disable=not cfg.progress, unit="run", file=console)
     for method, seed in bar:
         name = f"text-suite-{method}-s{seed}"
-        tb = TensorBoardLogger(out / "tb" / f"{method}-s{seed}")
-        try:
-            if method == "direct_lm":
-                outcome = run_direct_lm(cfg, seed, games, name)
-            else:
-                assert method in RL_METHODS
-                outcome = run_rl_method(cfg, method, seed, games, name, tb, bar)
-        finally:
-            tb.close()
+        if method == "direct_lm":
+            outcome = run_direct_lm(cfg, games, name)
+        else:
+            assert method in RL_METHODS
+            tb = TensorBoardLogger(out / "tb" / f"{method}-s{seed}")
+            try:
+                outcome = run_rl_method(cfg, method, seed, games, name, tb, out, bar)
+            finally:
+                tb.close()
         append_jsonl(out / "runs.jsonl", outcome.row)
         for c in outcome.curve:
             append_jsonl(out / "curves.jsonl", c)
         h = hists.get(method, (LatencyHistogram(), LatencyHistogram()))
         hists[method] = (h[0].merged(outcome.latency_hit), h[1].merged(outcome.latency_miss))
-        write_outputs(out, cfg, hists)
-    return write_outputs(out, cfg, hists)
+        write_outputs(out, cfg, hists, games)
+    return write_outputs(out, cfg, hists, games)
 
 
 ENV_TABLE_COLUMNS = (
     ("env", "env"),
     ("method", "method"),
     ("success_mean", "success"),
-    ("success_ci95", "±95% CI"),
-    ("lm_queries", "LM queries"),
-    ("lm_queries_vs_uncached", "vs uncached"),
+    ("success_ci", "95% CI"),
+    ("train_lm_queries", "train LM queries"),
+    ("train_lm_queries_vs_uncached", "vs uncached"),
     ("hit_rate", "hit rate"),
     ("env_steps_per_s", "env steps/s"),
 )
@@ -526,11 +818,24 @@ def write_env_summary(out: Path, summaries: dict[str, dict]) -> str:
         The markdown table.
     """
     rows = [
-        {"env": env, "method": m, **a}
+        {"env": env, "method": m, **a, "success_ci": _ci_text(a.get("success_ci95"))}
         for env, s in summaries.items()
         for m, a in s["methods"].items()
     ]
-    write_json(out / "summary.json", {"envs": {env: s["methods"] for env, s in summaries.items()}})
-    table = "# text suite, all envs\n\n" + markdown_table(rows, ENV_TABLE_COLUMNS)
+    write_json(
+        out / "summary.json",
+        {
+            "envs": {
+                env: {
+                    "methods": s["methods"],
+                    "comparisons": s["comparisons"],
+                    "protocol_note": s["protocol_note"],
+                }
+                for env, s in summaries.items()
+            }
+        },
+    )
+    notes = "\n".join(f"- {env}: {s['protocol_note']}" for env, s in summaries.items())
+    table = "# text suite, all envs\n\n" + notes + "\n\n" + markdown_table(rows, ENV_TABLE_COLUMNS)
     (out / "table.md").write_text(table)
     return table

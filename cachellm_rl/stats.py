@@ -1,0 +1,130 @@
+"""Aggregates over (game, seed) score matrices with rliable (Agarwal et al., "Deep RL at the
+edge of the statistical precipice", NeurIPS 2021): stratified-bootstrap 95% CIs that resample
+games (tasks) and then seeds (runs) within each game, the interquartile mean, and the
+probability of improvement. Paired comparisons use the same games and seeds for both methods.
+
+A score matrix has shape ``(num_seeds, num_games)``: one row per seed, one column per game, in
+the same game order for every method. A deterministic method (``direct_lm``) has one row
+repeated for every seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+DEFAULT_REPS = 5000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its 95% bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def score_matrix(
+    rows: Sequence[Mapping], method: str, games: Sequence[str], seeds: Sequence[int]
+) -> np.ndarray | None:
+    """``(len(seeds), len(games))`` success matrix of ``method`` from suite rows.
+
+    Rows carry ``method``, ``seed`` and ``per_game_success`` keyed by game name. A method with a
+    single row (deterministic: ``direct_lm``) is repeated for every seed. Returns None when the
+    method has no row, or misses a seed or a game.
+
+    Example:
+        >>> rows = [{"method": "a", "seed": s, "per_game_success": {"g1": s, "g2": 1.0}}
+        ...         for s in (0, 1)]
+        >>> score_matrix(rows, "a", ["g1", "g2"], [0, 1]).tolist()
+        [[0.0, 1.0], [1.0, 1.0]]
+    """
+    by_seed = {int(r["seed"]): r for r in rows if r["method"] == method}
+    if not by_seed:
+        return None
+    if len(by_seed) == 1 and len(seeds) > 1:
+        only = next(iter(by_seed.values()))
+        by_seed = {s: only for s in seeds}
+    out = np.zeros((len(seeds), len(games)))
+    for i, s in enumerate(seeds):
+        if s not in by_seed:
+            return None
+        per_game = by_seed[s]["per_game_success"]
+        for j, g in enumerate(games):
+            if g not in per_game:
+                return None
+            out[i, j] = float(per_game[g])
+    return out
+
+
+def _estimate(score_dict: dict, func, reps: int, seed: int) -> dict[str, Interval]:
+    from rliable import library as rly
+
+    point, ci = rly.get_interval_estimates(
+        score_dict,
+        func,
+        task_bootstrap=True,
+        reps=reps,
+        random_state=np.random.RandomState(seed),
+    )
+    return {
+        k: Interval(float(np.ravel(point[k])[0]), float(ci[k][0][0]), float(ci[k][1][0]))
+        for k in score_dict
+    }
+
+
+def mean_interval(scores: np.ndarray, *, reps: int = DEFAULT_REPS, seed: int = 0) -> Interval:
+    """Mean over (seed, game) with its stratified-bootstrap 95% CI (games, then seeds)."""
+    return _estimate({"m": scores}, lambda x: np.array([np.mean(x)]), reps, seed)["m"]
+
+
+def iqm_interval(scores: np.ndarray, *, reps: int = DEFAULT_REPS, seed: int = 0) -> Interval:
+    """Interquartile mean over (seed, game) with its 95% CI."""
+    from rliable import metrics
+
+    return _estimate({"m": scores}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps, seed)["m"]
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, *, reps: int = DEFAULT_REPS, seed: int = 0
+) -> Interval:
+    """Mean of ``a - b`` over the same (seed, game) cells, with its 95% CI.
+
+    Example:
+        >>> a = np.ones((2, 4)); b = np.zeros((2, 4))
+        >>> paired_difference(a, b, reps=200).as_dict()
+        {'value': 1.0, 'low': 1.0, 'high': 1.0}
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need equal shapes, got {a.shape} and {b.shape}")
+    return mean_interval(a - b, reps=reps, seed=seed)
+
+
+def probability_of_improvement(
+    a: np.ndarray, b: np.ndarray, *, reps: int = DEFAULT_REPS, seed: int = 0
+) -> Interval:
+    """P(a run of ``a`` beats a run of ``b`` on a random game), ties counting one half, with
+    its 95% CI (rliable's ``probability_of_improvement``)."""
+    from rliable import metrics
+
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need equal shapes, got {a.shape} and {b.shape}")
+    return _estimate({"p": (a, b)}, metrics.probability_of_improvement, reps, seed)["p"]
+
+
+def compare(
+    a: np.ndarray, b: np.ndarray, *, reps: int = DEFAULT_REPS, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Paired difference of means and probability of improvement of ``a`` over ``b``."""
+    return {
+        "difference": paired_difference(a, b, reps=reps, seed=seed).as_dict(),
+        "probability_of_improvement": probability_of_improvement(
+            a, b, reps=reps, seed=seed
+        ).as_dict(),
+    }
