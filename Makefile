@@ -27,11 +27,15 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy cachellm_rl
 
-demo: $(VENV)/.installed
-	$(PY) experiments/text_suite.py --preset quick
+# The install is timed apart from the demo itself.
+demo:
+	@start=$$(date +%s); $(MAKE) --no-print-directory install; \
+	echo "install took $$(( $$(date +%s) - start )) s"
+	$(PY) experiments/demo.py
 
 bench: $(VENV)/.installed
 	$(PY) experiments/bench_cache.py --json results/bench_cache.json
+	$(PY) experiments/bench_throughput.py --json results/bench_throughput.json
 
 clean:
 	rm -rf $(VENV) artifacts results .pytest_cache .ruff_cache

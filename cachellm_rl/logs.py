@@ -2,9 +2,10 @@
 (Ray, RLlib, Serve and transformers INFO and deprecation messages, numpy warnings, C++ log lines)
 goes to the run's log file.
 
-The redirection is at the file-descriptor level (stderr, fd 2, points at the log file while a
-run is quiet), because Ray's C++ core and its worker processes write there directly, bypassing
-Python's logging. Progress bars and our messages get a stream onto the *original* stderr.
+The redirection is at the file-descriptor level (stdout and stderr, fds 1 and 2, point at the
+log file while a run is quiet), because Ray's C++ core, its raylet messages and its worker
+processes write there directly, bypassing Python's logging. Progress bars, our messages and the
+results get a stream onto the *original* stdout: write them there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def run_log(path: str | Path, *, verbose: bool = False) -> Iterator[TextIO]:
             gets Python log records.
 
     Yields:
-        The stream for progress bars and console messages (the terminal's stderr).
+        The stream for progress bars, console messages and results (the terminal's stdout).
 
     Example:
         >>> import tempfile
@@ -52,7 +53,7 @@ def run_log(path: str | Path, *, verbose: bool = False) -> Iterator[TextIO]:
     root.setLevel(logging.INFO)
     if verbose:
         try:
-            yield sys.stderr
+            yield sys.stdout
         finally:
             root.removeHandler(file_handler)
             root.setLevel(saved_level)
@@ -65,12 +66,14 @@ def run_log(path: str | Path, *, verbose: bool = False) -> Iterator[TextIO]:
         lg.propagate = True
     _quiet_transformers()
     logging.captureWarnings(True)
+    sys.stdout.flush()
     sys.stderr.flush()
-    err_fd = os.dup(2)
+    saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
     log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(log_fd, 2)
+    for fd in (1, 2):
+        os.dup2(log_fd, fd)
     os.close(log_fd)
-    console = os.fdopen(os.dup(err_fd), "w", buffering=1)
+    console = os.fdopen(os.dup(saved_fds[1]), "w", buffering=1)
     ours = logging.getLogger(_OUR_LOGGER)
     console_handler = logging.StreamHandler(console)
     console_handler.setLevel(logging.WARNING)
@@ -83,9 +86,11 @@ def run_log(path: str | Path, *, verbose: bool = False) -> Iterator[TextIO]:
     finally:
         ours.removeHandler(console_handler)
         logging.captureWarnings(False)
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(err_fd, 2)
-        os.close(err_fd)
+        for fd, saved_fd in saved_fds.items():
+            os.dup2(saved_fd, fd)
+            os.close(saved_fd)
         console.flush()
         console.close()
         for name, (level, propagate) in saved.items():

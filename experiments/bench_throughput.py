@@ -11,10 +11,11 @@ prior behind a real Serve deployment, the shared cache actor, RLlib's DQN loop):
    ratio, batch size and env-runner layout, in steady state: the clock starts after learning has
    started and ``--warmup-steps`` env steps, and runs for ``--measure-steps`` env steps.
 
-The breakdown (ms per env step) is read from timers installed by this script: env step, module
-forward, prior connector (actor call, state encoding, its own work), Serve scoring (inside the
-deployment), replay buffer, learner update, weight sync; "RLlib and other" is what is left of
-the wall time.
+The breakdown (ms per env step) is read from timers installed by this script. In the env
+runners (summed over runners, which work in parallel): env step, module forward, prior
+connector (cache actor call, state encoding, its own work); inside the Serve deployment: LM
+scoring. In the driver (adding up to the wall time): waiting for samples, replay buffer,
+learner update, weight sync, and what is left (RLlib's own bookkeeping).
 
 Usage:
     python experiments/bench_throughput.py --json results/bench_throughput.json
@@ -26,6 +27,7 @@ Environment: Ray noise goes to ``<json dir>/bench_throughput.log``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -38,13 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from cachellm_rl.argparsing import ArgumentParser
 from cachellm_rl.envs.registry import TEXT_ENVS
 
 DEFAULT_METHODS = ("no_prior", "uncached", "adaptive")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--env", choices=TEXT_ENVS, default="textworld")
     p.add_argument("--preset", default="full", help="suite preset whose settings are measured")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
@@ -52,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-games", type=int, default=0, help="games of the split (0 = all)")
     p.add_argument("--games", type=Path, default=None, help="game suite (default: the env's)")
     p.add_argument("--prior-model", type=Path, default=None, help="prior (default: the env's)")
-    p.add_argument("--env-only-steps", type=int, default=1500)
+    p.add_argument("--env-only-steps", type=int, default=600, help="per round")
+    p.add_argument("--env-rounds", type=int, default=3, help="alternating engine/env rounds")
     p.add_argument("--warmup-steps", type=int, default=1000, help="after learning starts")
     p.add_argument("--measure-steps", type=int, default=2000)
     p.add_argument("--num-env-runners", type=int, default=None, help="default: the preset's")
@@ -140,9 +144,11 @@ def install_runner_timers(runner) -> bool:
     """Wrap the runner's vector env ``step`` and module forward with cumulative timers."""
     if getattr(runner, "_bench_timers", None) is not None:
         return True
+    env = runner.env
+    if env is None:  # the driver's local runner does not sample when remote runners exist
+        return False
     timers = {"env_step_s": 0.0, "module_s": 0.0}
     runner._bench_timers = timers
-    env = runner.env
     step = env.step
 
     def timed_step(actions):
@@ -284,19 +290,21 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
     env_s, module_s = parts.get("env_step_s", 0.0), parts.get("module_s", 0.0)
     conn_s = parts.get("connector_s", 0.0)
     actor_s, enc_s = parts.get("actor_call_s", 0.0), parts.get("encode_s", 0.0)
+    # Env runners (summed over runners; with several they work in parallel, so their sum can
+    # exceed the wall time) and the driver's own loop (its parts add up to the wall time).
     breakdown_s = {
-        "env step": env_s,
-        "module forward (acting)": module_s,
-        "connector: cache actor call": actor_s,
-        "connector: state encoding": enc_s,
-        "connector: own work": max(conn_s - actor_s - enc_s, 0.0),
-        "replay buffer add + sample": drv["replay_s"],
-        "learner update": drv["learner_s"],
-        "weight sync": drv["sync_s"],
+        "runner: env step": env_s,
+        "runner: module forward (acting)": module_s,
+        "runner: cache actor call": actor_s,
+        "runner: state encoding": enc_s,
+        "runner: connector's own work": max(conn_s - actor_s - enc_s, 0.0),
+        "driver: waiting for samples": drv["sample_s"],
+        "driver: replay buffer add + sample": drv["replay_s"],
+        "driver: learner update": drv["learner_s"],
+        "driver: weight sync": drv["sync_s"],
     }
-    # Sampling (inside drv["sample_s"]) runs the env, module and connector; with remote env
-    # runners their time is inside the driver's sampling wait.
-    breakdown_s["RLlib and other"] = max(wall - sum(breakdown_s.values()), 0.0)
+    driver_known = drv["sample_s"] + drv["replay_s"] + drv["learner_s"] + drv["sync_s"]
+    breakdown_s["driver: RLlib and other"] = max(wall - driver_known, 0.0)
     decisions = parts.get("decisions", 0.0)
     return {
         "method": method,
@@ -324,11 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     from cachellm_rl.logs import run_log
 
     log_path = args.json.with_name("bench_throughput.log")
-    with run_log(log_path, verbose=args.verbose):
-        return run(args, log_path)
+    with run_log(log_path, verbose=args.verbose) as console:
+        return run(args, log_path, console)
 
 
-def run(args: argparse.Namespace, log_path: Path) -> dict:
+def run(args: argparse.Namespace, log_path: Path, console) -> dict:
     from dataclasses import replace
 
     from cachellm_rl.algorithms.ps_dqn.suite import env_config_for, preset, suite_games
@@ -359,14 +367,21 @@ def run(args: argparse.Namespace, log_path: Path) -> dict:
         "encoder": cfg.settings.encoder,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
-    print(f"{args.env}: {len(games)} {args.split} games; log -> {log_path}", flush=True)
-    if args.env == "textworld":
-        out["raw_engine_steps_per_s"] = raw_engine_steps_per_s(
-            games, args.env_only_steps, cfg.max_episode_steps, args.seed
-        )
-        print(f"raw engine      {out['raw_engine_steps_per_s']:7.1f} steps/s", flush=True)
-    env_first = env_only_steps_per_s(args.env, env_cfg, args.env_only_steps, args.seed)
-    print(f"wrapped env     {env_first:7.1f} steps/s", flush=True)
+    say = functools.partial(print, file=console, flush=True)
+    say(f"{args.env}: {len(games)} {args.split} games; log -> {log_path}")
+    # Engine and wrapped env in alternating rounds (the machine's load drifts; medians).
+    raw, wrapped = [], []
+    for r in range(args.env_rounds):
+        if args.env == "textworld":
+            raw.append(
+                raw_engine_steps_per_s(games, args.env_only_steps, cfg.steps_cap, args.seed + r)
+            )
+        wrapped.append(env_only_steps_per_s(args.env, env_cfg, args.env_only_steps, args.seed + r))
+    if raw:
+        out["raw_engine_steps_per_s"] = float(np.median(raw))
+        out["raw_engine_rounds"] = raw
+        say(f"raw engine      {out['raw_engine_steps_per_s']:7.1f} steps/s  (rounds {raw})")
+    say(f"wrapped env     {float(np.median(wrapped)):7.1f} steps/s  (rounds {wrapped})")
 
     import ray
     from ray import serve
@@ -390,21 +405,20 @@ def run(args: argparse.Namespace, log_path: Path) -> dict:
         for m in args.methods:
             row = measure_method(m, cfg, games, args)
             rows.append(row)
-            print(
+            say(
                 f"{m:15s} {row['steps_per_s']:7.1f} steps/s  {row['updates_per_s']:5.1f} "
-                f"updates/s  replay ratio {row['replay_ratio']:.2f}",
-                flush=True,
+                f"updates/s  replay ratio {row['replay_ratio']:.2f}"
             )
     finally:
         serve.shutdown()
         ray.shutdown()
-    env_last = env_only_steps_per_s(args.env, env_cfg, args.env_only_steps, args.seed + 1)
-    env_sps = (env_first + env_last) / 2
+    # Once more after the RL runs; the reference is the median of every wrapped-env round.
+    wrapped.append(env_only_steps_per_s(args.env, env_cfg, args.env_only_steps, args.seed + 99))
+    env_sps = float(np.median(wrapped))
     out["env_only_steps_per_s"] = env_sps
-    out["env_only_steps_per_s_first"] = env_first
-    out["env_only_steps_per_s_last"] = env_last
-    if "raw_engine_steps_per_s" in out:
-        out["env_vs_raw_engine"] = env_sps / out["raw_engine_steps_per_s"]
+    out["env_only_rounds"] = wrapped
+    if raw:
+        out["env_vs_raw_engine"] = float(np.median(wrapped[: len(raw)])) / float(np.median(raw))
     for row in rows:
         m = row["method"]
         out[f"{m}_steps_per_s"] = row["steps_per_s"]
@@ -423,23 +437,22 @@ def run(args: argparse.Namespace, log_path: Path) -> dict:
     if rows:
         out["updates_per_s"] = float(np.mean([r["updates_per_s"] for r in rows]))
         out["replay_ratio"] = float(np.mean([r["replay_ratio"] for r in rows]))
-    print_report(out, rows)
+    print_report(out, rows, say)
     args.json.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json}")
+    say(f"wrote {args.json}")
     return out
 
 
-def print_report(out: dict, rows: list[dict]) -> None:
+def print_report(out: dict, rows: list[dict], say=print) -> None:
     env_sps = out["env_only_steps_per_s"]
-    print()
+    say()
     if "raw_engine_steps_per_s" in out:
-        print(
+        say(
             f"raw engine {out['raw_engine_steps_per_s']:.1f} steps/s; wrapped env {env_sps:.1f} "
-            f"({out['env_vs_raw_engine']:.2f}x raw; first {out['env_only_steps_per_s_first']:.1f}"
-            f", last {out['env_only_steps_per_s_last']:.1f})"
+            f"(in the same rounds: {out['env_vs_raw_engine']:.2f}x raw)"
         )
     else:
-        print(f"wrapped env {env_sps:.1f} steps/s")
+        say(f"wrapped env {env_sps:.1f} steps/s")
     if not rows:
         return
     keys = list(rows[0]["breakdown_ms_per_step"])
@@ -457,9 +470,9 @@ def print_report(out: dict, rows: list[dict]) -> None:
         ],
     ]
     width = max(len(x[0]) for x in [head, *lines]) + 2
-    print("".ljust(width) + "".join(h.rjust(12) for h in head[1:]))
+    say("".ljust(width) + "".join(h.rjust(12) for h in head[1:]))
     for line in lines:
-        print(line[0].ljust(width) + "".join(c.rjust(12) for c in line[1:]))
+        say(line[0].ljust(width) + "".join(c.rjust(12) for c in line[1:]))
 
 
 if __name__ == "__main__":

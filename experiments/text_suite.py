@@ -19,6 +19,8 @@ run. See docs/results.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / job dir
 
 from cachellm_rl.algorithms.ps_dqn.methods import METHODS
-from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES
+from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES, PosteriorConfig
 from cachellm_rl.algorithms.ps_dqn.suite import (
     PRESETS,
     PROTOCOLS,
@@ -37,6 +39,7 @@ from cachellm_rl.algorithms.ps_dqn.suite import (
     run_text_suite,
     write_env_summary,
 )
+from cachellm_rl.argparsing import ArgumentParser, user_error
 from cachellm_rl.config import init_ray
 from cachellm_rl.envs.registry import TEXT_ENVS, check_env_id
 from cachellm_rl.logs import run_log
@@ -44,7 +47,7 @@ from cachellm_rl.results import new_results_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick", help="quick or full")
     p.add_argument(
         "--envs", default="textworld", help=f"comma-separated text envs ({','.join(TEXT_ENVS)})"
@@ -60,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-temperature", type=float, default=None, help="T_prior")
     p.add_argument("--soft-q-prior", action="store_true", help="KL-regularised soft-Q target")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: same_games")
+    p.add_argument(
+        "--posterior-from",
+        type=Path,
+        default=None,
+        help="selection.json of experiments/select_posterior.py (beta and T chosen on valid)",
+    )
     p.add_argument("--prior-weight", type=float, default=None, help="beta of the posterior")
     p.add_argument("--schedule", choices=TEMPERATURE_SCHEDULES, default=None, help="T schedule")
     p.add_argument("--temperature", type=float, default=None, help="T (fixed) or T_0")
@@ -87,21 +96,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool) -> None:
-    """Generate the env's games and train its default prior when they are missing."""
+def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool, console=None) -> None:
+    """Generate the env's games and train its default prior when they are missing (their
+    progress bars go to ``console``)."""
     from cachellm_rl.envs.registry import has_games, make_games
 
-    games, prior = Path(cfg.games_dir), Path(cfg.prior_model)
-    if not has_games(cfg.env, games):
-        print(f"generating the {cfg.env} game suite into {games} ...", flush=True)
-        make_games(cfg.env, games, progress=progress)
-    if not (prior / "config.json").is_file():
-        print(f"training the {cfg.env} embedded default prior into {prior} ...", flush=True)
-        from cachellm_rl.prior.embedded import train_embedded_prior
+    games, prior = Path(str(cfg.games_dir)), Path(str(cfg.prior_model))
+    with contextlib.redirect_stderr(console or sys.stderr):
+        if not has_games(cfg.env, games):
+            print(f"generating the {cfg.env} game suite into {games} ...", file=sys.stderr)
+            make_games(cfg.env, games, progress=progress)
+        if not (prior / "config.json").is_file():
+            print(f"training the {cfg.env} default prior into {prior} ...", file=sys.stderr)
+            from cachellm_rl.prior.embedded import train_embedded_prior
 
-        train_embedded_prior(
-            cfg.env, games_dir=games, out_dir=prior, evaluate=False, progress=progress
-        )
+            train_embedded_prior(
+                cfg.env, games_dir=games, out_dir=prior, evaluate=False, progress=progress
+            )
 
 
 def run_env(cfg: TextSuiteConfig, out: Path, console=None) -> dict:
@@ -144,6 +155,9 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             progress=not args.no_progress,
         )
         s = cfg.settings
+        if args.posterior_from is not None:
+            chosen = json.loads(Path(args.posterior_from).read_text())["chosen"]
+            s = replace(s, posterior=PosteriorConfig.from_dict(chosen))
         post = {
             "prior_weight": args.prior_weight,
             "schedule": args.schedule,
@@ -164,16 +178,19 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.prior_model is not None and not (args.prior_model / "config.json").is_file():
+        return user_error("text_suite.py", f"--prior-model {args.prior_model} holds no model")
+    if args.games is not None and not args.games.is_dir():
+        return user_error("text_suite.py", f"--games {args.games} is not a folder")
     try:
         cfgs = build_configs(args)
-    except ValueError as e:
-        print(f"text_suite.py: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, KeyError) as e:
+        return user_error("text_suite.py", str(e))
     out = new_results_dir("text_suite", args.out)
-    print(f"results -> {out}", flush=True)
     with run_log(out / "run.log", verbose=args.verbose) as console:
+        print(f"results -> {out} (library logs: {out / 'run.log'})", file=console, flush=True)
         for cfg in cfgs:
-            ensure_inputs(cfg, progress=cfg.progress)
+            ensure_inputs(cfg, progress=cfg.progress, console=console)
         return run_all(cfgs, args, out, console)
 
 
@@ -192,7 +209,7 @@ def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, co
             env_out = out if len(cfgs) == 1 else out / cfg.env
             env_out.mkdir(parents=True, exist_ok=True)
             summaries[cfg.env] = run_env(cfg, env_out, console)
-            print((env_out / "table.md").read_text(), flush=True)
+            print((env_out / "table.md").read_text(), file=console, flush=True)
     finally:
         if owns_ray:
             serve.shutdown()
@@ -200,8 +217,8 @@ def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, co
         else:
             serve.delete(DEFAULT_APP_NAME)
     if len(cfgs) > 1:
-        print(write_env_summary(out, summaries))
-    print(f"wall {time.perf_counter() - t0:.0f} s; results in {out}")
+        print(write_env_summary(out, summaries), file=console)
+    print(f"wall {time.perf_counter() - t0:.0f} s; results in {out}", file=console, flush=True)
     return 0 if all(s["methods"] for s in summaries.values()) else 1
 
 

@@ -75,6 +75,20 @@ def tw_prior(tw_suite, tmp_path_factory):
     return out, report
 
 
+@pytest.fixture(scope="session")
+def tw_prior_app(ray_session, tw_prior):
+    """The briefly trained TextWorld prior behind a real Serve deployment."""
+    from cachellm_rl.prior.scoring import ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+
+    model_dir, _ = tw_prior
+    deploy_prior_server(
+        PriorServerConfig(scorer=ScorerConfig(model_dir=str(model_dir)), num_cpus=0),
+        app_name="cachellm_prior",
+    )
+    return "cachellm_prior"
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip `gpu` tests on machines without CUDA (CI never has one)."""
     try:

@@ -74,6 +74,12 @@ class SharedCacheConfig:
             raise ValueError("SharedCacheConfig.snapshot_interval_s must be >= 0")
 
 
+def _retrieve_exception(fut: asyncio.Future) -> None:
+    """Mark a future's exception as seen (its waiter may have timed out already)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def uniform_logp(n: int) -> np.ndarray:
     """Uniform log-prior over ``n`` candidates."""
     return np.full(n, -math.log(n), dtype=np.float32)
@@ -94,6 +100,8 @@ class SharedPriorCache:
         self._inflight: dict[bytes, asyncio.Future] = {}
         self._inflight_near: dict[bytes, tuple[np.ndarray, frozenset[str]]] = {}
         self._background: set[asyncio.Task] = set()
+        # LM requests made in the same event-loop turn, sent to Serve as one call.
+        self._lm_pending: list[tuple[PriorRequest, asyncio.Future]] = []
         self._last_snapshot = time.monotonic()
         self._version_checked = False
         self.refresh_failures = 0
@@ -202,13 +210,39 @@ class SharedPriorCache:
         return results  # type: ignore[return-value]
 
     async def _call_lm(self, request: PriorRequest) -> PriorResponse:
+        """One LM answer, with the timeout. Requests made in the same event-loop turn (the
+        misses and refreshes of one ``get_priors`` call) travel to Serve in one call."""
         self._cache.stats.lm_queries += 1
         self._cache.window.lm_queries += 1
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        fut.add_done_callback(_retrieve_exception)
+        self._lm_pending.append((request, fut))
+        if len(self._lm_pending) == 1:
+            loop.call_soon(self._flush_lm)
         try:
-            return await asyncio.wait_for(self._lm().remote(request), self.config.lm_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(fut), self.config.lm_timeout_s)
         except asyncio.TimeoutError:
             self._cache.stats.lm_timeouts += 1
             raise
+
+    def _flush_lm(self) -> None:
+        pending, self._lm_pending = self._lm_pending, []
+        if pending:
+            self._spawn(self._send_lm(pending))
+
+    async def _send_lm(self, pending: list[tuple[PriorRequest, asyncio.Future]]) -> None:
+        try:
+            answers = await self._lm().score_many.remote([r for r, _ in pending])
+        except Exception as exc:
+            answers = [exc] * len(pending)
+        for (_, fut), answer in zip(pending, answers, strict=True):
+            if fut.done():
+                continue
+            if isinstance(answer, BaseException):
+                fut.set_exception(answer)
+            else:
+                fut.set_result(answer)
 
     def _near_inflight(self, q: CacheQuery) -> bytes | None:
         if q.embedding is None or not self._inflight_near:

@@ -4,15 +4,23 @@ The score of candidate ``a`` is the mean token log-likelihood of ``a``'s tokens 
 (length-normalised so short commands are not favoured); the prior is
 ``softmax(score / prior_temperature)`` over the candidates.
 
-Prefix sharing: the prompt's forward pass runs once and its key/value cache is repeated for all
+Prefix sharing: the prompt's forward pass runs once and its key/value cache is shared by all
 candidates of that prompt, so a prompt of ``P`` tokens with ``C`` candidates of ``L`` tokens costs
-``P + C*L`` token positions instead of ``C*(P+L)``.
+``P + C*L`` token positions instead of ``C*(P+L)``. By default the candidates then run as one
+*tree*: all their tokens in a single sequence after the prompt, with an attention mask that lets
+each token see the prompt and its own candidate's earlier tokens only (and position ids that
+restart after the prompt for every candidate). That avoids copying the prompt's cache once per
+candidate, which on a CPU cost more than the prompt itself. Models that reject a 4-D attention
+mask fall back to the per-candidate copy (``candidate_attention="repeat"``), checked on the first
+request.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -49,6 +57,9 @@ class ScorerConfig:
         candidate_prefix: Text put before each candidate (a space, so BPE sees a new word).
         max_context_tokens: Context length; None reads it from the model config.
         max_candidates_per_forward: Candidates of one prompt scored per forward pass (memory cap).
+        candidate_attention: ``"tree"`` (all candidates in one masked sequence after the
+            prompt; falls back to ``"repeat"`` when the model cannot take a 4-D mask) or
+            ``"repeat"`` (the prompt's cache copied per candidate).
     """
 
     model_dir: str
@@ -61,8 +72,14 @@ class ScorerConfig:
     candidate_prefix: str = " "
     max_context_tokens: int | None = None
     max_candidates_per_forward: int = 64
+    candidate_attention: str = "tree"
 
     def __post_init__(self) -> None:
+        if self.candidate_attention not in ("tree", "repeat"):
+            raise ValueError(
+                "ScorerConfig.candidate_attention must be 'tree' or 'repeat', got "
+                f"{self.candidate_attention!r}"
+            )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(
                 f"ScorerConfig.dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}"
@@ -274,6 +291,84 @@ def candidate_token_logprobs(
     return out
 
 
+@functools.cache
+def _cache_kwarg_of(forward) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes a key/value cache (transformers 5
+    renamed ``past_key_values`` to ``cache``)."""
+    return _cache_kwarg_of(type(model).forward)
+
+
+def tree_candidate_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    candidate_ids: Sequence[Sequence[int]],
+    *,
+    device: torch.device,
+    max_candidates_per_forward: int = 64,
+) -> list[np.ndarray]:
+    """:func:`candidate_token_logprobs` with the candidates as one masked sequence (a tree).
+
+    After the prompt's forward pass, the candidates' input tokens (all but each one's last) run
+    as one sequence of ``sum(L_i - 1)`` tokens on top of the prompt's cache. Token ``j`` of
+    candidate ``i`` has position ``P + j`` and attends to the prompt and to tokens ``< = j`` of
+    candidate ``i`` only, which gives the same log-likelihoods as scoring each candidate after
+    its own copy of the prompt cache, without the copies.
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: scoring needs at least one context token")
+    p_len = len(prompt_ids)
+    cache_kw = _cache_kwarg(model)
+    out: list[np.ndarray] = []
+    with torch.inference_mode():
+        prompt_out = model(
+            input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long, device=device),
+            use_cache=True,
+        )
+        first_logp_V = torch.log_softmax(prompt_out.logits[0, -1].float(), dim=-1)
+        base_cache = prompt_out.past_key_values
+        for start in range(0, len(candidate_ids), max_candidates_per_forward):
+            chunk = [list(c) for c in candidate_ids[start : start + max_candidates_per_forward]]
+            owner = [(i, j) for i, c in enumerate(chunk) for j in range(len(c) - 1)]
+            rest_logp_TV = None
+            if owner:
+                t = len(owner)
+                ids = torch.tensor([[chunk[i][j] for i, j in owner]], device=device)
+                pos = torch.tensor([[p_len + j for _, j in owner]], device=device)
+                own_T = torch.tensor([i for i, _ in owner], device=device)
+                idx_T = torch.tensor([j for _, j in owner], device=device)
+                allow_TT = (own_T[:, None] == own_T[None, :]) & (idx_T[None, :] <= idx_T[:, None])
+                allow = torch.cat(
+                    [torch.ones((t, p_len), dtype=torch.bool, device=device), allow_TT], dim=1
+                )
+                last = start + len(chunk) >= len(candidate_ids)
+                cache = base_cache if last else copy.deepcopy(base_cache)
+                cand_out = model(
+                    input_ids=ids,
+                    position_ids=pos,
+                    attention_mask=allow[None, None],
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+                rest_logp_TV = torch.log_softmax(cand_out.logits[0].float(), dim=-1)
+            row = 0
+            for c in chunk:
+                lp = [first_logp_V[c[0]].item()]
+                if len(c) > 1 and rest_logp_TV is not None:
+                    tgt = torch.tensor(c[1:], device=device)
+                    n = len(c) - 1
+                    lp.extend(
+                        rest_logp_TV[row : row + n].gather(-1, tgt[:, None]).squeeze(-1).tolist()
+                    )
+                    row += n
+                out.append(np.asarray(lp, dtype=np.float64))
+    return out
+
+
 def candidate_token_logprobs_full(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
@@ -347,6 +442,8 @@ class CandidateScorer:
             extra=json.dumps({"T_prior": config.prior_temperature, "pre": config.candidate_prefix}),
         )
         self.num_truncated_prompts = 0
+        # Decided on the first request: does this model give the same numbers with the tree?
+        self._tree: bool | None = None if config.candidate_attention == "tree" else False
 
     def encode(self, request: PriorRequest) -> tuple[list[int], list[list[int]]]:
         """Tokenise a request: prompt ids (left-truncated to the context) and candidate ids."""
@@ -379,13 +476,35 @@ class CandidateScorer:
     def token_logprobs(self, request: PriorRequest) -> list[np.ndarray]:
         """Per-token log-likelihoods of each candidate of one request (prefix shared)."""
         prompt_ids, cand_ids = self.encode(request)
-        return candidate_token_logprobs(
+        if self._tree is None:
+            self._tree = self._tree_matches(prompt_ids, cand_ids)
+        score = tree_candidate_token_logprobs if self._tree else candidate_token_logprobs
+        return score(
             self.model,
             prompt_ids,
             cand_ids,
             device=self.device,
             max_candidates_per_forward=self.config.max_candidates_per_forward,
         )
+
+    def _tree_matches(self, prompt_ids: list[int], cand_ids: list[list[int]]) -> bool:
+        """Whether tree scoring runs on this model and agrees with the per-candidate copy."""
+        n = self.config.max_candidates_per_forward
+        ref = candidate_token_logprobs(
+            self.model, prompt_ids, cand_ids, device=self.device, max_candidates_per_forward=n
+        )
+        try:
+            got = tree_candidate_token_logprobs(
+                self.model, prompt_ids, cand_ids, device=self.device, max_candidates_per_forward=n
+            )
+        except Exception as exc:  # e.g. an architecture that rejects 4-D masks
+            logger.warning("tree scoring unavailable for this model (%r); copying caches", exc)
+            return False
+        gap = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, got, strict=True))
+        if gap > 1e-3:
+            logger.warning("tree scoring differs by %.2g nats on this model; copying caches", gap)
+            return False
+        return True
 
     def score(self, requests: Sequence[PriorRequest]) -> list[PriorResponse]:
         """Score several requests.

@@ -84,6 +84,18 @@ class PriorServer:
             raise outcome
         return outcome
 
+    async def score_many(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
+        """Score several requests sent as one call (the cache actor sends all misses of one
+        vector step together: one round trip instead of one per state). The requests still
+        join Serve's batch with concurrent callers'. A bad request fails alone."""
+        return list(await asyncio.gather(*[self._one(r) for r in requests]))
+
+    async def _one(self, request: PriorRequest) -> PriorResponse | Exception:
+        try:
+            return await self.score_batch(request)
+        except Exception as exc:  # returned to that request's caller only
+            return exc
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def score_batch(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
         """Score a batch; a bad request fails alone, not its batch-mates."""

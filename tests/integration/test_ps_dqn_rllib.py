@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import ray
@@ -27,20 +28,6 @@ SMALL = MethodSettings(
     env_steps_per_iteration=48,
     train_batch_size=16,
 )
-
-
-@pytest.fixture(scope="module")
-def tw_prior_app(ray_session, tw_prior):
-    """The briefly trained TextWorld prior behind a real Serve deployment."""
-    from cachellm_rl.prior.scoring import ScorerConfig
-    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
-
-    model_dir, _ = tw_prior
-    deploy_prior_server(
-        PriorServerConfig(scorer=ScorerConfig(model_dir=str(model_dir)), num_cpus=0),
-        app_name="cachellm_prior",
-    )
-    return "cachellm_prior"
 
 
 def test_one_actor_call_per_vector_step_and_prior_reaches_learner(tw_prior_app, tw_suite):
@@ -81,24 +68,46 @@ def test_one_actor_call_per_vector_step_and_prior_reaches_learner(tw_prior_app, 
     assert learner["kl_posterior_to_prior"] >= 0.0
 
 
-def test_every_method_builds_trains_and_acts(tw_prior_app, tw_suite, tw_prior, tmp_path):
-    from cachellm_rl.algorithms.ps_dqn.suite import TextSuiteConfig, run_text_suite
-
-    model_dir, _ = tw_prior
-    cfg = TextSuiteConfig(
-        games_dir=str(tw_suite),
-        num_games=1,
-        prior_model=str(model_dir),
-        seeds=(0,),
-        env_steps=48,
-        max_episode_steps=15,
-        num_env_runners=1,
-        settings=SMALL,
-        progress=False,
+def test_schedules_follow_global_env_steps_with_two_runners(tw_prior_app, tw_suite):
+    """RLlib passes every runner the *global* env step count as ``t``: with 2 runners each one
+    samples about half the steps, yet its exploration ``t`` tracks the total."""
+    games = split_games(tw_suite, "test")
+    cfg = algo_config_for(
+        "no_prior",
+        SMALL,
+        env_class=TextWorldEnv,
+        env_config={"games": games, "expert": False, "max_episode_steps": 20},
+        cache_name="unused",
+        num_env_runners=2,
+        total_env_steps=400,
+        seed=0,
     )
-    summary = run_text_suite(cfg, tmp_path)
+    algo = cfg.build_algo()
+    try:
+        for _ in range(4):
+            total = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
+        ts = algo.env_runner_group.foreach_env_runner(
+            lambda r: r.module.last_t, local_env_runner=False
+        )
+    finally:
+        algo.stop()
+    assert len(ts) == 2
+    for t in ts:
+        assert 0.75 * total <= t <= 1.25 * total, (t, total)
+
+
+def test_every_method_builds_trains_and_acts(suite_run):
+    tmp_path, cfg, summary = suite_run
     methods = summary["methods"]
-    assert set(methods) == {"no_prior", "direct_lm", "uncached", "lru", "static", "adaptive"}
+    assert set(methods) == {
+        "no_prior",
+        "direct_lm",
+        "uncached",
+        "frozen_q",
+        "lru",
+        "static",
+        "adaptive",
+    }
     for m, agg in methods.items():
         for key in (
             "success_mean",
@@ -122,4 +131,50 @@ def test_every_method_builds_trains_and_acts(tw_prior_app, tw_suite, tw_prior, t
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     rows = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert all(r["invalid_actions"] == 0 for r in rows if "invalid_actions" in r)
-    assert json.loads((tmp_path / "summary.json").read_text())["methods"].keys() == methods.keys()
+    assert all(r["protocol"] == "same_games" for r in rows)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["methods"].keys() == methods.keys() and on_disk["protocol"] == "same_games"
+    assert "uncached vs frozen_q" in on_disk["comparisons"]
+    assert "Protocol `same_games`" in (tmp_path / "table.md").read_text()
+    # frozen_q is uncached with no Q updates: its Q stays 0, so it plays the prior's argmax.
+    frozen = next(r for r in rows if r["method"] == "frozen_q")
+    direct = next(r for r in rows if r["method"] == "direct_lm")
+    assert frozen["per_game_success"] == direct["per_game_success"]
+    # Every RL run left a complete checkpoint with its metadata.
+    for r in rows:
+        if r["method"] != "direct_lm":
+            meta = json.loads((Path(r["checkpoint"]) / "cachellm_checkpoint.json").read_text())
+            assert meta["method"] == r["method"] and meta["env"] == cfg.env
+            assert (meta["prior_version"] is None) == (r["method"] == "no_prior")
+
+
+def test_an_interrupted_suite_resumes(suite_run):
+    """Rerunning a finished results folder does no run twice."""
+    from cachellm_rl.algorithms.ps_dqn.suite import run_text_suite
+
+    tmp_path, cfg, _ = suite_run
+    before = (tmp_path / "runs.jsonl").read_text()
+    run_text_suite(cfg, tmp_path)
+    assert (tmp_path / "runs.jsonl").read_text() == before
+
+
+@pytest.fixture(scope="module")
+def suite_run(tw_prior_app, tw_suite, tw_prior, tmp_path_factory):
+    """Every method of the suite, briefly, on one tiny game."""
+    from cachellm_rl.algorithms.ps_dqn.suite import TextSuiteConfig, run_text_suite
+
+    model_dir, _ = tw_prior
+    out = tmp_path_factory.mktemp("suite")
+    cfg = TextSuiteConfig(
+        games_dir=str(tw_suite),
+        num_games=1,
+        prior_model=str(model_dir),
+        seeds=(0,),
+        env_steps=48,
+        max_episode_steps=15,
+        num_env_runners=1,
+        settings=SMALL,
+        progress=False,
+    )
+    summary = run_text_suite(cfg, out)
+    return out, cfg, summary

@@ -34,7 +34,27 @@ def test_prior_score_prints_a_normalised_prior(tiny_model_dir):
 
 def test_prior_score_rejects_duplicate_candidates(tiny_model_dir):
     res = runner.invoke(app, score_args(tiny_model_dir, "s", "go", "go"))
-    assert res.exit_code != 0 and "duplicate" in str(res.exception)
+    assert res.exit_code == 2 and "duplicate" in res.output
+
+
+def _one_line_error(res) -> str:
+    """The error a command printed: exactly one line, no traceback."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    line = _one_line_error(runner.invoke(app, score_args(tmp_path / "nope", "s", "a", "b")))
+    assert line.startswith("cachellm-rl: error:") and "nope" in line
+    line = _one_line_error(
+        runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path), "--env", "textworld"])
+    )
+    assert "not a complete cachellm_rl checkpoint" in line
+    line = _one_line_error(runner.invoke(app, ["prior", "evaluate", "--env", "zork"]))
+    assert "unknown env id 'zork'" in line
 
 
 def test_cache_inspect(tmp_path):

@@ -15,6 +15,7 @@ from cachellm_rl.prior.scoring import (
     candidate_token_logprobs,
     candidate_token_logprobs_full,
     prior_from_token_logprobs,
+    tree_candidate_token_logprobs,
     weights_version,
 )
 
@@ -38,6 +39,31 @@ def test_prefix_sharing_matches_full_sequences(scorer, chunk):
     for a, b, ids in zip(shared, full, cand_ids, strict=True):
         assert a.shape == (len(ids),)
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+def test_tree_scoring_matches_full_sequences(scorer, chunk):
+    prompt_ids, cand_ids = scorer.encode(PriorRequest(prompt=PROMPT, candidates=CANDS))
+    assert max(len(c) for c in cand_ids) > 2  # a tree deeper than one token
+    tree = tree_candidate_token_logprobs(
+        scorer.model, prompt_ids, cand_ids, device=scorer.device, max_candidates_per_forward=chunk
+    )
+    full = candidate_token_logprobs_full(scorer.model, prompt_ids, cand_ids, device=scorer.device)
+    for a, b, ids in zip(tree, full, cand_ids, strict=True):
+        assert a.shape == (len(ids),)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_scorer_uses_the_tree_when_it_matches(tiny_model_dir):
+    tree = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir)))
+    repeat = CandidateScorer(
+        ScorerConfig(model_dir=str(tiny_model_dir), candidate_attention="repeat")
+    )
+    req = PriorRequest(prompt=PROMPT, candidates=CANDS)
+    np.testing.assert_allclose(tree.score([req])[0].logp, repeat.score([req])[0].logp, atol=1e-5)
+    assert tree._tree is True and repeat._tree is False
+    with pytest.raises(ValueError, match="candidate_attention"):
+        ScorerConfig(model_dir=str(tiny_model_dir), candidate_attention="flat")
 
 
 def test_prior_is_softmax_of_mean_token_logprob(scorer):

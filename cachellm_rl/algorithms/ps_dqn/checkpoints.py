@@ -152,6 +152,8 @@ def evaluate_checkpoint(
     from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
 
     meta = read_metadata(path)
+    if meta.get("env") != env:  # before anything is built for the wrong env
+        raise CheckpointMismatch(f"checkpoint was trained on env {meta.get('env')!r}, not {env!r}")
     gdir = Path(games_dir) if games_dir else default_games_dir(env)
     games = env_split_games(env, gdir, split)
     games = games[:num_games] if num_games else games

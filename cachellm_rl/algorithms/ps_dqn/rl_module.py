@@ -146,18 +146,18 @@ class DRRNQNetwork(nn.Module):
     def forward(
         self, state_tokens_BL: torch.Tensor, action_tokens_BAL: torch.Tensor, mask_BA: torch.Tensor
     ) -> torch.Tensor:
+        """Q of every slot; slots that are not admissible get 0 (callers mask them)."""
         b, a, _ = action_tokens_BAL.shape
         h_s_BH = self.state_encoder(state_tokens_BL.long())
-        valid_N = (mask_BA > 0.5).reshape(-1)
-        h_a_NH = h_s_BH.new_zeros((b * a, h_s_BH.shape[-1]))
-        if valid_N.any():  # encode admissible candidates only
-            h_a_NH[valid_N] = self.action_encoder(
-                action_tokens_BAL.reshape(b * a, -1)[valid_N].long()
-            )
-        h_a_BAH = h_a_NH.reshape(b, a, -1)
-        h_s_BAH = h_s_BH.unsqueeze(1).expand_as(h_a_BAH)
-        q_BA = self.head(torch.cat([h_s_BAH, h_a_BAH, h_s_BAH * h_a_BAH], -1)).squeeze(-1)
-        return q_BA
+        # Encode and score admissible candidates only: states offer ~10-20 of the 64 slots.
+        idx_N = (mask_BA > 0.5).reshape(-1).nonzero().squeeze(-1)
+        q_flat = h_s_BH.new_zeros(b * a)
+        if idx_N.numel():
+            h_a_NH = self.action_encoder(action_tokens_BAL.reshape(b * a, -1)[idx_N].long())
+            h_s_NH = h_s_BH[idx_N // a]
+            q_N = self.head(torch.cat([h_s_NH, h_a_NH, h_s_NH * h_a_NH], -1)).squeeze(-1)
+            q_flat = q_flat.index_put((idx_N,), q_N)
+        return q_flat.reshape(b, a)
 
 
 class PSDQNTorchRLModule(TorchRLModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):

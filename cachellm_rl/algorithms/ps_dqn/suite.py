@@ -112,7 +112,7 @@ class TextSuiteConfig:
     seeds: tuple[int, ...] = (0,)
     env_steps: int = 2000
     max_episode_steps: int | None = None
-    num_env_runners: int = 1
+    num_env_runners: int = 2
     settings: MethodSettings = field(default_factory=MethodSettings)
     eval_every_env_steps: int = 0
     checkpoint_every_env_steps: int = 0
@@ -758,6 +758,7 @@ def run_text_suite(cfg: TextSuiteConfig, out: Path, *, console: TextIO | None = 
         out: Results folder.
         console: Stream for the progress bar (default: stderr).
     """
+    out.mkdir(parents=True, exist_ok=True)
     games = suite_games(cfg)
     train = training_games(cfg, games)
     write_json(

@@ -1,0 +1,170 @@
+"""Choose the posterior's prior weight ``beta`` and temperature schedule on the *valid* split.
+
+Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final) of a grid, plus the
+``frozen_q`` and ``direct_lm`` controls, and picks the setting with the highest greedy success
+(ties: the smaller ``beta``, then the higher ``T_final``). The evaluation games (``test``) are
+never played. The choice is written to ``selection.json``, which ``text_suite.py
+--posterior-from`` reads, so the suite's comparisons use settings chosen before seeing their
+games.
+
+Usage:
+    python experiments/select_posterior.py --env textworld --out results/select-textworld
+    python experiments/text_suite.py --preset full --posterior-from \\
+        results/select-textworld/selection.json
+
+Each setting's results folder (``<out>/<setting>/``) is a normal suite folder; an interrupted
+selection resumes when run again with the same ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES, PosteriorConfig
+from cachellm_rl.algorithms.ps_dqn.suite import preset
+from cachellm_rl.argparsing import ArgumentParser
+from cachellm_rl.envs.registry import TEXT_ENVS
+from cachellm_rl.logs import run_log
+from cachellm_rl.results import write_json
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--env", choices=TEXT_ENVS, default="textworld")
+    p.add_argument("--betas", default="0.3,0.6,1.0", help="prior weights to try")
+    p.add_argument("--schedules", default="annealed", help="temperature schedules to try")
+    p.add_argument("--temperature", type=float, default=1.0, help="T_0 of every schedule")
+    p.add_argument("--temperature-finals", default="0.1,0.3", help="last T values to try")
+    p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
+    p.add_argument("--num-env-runners", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
+    args = p.parse_args(argv)
+    args.schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    for s in args.schedules:
+        if s not in TEMPERATURE_SCHEDULES:
+            p.error(f"unknown schedule {s!r}; known: {TEMPERATURE_SCHEDULES}")
+    try:
+        args.betas = _floats(args.betas)
+        args.temperature_finals = _floats(args.temperature_finals)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def grid(args: argparse.Namespace) -> list[PosteriorConfig]:
+    """The settings tried (``fixed`` ignores ``T_final``: one setting per beta)."""
+    out, seen = [], set()
+    for beta, sched, t_final in itertools.product(
+        args.betas, args.schedules, args.temperature_finals
+    ):
+        t_final = args.temperature if sched == "fixed" else t_final
+        post = PosteriorConfig(
+            prior_weight=beta,
+            schedule=sched,
+            temperature=args.temperature,
+            temperature_final=min(t_final, args.temperature),
+        )
+        key = (post.prior_weight, post.schedule, post.temperature_final)
+        if key not in seen:
+            seen.add(key)
+            out.append(post)
+    return out
+
+
+def setting_name(p: PosteriorConfig) -> str:
+    return f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    out = args.out or Path("results") / f"select-{args.env}"
+    out.mkdir(parents=True, exist_ok=True)
+    with run_log(out / "run.log", verbose=args.verbose) as console:
+        return run(args, out, console)
+
+
+def run(args: argparse.Namespace, out: Path, console) -> int:
+    import ray
+    from ray import serve
+
+    from cachellm_rl.config import init_ray
+    from experiments.text_suite import ensure_inputs, run_env
+
+    base = preset(
+        "full",
+        env=args.env,
+        split="valid",
+        num_games=args.num_games,
+        seeds=tuple(range(args.seeds)),
+        env_steps=args.env_steps,
+        num_env_runners=args.num_env_runners,
+        progress=not args.no_progress,
+    )
+    ensure_inputs(base, progress=base.progress, console=console)
+    t0 = time.perf_counter()
+    init_ray(log_to_driver=args.verbose)
+    rows = []
+    try:
+        controls = replace(base, methods=("direct_lm", "frozen_q"))
+        summary = run_env(controls, out / "controls", console)
+        ctrl = {m: a["success_mean"] for m, a in summary["methods"].items()}
+        print(f"controls on valid: {ctrl}", file=console, flush=True)
+        for post in grid(args):
+            cfg = replace(
+                base, methods=("uncached",), settings=replace(base.settings, posterior=post)
+            )
+            summary = run_env(cfg, out / setting_name(post), console)
+            agg = summary["methods"]["uncached"]
+            rows.append({"posterior": post.to_dict(), "success": agg["success_mean"]})
+            print(
+                f"{setting_name(post)}: valid success {agg['success_mean']:.3f}",
+                file=console,
+                flush=True,
+            )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    best = max(
+        rows,
+        key=lambda r: (
+            r["success"],
+            -r["posterior"]["prior_weight"],
+            r["posterior"]["temperature_final"],
+        ),
+    )
+    selection = {
+        "env": args.env,
+        "split": "valid",
+        "env_steps": args.env_steps,
+        "seeds": args.seeds,
+        "controls": ctrl,
+        "settings": rows,
+        "chosen": best["posterior"],
+        "chosen_success": best["success"],
+        "wall_s": time.perf_counter() - t0,
+    }
+    write_json(out / "selection.json", selection)
+    print(json.dumps({"chosen": best["posterior"], "valid_success": best["success"]}), file=console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
