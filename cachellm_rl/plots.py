@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,9 @@ def _mean_curve(runs: Sequence[Sequence[tuple[float, float]]], grid: np.ndarray)
     if not ys:
         return None, None
     arr = np.vstack(ys)
-    with np.errstate(all="ignore"):
+    # Grid points before a run's first point are NaN in every run: no warning for those.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(arr, axis=0)
         se = np.nanstd(arr, axis=0) / np.sqrt(np.maximum(np.sum(~np.isnan(arr), 0), 1))
     return mean, se

@@ -1,4 +1,4 @@
-"""Benchmark of the prior cache and LM prior service (issue: foundation).
+"""Benchmark of the prior cache and LM prior service.
 
 Measures, on this machine, with real parts: FAISS flat vs HNSW search latency and HNSW recall@1 on
 real all-MiniLM-L6-v2 embeddings of generated game-like state texts; ``get_priors`` latency

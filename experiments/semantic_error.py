@@ -10,7 +10,7 @@ Usage:
     python experiments/semantic_error.py [--games data/games/cooking]
         [--prior-model artifacts/priors/textworld] [--episodes 40] [--json results/x.json]
 
-This is what the adaptive cache's settings rest on (README, text suite): on tw-cooking, raising
+This is what the adaptive cache's settings rest on (see docs/cache.md): on tw-cooking, raising
 tau barely lowers the error rate of semantic hits, because states that differ by one decisive
 word ("fried" vs "raw") embed almost identically.
 """

@@ -13,7 +13,7 @@ Splits are by floor plan: test uses ALFRED's ``TEST_SCENE_NUMBERS``; valid is ca
 ``TRAIN_SCENE_NUMBERS`` (the ``valid_floor_plans_per_room`` highest train floor plans of each
 room type); train is the rest. No floor plan is in two splits.
 
-Simplifications against the official data (stated in the README): one location per receptacle
+Simplifications against the official data (see docs/envs.md): one location per receptacle
 (receptacles sharing an agent pose would make ``go to`` inadmissible, as TextWorld binds distinct
 objects to the start and end location); no sliced objects and no movable-receptacle task; lamps
 (``DeskLamp``/``FloorLamp``) stand on a furniture receptacle.

@@ -1,7 +1,7 @@
 """TextWorld games (tw-cooking) as gymnasium environments with the text contract of
 :mod:`cachellm_rl.envs.text_env`.
 
-Design choices (stated in the README):
+Design choices (see docs/envs.md):
 - Candidates are the game's admissible commands minus the verbs in ``drop_verbs`` (by default
   ``examine``, ``look`` and ``inventory``: they never change the game state, and the inventory is
   in every observation anyway).

@@ -29,7 +29,7 @@ from cachellm_rl.prior.train import (
 
 @dataclass(frozen=True, kw_only=True)
 class PriorRecipe:
-    """How an env's default prior is trained (calibrated per env; see the README).
+    """How an env's default prior is trained (calibrated per env; see docs/priors.md).
 
     Attributes:
         episodes_per_game: Demonstration episodes per train game (the first unperturbed).

@@ -274,7 +274,7 @@ def candidate_token_logprobs(
                 positions_CL = torch.arange(p_len, p_len + max_len - 1, device=device).expand(n, -1)
                 cand_out = model(
                     input_ids=ids_CL[:, :-1],
-                    past_key_values=cache,
+                    **{_cache_kwarg(model): cache},
                     position_ids=positions_CL,
                     attention_mask=torch.ones((n, p_len + max_len - 1), device=device),
                     use_cache=True,

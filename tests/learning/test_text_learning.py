@@ -4,7 +4,7 @@ Tiny generated cooking games (2 ingredients to fetch, one room, no cooking; the 
 about a minute on 10 train games). Both methods train on the 2 test games (``same_games``) for
 the same budget; ``frozen_q`` is the same agent and code path with learning rate 0, so its Q
 stays 0 and it plays the prior's argmax. The assertion is on *greedy* success after training,
-the argmax of ``beta log p + Q / T_final``: sampling the prior during training cannot pass it.
+the argmax of ``beta log p + Q / T``: sampling the prior during training cannot pass it.
 With ``CACHELLM_LEARNING_TEST_LR=0`` (learning broken) the two methods are the same agent and
 the test fails by construction.
 """
@@ -35,18 +35,18 @@ def test_posterior_learns_beyond_its_frozen_prior(
         prior_temperature=1.0,  # the prior the Serve app scores with (tw_prior_app)
         methods=("frozen_q", "uncached"),
         seeds=(0,),
-        env_steps=1500,
+        env_steps=2000,
         max_episode_steps=20,
-        num_env_runners=1,
+        num_env_runners=2,
         settings=MethodSettings(
             hidden=64,
             lr=LR,
             learning_starts=64,
             env_steps_per_iteration=250,
-            posterior=PosteriorConfig(
-                prior_weight=0.5, schedule="annealed", temperature=1.0, temperature_final=0.05
-            ),
-            anneal_fraction=0.6,
+            # Greedy play at a low final T follows Q's still-noisy action gaps after this short
+            # a run (measured: greedy 0.0 at T_final = 0.3, 0.5 at T = 1); T = 1 lets Q
+            # override the prior only where its gaps are large.
+            posterior=PosteriorConfig(prior_weight=0.5, schedule="fixed", temperature=1.0),
         ),
         progress=False,
     )

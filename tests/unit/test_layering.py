@@ -1,4 +1,4 @@
-"""One-way dependencies: prior/ and cache/ never import RLlib (STYLE.md)."""
+"""One-way dependencies: prior/ and cache/ never import RLlib (see docs/architecture.md)."""
 
 import subprocess
 import sys

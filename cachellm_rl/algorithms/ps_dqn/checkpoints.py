@@ -106,7 +106,7 @@ def load_agent(path: str | Path):
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     read_metadata(path)
-    module_dir = Path(path).joinpath(*MODULE_PATH)
+    module_dir = Path(path).resolve().joinpath(*MODULE_PATH)  # RLlib needs an absolute path
     if not module_dir.is_dir():
         raise ValueError(f"checkpoint {path} has no RLModule at {module_dir}")
     module = RLModule.from_checkpoint(str(module_dir))

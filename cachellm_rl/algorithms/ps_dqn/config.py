@@ -24,7 +24,8 @@ class PSDQNConfig(DQNConfig):
         self.prior_connector = PriorConnectorConfig()
 
     def training(self, *, soft_q_prior: bool | None = None, **kwargs) -> PSDQNConfig:
-        """DQN's ``training(...)`` plus ``soft_q_prior`` (KL-regularised target, DESIGN §4.6)."""
+        """DQN's ``training(...)`` plus ``soft_q_prior`` (the KL-regularised target of
+        docs/algorithms.md)."""
         super().training(**kwargs)
         if soft_q_prior is not None:
             self.soft_q_prior = bool(soft_q_prior)

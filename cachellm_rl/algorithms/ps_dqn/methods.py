@@ -68,6 +68,7 @@ class MethodSettings:
         encoder: Text encoders of the Q network (``"bag"`` or ``"gru"``).
         lr: Learning rate of the Q network (``frozen_q`` always uses 0).
         gamma: Discount.
+        n_step: Steps of the bootstrapped return (RLlib's replay buffer sums the rewards).
         train_batch_size: Transitions per update.
         replay_capacity: Replay buffer size (transitions).
         learning_starts: Env steps before the first update.
@@ -102,6 +103,7 @@ class MethodSettings:
     encoder: str = "bag"
     lr: float = 1e-3
     gamma: float = 0.9
+    n_step: int = 1
     train_batch_size: int = 32
     replay_capacity: int = 20_000
     learning_starts: int = 200
@@ -214,7 +216,7 @@ def algo_config_for(
             double_q=True,
             dueling=False,
             num_atoms=1,
-            n_step=1,
+            n_step=s.n_step,
             train_batch_size_per_learner=s.train_batch_size,
             num_steps_sampled_before_learning_starts=s.learning_starts,
             target_network_update_freq=s.target_update_steps,

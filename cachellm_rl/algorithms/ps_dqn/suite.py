@@ -164,7 +164,12 @@ def preset(name: str, **overrides) -> TextSuiteConfig:
     if name == "quick":
         base: dict = {"num_games": 4, "seeds": (0,), "env_steps": 1000}
     elif name == "full":
-        base = {"num_games": 0, "seeds": (0, 1, 2, 3, 4), "env_steps": 20_000}
+        base = {
+            "num_games": 0,
+            "seeds": (0, 1, 2, 3, 4),
+            "env_steps": 20_000,
+            "checkpoint_every_env_steps": 5000,
+        }
     else:
         raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
     # One construction, so the per-env defaults follow ``env`` (``dataclasses.replace`` of a
