@@ -1,11 +1,12 @@
-"""Choose the posterior's prior weight ``beta`` and temperature schedule on the *valid* split.
+"""Choose the posterior's prior weight ``beta``, its temperature schedule and the TD target's
+n-step length on the *valid* split.
 
-Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final) of a grid, plus the
-``frozen_q`` and ``direct_lm`` controls, and picks the setting with the highest greedy success
-(ties: the smaller ``beta``, then the higher ``T_final``). The evaluation games (``test``) are
-never played. The choice is written to ``selection.json``, which ``text_suite.py
---posterior-from`` reads, so the suite's comparisons use settings chosen before seeing their
-games.
+Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step) of a grid,
+plus the ``frozen_q`` and ``direct_lm`` controls, and picks the setting with the highest greedy
+success (ties: the smaller ``beta``, then the higher ``T_final``, then the shorter n-step). The
+evaluation games (``test``) are never played. The choice is written to ``selection.json``, which
+``text_suite.py --posterior-from`` reads, so the suite's comparisons use settings chosen before
+seeing their games.
 
 Usage:
     python experiments/select_posterior.py --env textworld --out results/select-textworld
@@ -24,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,10 +45,11 @@ def _floats(text: str) -> list[float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--env", choices=TEXT_ENVS, default="textworld")
-    p.add_argument("--betas", default="0.3,0.6,1.0", help="prior weights to try")
+    p.add_argument("--betas", default="0.5,1.0", help="prior weights to try")
     p.add_argument("--schedules", default="annealed", help="temperature schedules to try")
     p.add_argument("--temperature", type=float, default=1.0, help="T_0 of every schedule")
-    p.add_argument("--temperature-finals", default="0.1,0.3", help="last T values to try")
+    p.add_argument("--temperature-finals", default="0.3,0.6,1.0", help="last T values to try")
+    p.add_argument("--n-steps", default="1,3", help="n-step returns to try")
     p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
@@ -63,16 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.betas = _floats(args.betas)
         args.temperature_finals = _floats(args.temperature_finals)
+        args.n_steps = [int(x) for x in _floats(args.n_steps)]
     except ValueError as e:
         p.error(str(e))
     return args
 
 
-def grid(args: argparse.Namespace) -> list[PosteriorConfig]:
-    """The settings tried (``fixed`` ignores ``T_final``: one setting per beta)."""
+def grid(args: argparse.Namespace) -> list[tuple[PosteriorConfig, int]]:
+    """The (posterior, n_step) settings tried (``fixed`` ignores ``T_final``)."""
     out, seen = [], set()
-    for beta, sched, t_final in itertools.product(
-        args.betas, args.schedules, args.temperature_finals
+    for beta, sched, t_final, n_step in itertools.product(
+        args.betas, args.schedules, args.temperature_finals, args.n_steps
     ):
         t_final = args.temperature if sched == "fixed" else t_final
         post = PosteriorConfig(
@@ -81,15 +84,17 @@ def grid(args: argparse.Namespace) -> list[PosteriorConfig]:
             temperature=args.temperature,
             temperature_final=min(t_final, args.temperature),
         )
-        key = (post.prior_weight, post.schedule, post.temperature_final)
+        key = (post.prior_weight, post.schedule, post.temperature_final, n_step)
         if key not in seen:
             seen.add(key)
-            out.append(post)
+            out.append((post, n_step))
     return out
 
 
-def setting_name(p: PosteriorConfig) -> str:
-    return f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
+def setting_name(p: PosteriorConfig, n_step: int) -> str:
+    return (
+        f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}-n{n_step}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,18 +132,22 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         summary = run_env(controls, out / "controls", console)
         ctrl = {m: a["success_mean"] for m, a in summary["methods"].items()}
         print(f"controls on valid: {ctrl}", file=console, flush=True)
-        for post in grid(args):
-            cfg = replace(
-                base, methods=("uncached",), settings=replace(base.settings, posterior=post)
-            )
-            summary = run_env(cfg, out / setting_name(post), console)
+        for post, n_step in grid(args):
+            settings = replace(base.settings, posterior=post, n_step=n_step)
+            cfg = replace(base, methods=("uncached",), settings=settings)
+            name = setting_name(post, n_step)
+            summary = run_env(cfg, out / name, console)
             agg = summary["methods"]["uncached"]
-            rows.append({"posterior": post.to_dict(), "success": agg["success_mean"]})
-            print(
-                f"{setting_name(post)}: valid success {agg['success_mean']:.3f}",
-                file=console,
-                flush=True,
+            rows.append(
+                {
+                    "name": name,
+                    "posterior": post.to_dict(),
+                    "n_step": n_step,
+                    "success": agg["success_mean"],
+                    "train_success_all": agg.get("train_success_all"),
+                }
             )
+            print(f"{name}: valid success {agg['success_mean']:.3f}", file=console, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -148,6 +157,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             r["success"],
             -r["posterior"]["prior_weight"],
             r["posterior"]["temperature_final"],
+            -r["n_step"],
         ),
     )
     selection = {
@@ -156,13 +166,15 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "env_steps": args.env_steps,
         "seeds": args.seeds,
         "controls": ctrl,
+        "settings_used": asdict(base.settings),
         "settings": rows,
         "chosen": best["posterior"],
+        "chosen_n_step": best["n_step"],
         "chosen_success": best["success"],
         "wall_s": time.perf_counter() - t0,
     }
     write_json(out / "selection.json", selection)
-    print(json.dumps({"chosen": best["posterior"], "valid_success": best["success"]}), file=console)
+    print(json.dumps({"chosen": best["name"], "valid_success": best["success"]}), file=console)
     return 0
 
 

@@ -67,13 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--posterior-from",
         type=Path,
         default=None,
-        help="selection.json of experiments/select_posterior.py (beta and T chosen on valid)",
+        help="selection.json of experiments/select_posterior.py (beta, T, n-step chosen on valid)",
     )
     p.add_argument("--prior-weight", type=float, default=None, help="beta of the posterior")
     p.add_argument("--schedule", choices=TEMPERATURE_SCHEDULES, default=None, help="T schedule")
     p.add_argument("--temperature", type=float, default=None, help="T (fixed) or T_0")
     p.add_argument("--temperature-final", type=float, default=None, help="last T (annealed)")
     p.add_argument("--lr", type=float, default=None, help="Q-network learning rate")
+    p.add_argument("--n-step", type=int, default=None, help="n-step returns (default 3)")
+    p.add_argument(
+        "--training-intensity", type=float, default=None, help="replayed / sampled (default 4)"
+    )
     p.add_argument("--split", default=None, help="evaluation split (default: test)")
     p.add_argument("--eval-every", type=int, default=None, help="greedy eval every N env steps")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
@@ -156,8 +160,10 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
         )
         s = cfg.settings
         if args.posterior_from is not None:
-            chosen = json.loads(Path(args.posterior_from).read_text())["chosen"]
-            s = replace(s, posterior=PosteriorConfig.from_dict(chosen))
+            selection = json.loads(Path(args.posterior_from).read_text())
+            s = replace(s, posterior=PosteriorConfig.from_dict(selection["chosen"]))
+            if "chosen_n_step" in selection:
+                s = replace(s, n_step=int(selection["chosen_n_step"]))
         post = {
             "prior_weight": args.prior_weight,
             "schedule": args.schedule,
@@ -171,6 +177,10 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, soft_q_prior=True)
         if args.lr is not None:
             s = replace(s, lr=args.lr)
+        if args.n_step is not None:
+            s = replace(s, n_step=args.n_step)
+        if args.training_intensity is not None:
+            s = replace(s, training_intensity=args.training_intensity)
         cfgs.append(replace(cfg, settings=s))
     return cfgs
 

@@ -87,7 +87,11 @@ def trained(tw_prior_app, tw_suite, tw_prior, tmp_path_factory):
         for _ in range(3):
             steps = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
         cfg = TextSuiteConfig(
-            games_dir=str(tw_suite), prior_model=str(model_dir), settings=SMALL, env_steps=200
+            games_dir=str(tw_suite),
+            prior_model=str(model_dir),
+            prior_temperature=1.0,  # what tw_prior_app serves with
+            settings=SMALL,
+            env_steps=200,
         )
         version = handle.versions.remote()
         import ray

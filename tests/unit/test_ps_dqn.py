@@ -205,6 +205,9 @@ def test_method_configs():
     }
     with pytest.raises(ValueError, match="mode"):
         PriorConnectorConfig(mode="lm")
+    for bad, field in (({"n_step": 0}, "n_step"), ({"lr": -1.0}, "lr"), ({"gamma": 0.0}, "gamma")):
+        with pytest.raises(ValueError, match=field):
+            MethodSettings(**bad)
 
 
 def test_suite_preset_resolves_per_env_defaults():

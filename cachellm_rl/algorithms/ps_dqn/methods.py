@@ -103,7 +103,7 @@ class MethodSettings:
     encoder: str = "bag"
     lr: float = 1e-3
     gamma: float = 0.9
-    n_step: int = 1
+    n_step: int = 3
     train_batch_size: int = 32
     replay_capacity: int = 20_000
     learning_starts: int = 200
@@ -117,6 +117,31 @@ class MethodSettings:
     rollout_fragment_length: int = 8
     num_cpus_per_env_runner: float = 0.5
     env_steps_per_iteration: int = 250
+
+    def __post_init__(self) -> None:
+        positive = (
+            "train_batch_size",
+            "replay_capacity",
+            "n_step",
+            "hidden",
+            "num_envs_per_env_runner",
+            "rollout_fragment_length",
+            "env_steps_per_iteration",
+            "training_intensity",
+            "target_update_steps",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MethodSettings.{name} must be > 0, got {getattr(self, name)}")
+        if self.lr < 0:
+            raise ValueError(f"MethodSettings.lr must be >= 0, got {self.lr}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"MethodSettings.gamma must be in (0, 1], got {self.gamma}")
+        for name in ("anneal_fraction", "epsilon_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"MethodSettings.{name} must be in (0, 1]")
+        if self.encoder not in ("bag", "gru"):
+            raise ValueError(f"MethodSettings.encoder must be 'bag' or 'gru', got {self.encoder!r}")
 
 
 def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> SharedCacheConfig | None:
