@@ -56,7 +56,7 @@ def demo_config(out_games: Path = DEMO_GAMES, prior: Path = DEMO_PRIOR) -> TextS
             hidden=64,
             learning_starts=64,
             posterior=PosteriorConfig(
-                prior_weight=0.5, schedule="annealed", temperature=1.0, temperature_final=0.05
+                prior_weight=0.5, schedule="annealed", temperature=1.0, temperature_final=0.3
             ),
             anneal_fraction=0.6,
         ),

@@ -13,7 +13,7 @@ pytest.importorskip("fast_downward", reason="needs textworld[pddl] (fast-downwar
 pytest.importorskip("minigrid", reason="needs minigrid")
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"no_prior", "direct_lm", "uncached", "lru", "static", "adaptive"}
+METHODS = {"no_prior", "direct_lm", "uncached", "frozen_q", "lru", "static", "adaptive"}
 
 
 def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
@@ -67,6 +67,7 @@ def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatc
         [
             *("--preset", "quick", "--envs", "alfworld,babyai"),
             *("--env-steps", "40", "--num-games", "1", "--no-progress", "--out", str(out)),
+            *("--num-env-runners", "1"),
         ]
     )
     assert rc == 0
@@ -74,7 +75,7 @@ def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatc
     assert set(summary["envs"]) == {"alfworld", "babyai"}
     table = (out / "table.md").read_text()
     for env in ("alfworld", "babyai"):
-        assert set(summary["envs"][env]) == METHODS
+        assert set(summary["envs"][env]["methods"]) == METHODS
         assert f"| {env} | adaptive |" in table
         env_summary = json.loads((out / env / "summary.json").read_text())
         assert env_summary["env"] == env

@@ -259,7 +259,8 @@ def algo_config_for(
         .debugging(seed=seed, log_level="ERROR")
         .reporting(
             metrics_num_episodes_for_smoothing=20,
-            min_sample_timesteps_per_iteration=s.env_steps_per_iteration,
+            # A budget smaller than one iteration is not overshot several times over.
+            min_sample_timesteps_per_iteration=min(s.env_steps_per_iteration, total_env_steps),
             min_time_s_per_iteration=0,
         )
     )
