@@ -55,6 +55,7 @@ def demo_config(out_games: Path = DEMO_GAMES, prior: Path = DEMO_PRIOR) -> TextS
         settings=MethodSettings(
             hidden=64,
             learning_starts=64,
+            n_step=3,  # as the learning test: these short games reward 3-step returns
             posterior=PosteriorConfig(
                 prior_weight=0.5, schedule="annealed", temperature=1.0, temperature_final=0.3
             ),

@@ -44,8 +44,8 @@ def test_posterior_learns_beyond_its_frozen_prior(
             learning_starts=64,
             env_steps_per_iteration=250,
             # Measured on these games (2000 steps, one seed), greedy success of uncached:
-            # 1-step returns 0.0 at T_final = 0.3 and 0.5 at T = 1; 3-step returns (the
-            # default) 1.0 at T_final = 0.3.
+            # 1-step returns 0.0 at T_final = 0.3 and 0.5 at T = 1; 3-step returns 1.0 at
+            # T_final = 0.3.
             n_step=3,
             posterior=PosteriorConfig(
                 prior_weight=0.5, schedule="annealed", temperature=1.0, temperature_final=0.3

@@ -103,7 +103,7 @@ class MethodSettings:
     encoder: str = "bag"
     lr: float = 1e-3
     gamma: float = 0.9
-    n_step: int = 3
+    n_step: int = 1
     train_batch_size: int = 32
     replay_capacity: int = 20_000
     learning_starts: int = 200
