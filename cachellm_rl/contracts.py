@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+DEFAULT_PRIOR_APP = "cachellm_prior"
+"""Name of the ``PriorServer`` Serve application the cache actor asks by default."""
+
 
 def validate_candidates(candidates: list[str], *, where: str = "PriorRequest.candidates") -> None:
     """Raise a ``ValueError`` naming the field when a candidate list cannot be scored.

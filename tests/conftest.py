@@ -80,13 +80,14 @@ def tw_prior_app(ray_session, tw_prior):
     """The briefly trained TextWorld prior behind a real Serve deployment."""
     from cachellm_rl.prior.scoring import ScorerConfig
     from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+    from tests.helpers import TW_PRIOR_APP
 
     model_dir, _ = tw_prior
     deploy_prior_server(
         PriorServerConfig(scorer=ScorerConfig(model_dir=str(model_dir)), num_cpus=0),
-        app_name="cachellm_prior",
+        app_name=TW_PRIOR_APP,
     )
-    return "cachellm_prior"
+    return TW_PRIOR_APP
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,10 @@ from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.contracts import CacheQuery, PriorRequest
 from cachellm_rl.prior.tiny_model import TinyLMConfig, make_tiny_causal_lm
 
+# The Serve app of the ``tw_prior_app`` fixture: not the default name, which a suite run
+# deploys (and deletes) itself.
+TW_PRIOR_APP = "test_tw_prior"
+
 CORPUS = [
     "you are in the kitchen . you see a fridge , a counter and a red apple .",
     "you are in the hallway . a door leads north . you carry a key .",

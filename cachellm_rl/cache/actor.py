@@ -22,6 +22,7 @@ import ray
 from cachellm_rl.cache.adaptive import AdaptiveCache, CacheConfig, CacheStats, align_prior
 from cachellm_rl.cache.meta import CacheParams, MetaConfig, MetaOptimizer, WindowSignals
 from cachellm_rl.contracts import (
+    DEFAULT_PRIOR_APP,
     CacheQuery,
     HitTier,
     LookupResult,
@@ -58,7 +59,7 @@ class SharedCacheConfig:
 
     cache: CacheConfig = field(default_factory=CacheConfig)
     meta: MetaConfig = field(default_factory=lambda: MetaConfig(mode="static"))
-    prior_app: str | None = "cachellm_prior"
+    prior_app: str | None = DEFAULT_PRIOR_APP
     encoder_tag: str = ""
     lm_timeout_s: float = 30.0
     snapshot_dir: str | None = None

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from cachellm_rl.contracts import PriorRequest, PriorResponse
+from cachellm_rl.contracts import DEFAULT_PRIOR_APP, PriorRequest, PriorResponse
 from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
-DEFAULT_APP_NAME = "cachellm_prior"
+DEFAULT_APP_NAME = DEFAULT_PRIOR_APP
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings, algo_config_fo
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
 from cachellm_rl.envs.games import split_games
 from cachellm_rl.envs.textworld_env import TextWorldEnv
+from tests.helpers import TW_PRIOR_APP
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +30,7 @@ SMALL = MethodSettings(
     learning_starts=16,
     env_steps_per_iteration=48,
     train_batch_size=16,
+    prior_app=TW_PRIOR_APP,
 )
 
 RELOAD = """

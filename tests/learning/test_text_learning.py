@@ -51,6 +51,7 @@ def test_posterior_learns_beyond_its_frozen_prior(
                 prior_weight=0.5, schedule="annealed", temperature=1.0, temperature_final=0.3
             ),
             anneal_fraction=0.6,
+            prior_app=tw_prior_app,
         ),
         progress=False,
     )
@@ -69,5 +70,7 @@ def test_posterior_learns_beyond_its_frozen_prior(
         "train:",
         learned["train_success_all"],
     )
+    # every decision was answered by the served prior (none by a fallback)
+    assert learned["lm_fallbacks"] == 0 and learned["train_lm_queries"] > 0
     assert learned["train_episodes"] >= 20 and frozen["train_episodes"] >= 20
     assert learned["success"] >= frozen["success"] + GAP

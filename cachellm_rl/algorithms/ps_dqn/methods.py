@@ -36,6 +36,7 @@ from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.meta import MetaConfig
+from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 
 METHODS = ("no_prior", "direct_lm", "uncached", "frozen_q", "lru", "static", "adaptive")
@@ -83,6 +84,7 @@ class MethodSettings:
         rollout_fragment_length: Env steps per sub-env per sample call.
         num_cpus_per_env_runner: CPUs reserved per env runner.
         env_steps_per_iteration: Env steps per ``algo.train()`` (one learning-curve point).
+        prior_app: Name of the ``PriorServer`` Serve application the cache actors ask.
     """
 
     capacity_entries: int = 1000
@@ -117,6 +119,7 @@ class MethodSettings:
     rollout_fragment_length: int = 8
     num_cpus_per_env_runner: float = 0.5
     env_steps_per_iteration: int = 250
+    prior_app: str = DEFAULT_PRIOR_APP
 
     def __post_init__(self) -> None:
         positive = (
@@ -152,7 +155,10 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
         return None
     if method in UNCACHED_METHODS:
         return SharedCacheConfig(
-            cache=CacheConfig(dim=dim, refresh_probability=0.0), meta=static, bypass=True
+            cache=CacheConfig(dim=dim, refresh_probability=0.0),
+            meta=static,
+            bypass=True,
+            prior_app=s.prior_app,
         )
     if method == "lru":
         cache = CacheConfig(
@@ -163,7 +169,7 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
             visit_bonus_steps=0.0,
             ghost_entries=0,
         )
-        return SharedCacheConfig(cache=cache, meta=static)
+        return SharedCacheConfig(cache=cache, meta=static, prior_app=s.prior_app)
     adaptive = method == "adaptive"
     cache = CacheConfig(
         dim=dim,
@@ -172,7 +178,8 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
         refresh_probability=s.refresh_probability,
         learn_entry_radius=adaptive,  # static keeps one fixed radius for every entry
     )
-    return SharedCacheConfig(cache=cache, meta=s.meta if method == "adaptive" else static)
+    meta = s.meta if method == "adaptive" else static
+    return SharedCacheConfig(cache=cache, meta=meta, prior_app=s.prior_app)
 
 
 def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> PriorConnectorConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -233,6 +234,8 @@ def _eval_row(method: str, seed: int, res: GreedyResult, stats: dict, extra: dic
         "per_game_success": res.per_game_success_by_name(),
         "lm_queries": int(stats.get("lm_queries", 0)),
         "hit_rate": stats.get("hit_rate"),
+        # decisions answered by a fallback prior (LM failed or unreachable), train + eval
+        "lm_fallbacks": int(stats.get("fallbacks_stale", 0) + stats.get("fallbacks_uniform", 0)),
         **extra,
     }
 
@@ -793,6 +796,13 @@ def run_text_suite(cfg: TextSuiteConfig, out: Path, *, console: TextIO | None = 
             finally:
                 tb.close()
         append_jsonl(out / "runs.jsonl", outcome.row)
+        if outcome.row.get("lm_fallbacks"):
+            print(
+                f"warning: {method} s{seed}: {outcome.row['lm_fallbacks']} decisions used a "
+                "fallback prior (the LM failed or was unreachable; see run.log)",
+                file=console or sys.stderr,
+                flush=True,
+            )
         for c in outcome.curve:
             append_jsonl(out / "curves.jsonl", c)
         h = hists.get(method, (LatencyHistogram(), LatencyHistogram()))
