@@ -160,6 +160,27 @@ def test_an_interrupted_suite_resumes(suite_run):
     assert (tmp_path / "runs.jsonl").read_text() == before
 
 
+def test_an_unfinished_run_restarts_from_its_checkpoint(suite_run, tmp_path, monkeypatch):
+    """A run with a checkpoint but no row restarts from the checkpoint's env steps, also when
+    the results folder is given as a relative path."""
+    import dataclasses
+    import shutil
+
+    from cachellm_rl.algorithms.ps_dqn.suite import run_text_suite
+
+    src, cfg, _ = suite_run
+    shutil.copytree(src, tmp_path / "res")
+    rows = (tmp_path / "res" / "runs.jsonl").read_text().splitlines()
+    kept = [r for r in rows if json.loads(r)["method"] != "uncached"]
+    (tmp_path / "res" / "runs.jsonl").write_text("".join(r + "\n" for r in kept))
+    monkeypatch.chdir(tmp_path)
+    again = dataclasses.replace(cfg, methods=("uncached",), env_steps=2 * cfg.env_steps)
+    summary = run_text_suite(again, Path("res"))
+    (row,) = [r for r in summary["runs"] if r["method"] == "uncached"]
+    assert row["resumed_from_env_steps"] >= cfg.env_steps
+    assert row["train_env_steps"] >= again.env_steps
+
+
 @pytest.fixture(scope="module")
 def suite_run(tw_prior_app, tw_suite, tw_prior, tmp_path_factory):
     """Every method of the suite, briefly, on one tiny game."""

@@ -347,7 +347,7 @@ def run_rl_method(
     ckpt = checkpoint_dir(out, method, seed)
     resumed_from = 0
     if (ckpt / "cachellm_checkpoint.json").is_file():
-        algo.restore_from_path(str(ckpt))
+        algo.restore_from_path(str(ckpt.resolve()))  # RLlib reads a relative path as a URI
         from cachellm_rl.algorithms.ps_dqn.checkpoints import read_metadata
 
         resumed_from = int(read_metadata(ckpt)["env_steps"])
