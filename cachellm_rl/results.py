@@ -116,10 +116,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _fmt(v, digits: int = 3) -> str:
+    """A table cell: ``digits`` decimals below 10, one below 100, none above (counts, ms)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.{digits}f}"
     return str(v)
 
 

@@ -623,6 +623,7 @@ def comparisons(mats: dict, agg: dict, *, reps: int = rstats.DEFAULT_REPS) -> di
 
 TABLE_COLUMNS = (
     ("method", "method"),
+    ("seeds", "seeds"),
     ("success_mean", "success"),
     ("success_ci", "95% CI"),
     ("success_iqm", "IQM"),
