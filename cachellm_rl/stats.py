@@ -35,21 +35,27 @@ def score_matrix(
 ) -> np.ndarray | None:
     """``(len(seeds), len(games))`` success matrix of ``method`` from suite rows.
 
-    Rows carry ``method``, ``seed`` and ``per_game_success`` keyed by game name. A method with a
-    single row (deterministic: ``direct_lm``) is repeated for every seed. Returns None when the
-    method has no row, or misses a seed or a game.
+    Rows carry ``method``, ``seed`` and ``per_game_success`` keyed by game name. The single row
+    of a method marked ``"deterministic": True`` (``direct_lm``) stands for every seed. Returns
+    None when the method has no row, or misses a seed or a game.
 
     Example:
         >>> rows = [{"method": "a", "seed": s, "per_game_success": {"g1": s, "g2": 1.0}}
         ...         for s in (0, 1)]
         >>> score_matrix(rows, "a", ["g1", "g2"], [0, 1]).tolist()
         [[0.0, 1.0], [1.0, 1.0]]
+        >>> print(score_matrix(rows[:1], "a", ["g1", "g2"], [0, 1]))  # seed 1 still running
+        None
+        >>> det = [{"method": "d", "seed": 0, "deterministic": True,
+        ...         "per_game_success": {"g1": 1.0, "g2": 0.0}}]
+        >>> score_matrix(det, "d", ["g1", "g2"], [0, 1]).tolist()
+        [[1.0, 0.0], [1.0, 0.0]]
     """
     by_seed = {int(r["seed"]): r for r in rows if r["method"] == method}
     if not by_seed:
         return None
-    if len(by_seed) == 1 and len(seeds) > 1:
-        only = next(iter(by_seed.values()))
+    only = next(iter(by_seed.values()))
+    if len(by_seed) == 1 and only.get("deterministic"):
         by_seed = {s: only for s in seeds}
     out = np.zeros((len(seeds), len(games)))
     for i, s in enumerate(seeds):

@@ -615,7 +615,7 @@ def comparisons(mats: dict, agg: dict, *, reps: int = rstats.DEFAULT_REPS) -> di
     controls = [c for c in ("direct_lm", "frozen_q") if mats.get(c) is not None]
     if controls and mats.get("uncached") is not None:
         best = max(controls, key=lambda c: agg[c]["success_mean"])
-        add("uncached", best, f"uncached vs best of (direct_lm, frozen_q) = {best}")
+        add("uncached", best, f"uncached vs best of ({', '.join(controls)}) = {best}")
     for m in ("lru", "static", "adaptive"):
         add(m, "uncached")
     return out
