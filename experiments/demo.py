@@ -1,10 +1,10 @@
 """A first run in minutes: posterior-sampling DQN learning beyond its LM prior, and the cache's
 LM-query saving, on small generated cooking games.
 
-What it does (about 8 minutes on 2 CPU cores):
+What it does (about 13 minutes on 2 CPU cores):
 1. generates a small tw-cooking suite (10 train / 2 valid / 4 test games: fetch two ingredients
    in one room, open containers) into ``data/games/cooking-demo``;
-2. trains a small embedded prior on the train games' expert demonstrations (about a minute)
+2. trains a small embedded prior on the train games' expert demonstrations (a few minutes)
    into ``artifacts/priors/textworld-demo``;
 3. runs the text suite on the 4 test games (protocol ``same_games``, one seed): ``direct_lm``
    (the prior's argmax), ``frozen_q`` (the agent with no Q updates), ``uncached`` (posterior
@@ -75,7 +75,7 @@ def make_inputs(cfg: TextSuiteConfig, console) -> None:
         make_suite(suite, Path(str(cfg.games_dir)), progress=True)
         prior = Path(str(cfg.prior_model))
         if not (prior / "config.json").is_file():
-            print("training the demo prior (about a minute) ...", file=sys.stderr)
+            print("training the demo prior (a few minutes) ...", file=sys.stderr)
             report = train_embedded_prior(
                 "textworld",
                 games_dir=Path(str(cfg.games_dir)),
