@@ -233,9 +233,9 @@ def _runner_totals(algo) -> dict:
 def _server_timings() -> dict:
     from ray import serve
 
-    from cachellm_rl.prior.server import DEFAULT_APP_NAME
+    from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 
-    return serve.get_app_handle(DEFAULT_APP_NAME).timings.remote().result()
+    return serve.get_app_handle(DEFAULT_PRIOR_APP).timings.remote().result()
 
 
 def measure_method(method: str, cfg, games: list[str], args) -> dict:

@@ -208,7 +208,7 @@ def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, co
     import ray
     from ray import serve
 
-    from cachellm_rl.prior.server import DEFAULT_APP_NAME
+    from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 
     t0 = time.perf_counter()
     owns_ray = not ray.is_initialized()  # a caller's Ray (e.g. a test session) is left running
@@ -225,7 +225,7 @@ def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, co
             serve.shutdown()
             ray.shutdown()
         else:
-            serve.delete(DEFAULT_APP_NAME)
+            serve.delete(DEFAULT_PRIOR_APP)
     if len(cfgs) > 1:
         print(write_env_summary(out, summaries), file=console)
     print(f"wall {time.perf_counter() - t0:.0f} s; results in {out}", file=console, flush=True)

@@ -16,8 +16,6 @@ from ray import serve
 from cachellm_rl.contracts import DEFAULT_PRIOR_APP, PriorRequest, PriorResponse
 from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
-DEFAULT_APP_NAME = DEFAULT_PRIOR_APP
-
 
 @dataclass(frozen=True, kw_only=True)
 class PriorServerConfig:
@@ -136,7 +134,7 @@ class PriorServer:
         }
 
 
-def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_APP_NAME):
+def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_PRIOR_APP):
     """Start Serve (proxy off unless ``config.http``) and deploy :class:`PriorServer`.
 
     Args:
