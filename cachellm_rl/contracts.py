@@ -84,11 +84,15 @@ class CacheQuery:
         exact_key: Hash of (canonical text, candidate set, prior version, encoder tag).
         embedding: L2-normalised float32 state embedding, or None (exact tier only).
         request: What to send to the LM on a miss.
+        text: Canonical state text the embedding was computed from ('' when not sent). The
+            cache keeps it with the entry, so a new encoder version can re-embed the entries
+            and reuse labels name the states they compare.
     """
 
     exact_key: bytes
     embedding: np.ndarray | None
     request: PriorRequest
+    text: str = ""
 
 
 class HitTier(str, enum.Enum):
@@ -121,6 +125,9 @@ class LookupResult:
         coverage: Fraction of the caller's candidates present in the matched entry.
         entry_id: Id of the matched entry, or -1.
         refresh: True when this hit was drawn for a background refresh (see docs/cache.md).
+        explore: True on a miss that the reuse rule would have served from ``entry_id``: the
+            LM is called anyway (an exploration call) so that the correctness model gets a
+            label at a similarity it serves at.
     """
 
     tier: HitTier
@@ -129,6 +136,7 @@ class LookupResult:
     coverage: float | None = None
     entry_id: int = -1
     refresh: bool = False
+    explore: bool = False
 
     @property
     def hit(self) -> bool:

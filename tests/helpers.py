@@ -45,6 +45,7 @@ def query(key: str, emb: np.ndarray | None, candidates=("a", "b", "c")) -> Cache
         exact_key=key.encode(),
         embedding=None if emb is None else unit(emb),
         request=PriorRequest(prompt=f"state {key}", candidates=tuple(candidates)),
+        text=f"text of {key}",
     )
 
 

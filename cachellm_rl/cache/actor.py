@@ -95,8 +95,8 @@ class SharedPriorCache:
 
     def __init__(self, config: SharedCacheConfig) -> None:
         self.config = config
-        self._cache = self._restore_or_new()
         self._meta = MetaOptimizer(config.meta)
+        self._cache = self._restore_or_new()
         self._handle = None
         self._inflight: dict[bytes, asyncio.Future] = {}
         self._inflight_near: dict[bytes, tuple[np.ndarray, frozenset[str]]] = {}
@@ -113,6 +113,7 @@ class SharedPriorCache:
         cfg = self.config
         if cfg.snapshot_dir and AdaptiveCache.latest_snapshot(cfg.snapshot_dir) is not None:
             cache = AdaptiveCache.restore(cfg.snapshot_dir, cfg.cache)
+            self._meta.load_state(AdaptiveCache.read_extra(cfg.snapshot_dir).get("meta", {}))
             logger.info("restored %d cache entries from %s", len(cache), cfg.snapshot_dir)
             if cache.encoder_tag != cfg.encoder_tag:
                 cache.encoder_tag = cfg.encoder_tag
@@ -152,12 +153,17 @@ class SharedPriorCache:
         for q in queries:
             self._cache._check_query(q)
 
-    def _spsa_tau(self, caller_id: int | None) -> tuple[int, float | None]:
+    def _spsa_perturbation(self, caller_id: int | None) -> tuple[int, float | None, float | None]:
+        """SPSA sign of a caller and the lookup overrides it implies: ``(sign, tau, explore)``,
+        one of the two perturbed, the other None."""
         spsa = self._meta.spsa
         if spsa is None:
-            return 0, None
+            return 0, None, None
         sign = spsa.sign_for(caller_id)
-        return sign, self._cache.min_cosine_similarity + sign * self.config.meta.spsa_delta
+        step = sign * self.config.meta.spsa_delta
+        if self._cache.config.reuse_rule == "delta":
+            return sign, None, self._cache.explore_probability + step
+        return sign, self._cache.min_cosine_similarity + step, None
 
     async def lookup_batch(self, queries: list[CacheQuery]) -> list[LookupResult]:
         """Look states up without any LM call (records decisions; schedules no refresh)."""
@@ -181,12 +187,12 @@ class SharedPriorCache:
         calls = self._calls.setdefault(str(caller_id), [0, 0])
         calls[0] += 1
         calls[1] += len(queries)
-        sign, tau = self._spsa_tau(caller_id)
+        sign, tau, explore = self._spsa_perturbation(caller_id)
         results: list[PriorResult | None] = [None] * len(queries)
-        misses: list[int] = []
+        misses: list[tuple[int, LookupResult]] = []
         lm_before = self._cache.stats.lm_queries
         for i, q in enumerate(queries):
-            r = self._cache.lookup(q, min_cosine_similarity=tau)
+            r = self._cache.lookup(q, min_cosine_similarity=tau, explore_probability=explore)
             if r.hit:
                 assert r.logp is not None, "a cache hit always carries its prior"
                 ms = (time.perf_counter() - t0) * 1e3
@@ -202,10 +208,12 @@ class SharedPriorCache:
                 if r.refresh:
                     self._spawn(self._refresh(q, r))
             else:
-                misses.append(i)
+                misses.append((i, r))
         if misses:
-            resolved = await asyncio.gather(*[self._resolve_miss(queries[i], t0) for i in misses])
-            for i, res in zip(misses, resolved, strict=True):
+            resolved = await asyncio.gather(
+                *[self._resolve_miss(queries[i], t0, r) for i, r in misses]
+            )
+            for (i, _), res in zip(misses, resolved, strict=True):
                 results[i] = res
         self._after_decisions(len(queries), sign, self._cache.stats.lm_queries - lm_before)
         return results  # type: ignore[return-value]
@@ -246,17 +254,28 @@ class SharedPriorCache:
                 fut.set_result(answer)
 
     def _near_inflight(self, q: CacheQuery) -> bytes | None:
+        """An in-flight LM request for a near state whose answer this query may reuse, under the
+        same reuse rule as a semantic hit (the pooled correctness curve under ``delta``, since
+        the leader has no entry yet; ``cos >= tau`` under ``tau``)."""
         if q.embedding is None or not self._inflight_near:
             return None
+        cache = self._cache
         cands = q.request.candidates
         for key, (emb, leader_cands) in self._inflight_near.items():
-            if float(np.dot(emb, q.embedding)) >= self._cache.min_cosine_similarity:
-                cov = sum(1 for c in cands if c in leader_cands) / len(cands)
-                if cov >= self._cache.config.min_candidate_coverage:
+            sim = float(np.dot(emb, q.embedding))
+            cov = sum(1 for c in cands if c in leader_cands) / len(cands)
+            if cov < cache.config.min_candidate_coverage:
+                continue
+            if cache.config.reuse_rule == "delta":
+                if cache.correctness.allows(sim):
                     return key
+            elif sim >= cache.min_cosine_similarity:
+                return key
         return None
 
-    async def _resolve_miss(self, q: CacheQuery, t0: float) -> PriorResult:
+    async def _resolve_miss(
+        self, q: CacheQuery, t0: float, lookup: LookupResult | None = None
+    ) -> PriorResult:
         if self.config.bypass:
             try:
                 resp = await self._call_lm(q.request)
@@ -266,11 +285,12 @@ class SharedPriorCache:
                     self._cache.stats.lm_failures += 1
                 return self._fallback(q, t0)
         key = q.exact_key
-        leader = key if key in self._inflight else self._near_inflight(q)
+        explore = lookup is not None and lookup.explore
+        leader = key if key in self._inflight else (None if explore else self._near_inflight(q))
         if leader is not None:
-            self._cache.stats.coalesced_misses += 1
             outcome = await asyncio.shield(self._inflight[leader])
             if outcome is not None:
+                self._cache.record_coalesced(semantic=leader != key)
                 leader_req, resp = outcome
                 logp, _ = align_prior(
                     leader_req.candidates,
@@ -286,6 +306,17 @@ class SharedPriorCache:
             self._inflight_near[key] = (q.embedding, frozenset(q.request.candidates))
         try:
             resp = await self._call_lm(q.request)
+            if explore:
+                assert lookup is not None
+                self._cache.record_label(
+                    q,
+                    resp.logp,
+                    source="explore",
+                    entry_id=lookup.entry_id,
+                    similarity=lookup.similarity,
+                )
+            else:
+                self._cache.record_label(q, resp.logp, source="miss")
             self._cache.insert(q, resp)
             fut.set_result((q.request, resp))
             return self._miss_result(resp.logp, PriorSource.LM, t0, resp.model_version)
@@ -353,15 +384,25 @@ class SharedPriorCache:
     # -- meta-optimisation and snapshots ------------------------------------------------------
     def _params(self) -> CacheParams:
         c = self._cache
-        return CacheParams(c.capacity_entries, c.min_cosine_similarity, c.refresh_probability)
+        return CacheParams(
+            c.capacity_entries,
+            c.min_cosine_similarity,
+            c.refresh_probability,
+            c.explore_probability,
+        )
 
     def _after_decisions(self, n: int, sign: int, lm_queries: int) -> None:
         cache, meta = self._cache, self._meta
         if meta.spsa is not None:
             meta.spsa.record(sign, decisions=n, lm_queries=lm_queries)
-            new_tau = meta.spsa.maybe_step(cache.min_cosine_similarity)
-            if new_tau != cache.min_cosine_similarity:
-                cache.set_params(min_cosine_similarity=new_tau)
+            delta_rule = cache.config.reuse_rule == "delta"
+            old = cache.explore_probability if delta_rule else cache.min_cosine_similarity
+            value = meta.spsa.maybe_step(old)
+            if value != old:
+                if delta_rule:
+                    cache.set_params(explore_probability=value)
+                else:
+                    cache.set_params(min_cosine_similarity=value)
                 cache.stats.meta_updates += 1
         elif meta.due(cache.window.decisions):
             signals = WindowSignals.from_window(
@@ -372,7 +413,10 @@ class SharedPriorCache:
             )
             new = meta.step(self._params(), signals)
             cache.set_params(
-                new.capacity_entries, new.min_cosine_similarity, new.refresh_probability
+                new.capacity_entries,
+                new.min_cosine_similarity,
+                new.refresh_probability,
+                new.explore_probability if cache.config.reuse_rule == "delta" else None,
             )
             cache.stats.meta_updates += 1
         elif meta.cfg.mode == "static" and cache.window.decisions >= meta.cfg.window_decisions:
@@ -396,9 +440,13 @@ class SharedPriorCache:
         capacity_entries: int | None = None,
         min_cosine_similarity: float | None = None,
         refresh_probability: float | None = None,
+        explore_probability: float | None = None,
     ) -> CacheParams:
-        """Set (K, tau, rho); None keeps a value. Returns the parameters in force."""
-        self._cache.set_params(capacity_entries, min_cosine_similarity, refresh_probability)
+        """Set (K, tau, rho, exploration rate); None keeps a value. Returns the parameters in
+        force."""
+        self._cache.set_params(
+            capacity_entries, min_cosine_similarity, refresh_probability, explore_probability
+        )
         return self._params()
 
     def stats(self) -> CacheStats:
@@ -418,13 +466,14 @@ class SharedPriorCache:
         target = path or self.config.snapshot_dir
         if target is None:
             raise ValueError("save() needs a path: no snapshot_dir is configured")
-        out = self._cache.save(target)
+        out = self._cache.save(target, extra={"meta": self._meta.state_dict()})
         self._last_snapshot = time.monotonic()
         return str(out)
 
     def restore(self, path: str) -> int:
         """Replace the cache with the latest snapshot under ``path``; returns its entry count."""
         self._cache = AdaptiveCache.restore(Path(path), self.config.cache)
+        self._meta.load_state(AdaptiveCache.read_extra(path).get("meta", {}))
         self._cache.encoder_tag = self.config.encoder_tag
         return len(self._cache)
 

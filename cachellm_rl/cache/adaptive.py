@@ -1,16 +1,22 @@
 """The adaptive semantic cache of priors (see docs/cache.md): plain Python, no Ray.
 
 Lookup goes exact tier first (hash of canonical text, candidate set and versions), then the
-semantic tier: the nearest cached state by cosine similarity is a hit when
-``cos >= min_cosine_similarity`` (a cosine in [-1, 1]; higher is stricter) **and** at least
-``min_candidate_coverage`` of the caller's candidates are in the entry. Candidates missing from
-the entry get ``min(entry logp) - missing_action_margin`` before renormalising over the caller's
-candidates.
+semantic tier. A near cached state is usable when at least ``min_candidate_coverage`` of the
+caller's candidates are in its entry (candidates missing from the entry get
+``min(entry logp) - missing_action_margin`` before renormalising over the caller's candidates),
+and when the *reuse rule* accepts its cosine similarity:
 
-Every entry also carries its own similarity floor (a learned radius): when a refresh finds
-that a semantic hit served a prior whose choice the fresh prior rejects (top-1 regret above
-``error_regret_nats``), the serving entry stops answering states that far from it. The global
-``tau`` is the loosest radius; entries narrow themselves where the embedding space misleads.
+- ``reuse_rule="delta"`` (the adaptive cache): a correctness model fitted on measured reuse
+  labels (:mod:`cachellm_rl.cache.correctness`) must bound ``P(wrong | similarity)`` by the
+  user's ``delta``; before enough labels exist no semantic hit is served, and a servable hit
+  calls the LM anyway with a small exploration probability so labels keep coming.
+- ``reuse_rule="tau"`` (the ``lru`` and ``static`` baselines): ``cos >= min_cosine_similarity``
+  (higher is stricter), plus, with ``learn_entry_radius``, a per-entry similarity floor raised
+  whenever a refresh finds that the entry served a prior whose choice the fresh prior rejects.
+
+Labels come at no extra LM cost: whenever the LM answers a state that has a nearest usable
+cached neighbour (a miss, an exploration call, a refresh), the cache records whether reusing that
+neighbour would have been correct.
 
 Capacity ``K`` is enforced by least-recently-used eviction weighted by visit count: the victim is
 the entry with the smallest ``last_used_step + visit_bonus_steps * log2(1 + visits)``. Evicted
@@ -30,6 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cachellm_rl.cache.correctness import (
+    CorrectnessConfig,
+    CorrectnessModel,
+    LabelStore,
+    ReuseLabel,
+    make_label,
+)
 from cachellm_rl.cache.index import IndexConfig, PriorIndex, atomic_write_text
 from cachellm_rl.contracts import (
     CacheQuery,
@@ -41,7 +54,8 @@ from cachellm_rl.contracts import (
 
 TAU_RANGE = (-1.0, 1.0)
 SNAPSHOT_POINTER = "LATEST"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+REUSE_RULES = ("tau", "delta")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +95,12 @@ class CacheConfig:
         hnsw_ef_search: HNSW search beam (recall vs latency).
         hnsw_ef_construction: HNSW build beam.
         use_gpu_index: Put the exact index on a GPU when faiss-gpu and a GPU are present.
+        reuse_rule: ``"delta"`` (error-bounded reuse from the correctness model) or ``"tau"``
+            (fixed cosine threshold, the baselines' rule).
+        correctness: Correctness model and delta rule settings (labels are kept under both
+            rules).
+        label_store_size: Newest reuse labels kept (with their texts) for analysis.
+        env: Name recorded with each label (the env whose states this cache serves).
     """
 
     dim: int = 384
@@ -105,9 +125,21 @@ class CacheConfig:
     hnsw_ef_search: int = 64
     hnsw_ef_construction: int = 80
     use_gpu_index: bool = False
+    reuse_rule: str = "tau"
+    correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    label_store_size: int = 20_000
+    env: str = ""
 
     def __post_init__(self) -> None:
         validate_params(self.capacity_entries, self.min_cosine_similarity, self.refresh_probability)
+        if self.reuse_rule not in REUSE_RULES:
+            raise ValueError(
+                f"CacheConfig.reuse_rule must be one of {REUSE_RULES}, got {self.reuse_rule!r}"
+            )
+        if isinstance(self.correctness, dict):  # from a snapshot's JSON
+            object.__setattr__(self, "correctness", CorrectnessConfig(**self.correctness))
+        if self.label_store_size < 1:
+            raise ValueError("CacheConfig.label_store_size must be >= 1")
         if self.dim < 1:
             raise ValueError(f"CacheConfig.dim must be >= 1, got {self.dim}")
         if not 0.0 <= self.min_candidate_coverage <= 1.0:
@@ -243,9 +275,14 @@ class RefreshMeasure:
 class CacheStats:
     """Counters and gauges of a cache (picklable snapshot).
 
-    Attributes mirror the issue's list: hits by tier, misses, coalesced misses, LM queries,
-    refreshes, refresh KL EMA, evictions, capacity misses, current K/tau/rho, latency
-    histograms split hit/miss.
+    Hits by tier, misses, LM queries, refreshes, refresh KL EMA, evictions, capacity misses,
+    current K/tau/rho, latency histograms split hit/miss. A decision answered by another
+    decision's in-flight LM call is reuse, not a miss: it counts in ``hits_exact`` (same key) or
+    ``hits_semantic`` (a near state that the reuse rule accepts), and also in
+    ``coalesced_exact`` / ``coalesced_semantic``; ``coalesced_misses`` counts both.
+    ``semantic_refused`` counts lookups whose near, covering neighbour the reuse rule refused;
+    ``explore_calls`` servable hits sent to the LM anyway; ``labels`` / ``labels_wrong`` the
+    reuse labels measured.
     """
 
     decisions: int = 0
@@ -253,6 +290,13 @@ class CacheStats:
     hits_semantic: int = 0
     misses: int = 0
     coalesced_misses: int = 0
+    coalesced_exact: int = 0
+    coalesced_semantic: int = 0
+    semantic_refused: int = 0
+    explore_calls: int = 0
+    labels: int = 0
+    labels_wrong: int = 0
+    explore_probability: float = 0.0
     lm_queries: int = 0
     lm_failures: int = 0
     lm_timeouts: int = 0
@@ -317,6 +361,9 @@ class WindowCounters:
     lm_queries: int = 0
     refresh_kls: list[float] = field(default_factory=list)
     refresh_errors: int = 0
+    semantic_refused: int = 0
+    served_labels: int = 0
+    served_wrong: int = 0
 
 
 @dataclass
@@ -333,6 +380,7 @@ class _Entry:
     visits: int = 1
     slot: int = -1
     min_similarity: float = -1.0
+    text: str = ""
 
 
 class AdaptiveCache:
@@ -355,6 +403,9 @@ class AdaptiveCache:
         self.capacity_entries = int(config.capacity_entries)
         self.min_cosine_similarity = float(config.min_cosine_similarity)
         self.refresh_probability = float(config.refresh_probability)
+        self.explore_probability = float(config.correctness.explore_probability)
+        self.correctness = CorrectnessModel(config.correctness)
+        self.labels = LabelStore(config.label_store_size)
         self.index = PriorIndex(config.index_config())
         self.step = 0
         self.stats = CacheStats()
@@ -376,12 +427,19 @@ class AdaptiveCache:
         capacity_entries: int | None = None,
         min_cosine_similarity: float | None = None,
         refresh_probability: float | None = None,
+        explore_probability: float | None = None,
     ) -> None:
-        """Set (K, tau, rho); None keeps a value. Shrinking K evicts at once."""
+        """Set (K, tau, rho, exploration rate); None keeps a value. Shrinking K evicts at once."""
         k = self.capacity_entries if capacity_entries is None else int(capacity_entries)
         tau = self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
         rho = self.refresh_probability if refresh_probability is None else refresh_probability
         validate_params(k, tau, rho)
+        if explore_probability is not None:
+            if not 0.0 <= explore_probability <= 1.0:
+                raise ValueError(
+                    f"explore_probability must be in [0, 1], got {explore_probability}"
+                )
+            self.explore_probability = float(explore_probability)
         self.capacity_entries, self.min_cosine_similarity, self.refresh_probability = k, tau, rho
         while len(self._entries) > self.capacity_entries:
             self._evict_one()
@@ -410,20 +468,32 @@ class AdaptiveCache:
 
     # -- lookup -------------------------------------------------------------------------------
     def lookup(
-        self, query: CacheQuery, *, min_cosine_similarity: float | None = None, update: bool = True
+        self,
+        query: CacheQuery,
+        *,
+        min_cosine_similarity: float | None = None,
+        explore_probability: float | None = None,
+        update: bool = True,
     ) -> LookupResult:
         """Look a state up without any LM call.
 
         Args:
             query: The caller's query.
-            min_cosine_similarity: Overrides ``tau`` for this lookup (SPSA perturbations).
-            update: Record the decision (stats, recency, refresh draw). False is a pure peek.
+            min_cosine_similarity: Overrides ``tau`` for this lookup (SPSA perturbations of the
+                ``tau`` rule).
+            explore_probability: Overrides the exploration probability for this lookup (SPSA
+                perturbations of the ``delta`` rule).
+            update: Record the decision (stats, recency, refresh and exploration draws). False
+                is a pure peek.
 
         Returns:
-            A hit with its prior aligned to ``query.request.candidates``, or a miss.
+            A hit with its prior aligned to ``query.request.candidates``, or a miss (flagged
+            ``explore`` when the reuse rule would have served it).
         """
         self._check_query(query)
         tau = self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
+        explore = self.explore_probability if explore_probability is None else explore_probability
+        delta_rule = self.config.reuse_rule == "delta"
         cands = query.request.candidates
         result = LookupResult(tier=HitTier.MISS)
         eid = self._by_key.get(query.exact_key)
@@ -444,18 +514,33 @@ class AdaptiveCache:
             and len(self.index)
         ):
             sims, ids = self.index.search(query.embedding, self.config.neighbours)
+            refused = False
             for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
-                if i < 0 or sim < tau:
+                if i < 0 or (not delta_rule and sim < tau):
                     break
                 e = self._entries[i]
-                if not self._current(e) or sim < e.min_similarity:
+                if not self._current(e) or (not delta_rule and sim < e.min_similarity):
                     continue
                 logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
-                if cov >= self.config.min_candidate_coverage:
+                if cov < self.config.min_candidate_coverage:
+                    continue
+                if delta_rule and not self.correctness.allows(sim, i):
+                    refused = True
+                    continue
+                if delta_rule and update and self._rng.random() < explore:
+                    result = LookupResult(
+                        tier=HitTier.MISS, similarity=sim, coverage=cov, entry_id=i, explore=True
+                    )
+                    self.stats.explore_calls += 1
+                else:
                     result = LookupResult(
                         tier=HitTier.SEMANTIC, logp=logp, similarity=sim, coverage=cov, entry_id=i
                     )
-                    break
+                refused = False
+                break
+            if refused and update:
+                self.stats.semantic_refused += 1
+                self.window.semantic_refused += 1
         if update:
             self._record_decision(query, result)
             refreshable = result.tier is HitTier.SEMANTIC or (
@@ -522,6 +607,100 @@ class AdaptiveCache:
                 return logp, float(sim)
         return None
 
+    def _usable_neighbour(self, query: CacheQuery) -> tuple[_Entry, float, np.ndarray] | None:
+        """Nearest current entry other than the query's own state whose candidates cover the
+        query's (the neighbour a semantic hit could serve), with its similarity and prior."""
+        if query.embedding is None or not len(self.index):
+            return None
+        sims, ids = self.index.search(query.embedding, self.config.neighbours)
+        for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
+            if i < 0:
+                break
+            e = self._entries[i]
+            if not self._current(e) or e.exact_key == query.exact_key:
+                continue
+            logp, cov = align_prior(
+                e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
+            )
+            if cov >= self.config.min_candidate_coverage:
+                return e, float(sim), logp
+        return None
+
+    def record_label(
+        self,
+        query: CacheQuery,
+        fresh_logp: np.ndarray,
+        *,
+        source: str,
+        entry_id: int | None = None,
+        similarity: float | None = None,
+    ) -> ReuseLabel | None:
+        """Label the reuse of a cached neighbour for a state the LM has just answered.
+
+        Call it before inserting the fresh prior. The neighbour is ``entry_id`` at
+        ``similarity`` when given (the entry an exploration call or a refresh stood in for),
+        else the nearest usable neighbour (none: no label).
+
+        Args:
+            query: The state the LM answered.
+            fresh_logp: The LM's prior for it.
+            source: ``"miss"``, ``"explore"``, ``"refresh"`` or ``"audit"``.
+            entry_id: The neighbour, when known.
+            similarity: Its similarity, when known.
+
+        Returns:
+            The label, or None when the state had no usable neighbour.
+        """
+        found: tuple[_Entry, float, np.ndarray] | None = None
+        e = self._entries.get(entry_id) if entry_id is not None else None
+        if e is not None and similarity is not None and self._current(e):
+            logp, _ = align_prior(
+                e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
+            )
+            found = (e, float(similarity), logp)
+        elif entry_id is None:
+            found = self._usable_neighbour(query)
+        if found is None:
+            return None
+        e, sim, reused = found
+        label = make_label(
+            np.asarray(fresh_logp, np.float64),
+            reused,
+            sim,
+            max_tv=self.config.correctness.max_tv,
+            source=source,
+            env=self.config.env,
+            encoder_tag=self.encoder_tag,
+            query_text=query.text,
+            neighbour_text=e.text,
+            entry_id=e.entry_id,
+            step=self.step,
+        )
+        if source != "audit":  # audits measure the cache; they never change what it does
+            self.correctness.record(sim, label.correct, e.entry_id)
+        if source in ("explore", "refresh"):
+            self.window.served_labels += 1
+            self.window.served_wrong += 0 if label.correct else 1
+        self.labels.add(label)
+        self.stats.labels += 1
+        self.stats.labels_wrong += 0 if label.correct else 1
+        return label
+
+    def record_coalesced(self, semantic: bool) -> None:
+        """A decision recorded as a miss was answered by another decision's in-flight LM call:
+        count it as reuse (exact tier for the same key, semantic for a near state)."""
+        s, w = self.stats, self.window
+        s.misses -= 1
+        w.misses -= 1
+        w.hits += 1
+        s.coalesced_misses += 1
+        if semantic:
+            s.hits_semantic += 1
+            s.coalesced_semantic += 1
+        else:
+            s.hits_exact += 1
+            s.coalesced_exact += 1
+
     # -- insertion / eviction -----------------------------------------------------------------
     def _check_response(self, query: CacheQuery, response: PriorResponse) -> np.ndarray:
         logp = np.asarray(response.logp, dtype=np.float32)
@@ -541,12 +720,15 @@ class AdaptiveCache:
         self._check_query(query)
         logp = self._check_response(query, response)
         if response.model_version and response.model_version != self.model_version:
+            if self.model_version:
+                self.correctness.reset()  # labels of another prior say nothing about this one
             self.model_version = response.model_version
         self.stats.inserts += 1
         eid = self._by_key.get(query.exact_key)
         if eid is not None:
             e = self._entries[eid]
             e.actions, e.logp = tuple(query.request.candidates), logp
+            e.text = query.text or e.text
             e.model_version, e.encoder_tag = self.model_version, self.encoder_tag
             e.last_used_step = self.step
             self._slot_last[e.slot] = self.step
@@ -564,6 +746,7 @@ class AdaptiveCache:
             encoder_tag=self.encoder_tag,
             created_step=self.step,
             last_used_step=self.step,
+            text=query.text,
         )
         self._add_entry(e, query.embedding)
         return eid
@@ -590,6 +773,7 @@ class AdaptiveCache:
         if self._by_key.get(e.exact_key) == eid:
             del self._by_key[e.exact_key]
         self.index.remove(np.array([eid]))
+        self.correctness.forget_entry(eid)
         self._slot_ids[e.slot] = -1
         self._free_slots.append(e.slot)
         self.stats.size = len(self._entries)
@@ -627,9 +811,10 @@ class AdaptiveCache:
         """Record the measured cache error of a refreshed hit and store the fresh prior.
 
         The fresh prior becomes the queried state's own entry. When the hit was semantic, the
-        serving entry is kept (it is still exact for its own state); if the refresh found an
-        error (:func:`top1_regret` at least ``error_regret_nats``) and ``learn_entry_radius``
-        is on, the serving entry's similarity floor is raised above ``similarity``.
+        serving entry is kept (it is still exact for its own state) and the refresh is a reuse
+        label for it; under the ``tau`` rule, if the refresh found an error
+        (:func:`top1_regret` at least ``error_regret_nats``) and ``learn_entry_radius`` is on,
+        the serving entry's similarity floor is raised above ``similarity``.
 
         Args:
             query: The state that was re-queried.
@@ -655,8 +840,13 @@ class AdaptiveCache:
             s.refresh_errors += 1
             self.window.refresh_errors += 1
         old = self._entries.get(entry_id)
+        if old is not None and similarity is not None and old.exact_key != query.exact_key:
+            self.record_label(
+                query, fresh_logp, source="refresh", entry_id=entry_id, similarity=similarity
+            )
         if (
             m.error
+            and self.config.reuse_rule == "tau"
             and self.config.learn_entry_radius
             and similarity is not None
             and old is not None
@@ -670,13 +860,21 @@ class AdaptiveCache:
         return m
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, keep: int = 2) -> Path:
+    def save(self, directory: str | Path, *, keep: int = 2, extra: dict | None = None) -> Path:
         """Write a snapshot atomically (no pickle) and return its folder.
 
-        Layout: ``directory/snap-<uuid>/`` holds ``index/``, ``entries.json``, ``logp.npy``,
-        ``offsets.npy`` and ``meta.json``; ``directory/LATEST`` names the newest complete
-        snapshot and is replaced atomically after the snapshot is fully written, so a crash
-        mid-write leaves the previous snapshot in force.
+        Layout: ``directory/snap-<uuid>/`` holds ``index/``, ``entries.json`` (with each entry's
+        text), ``logp.npy``, ``offsets.npy``, ``labels.jsonl`` (the reuse labels) and
+        ``meta.json`` (config, adapted K/tau/rho and exploration rate, the correctness model's
+        labels, encoder and prior versions, ``extra``); ``directory/LATEST`` names the newest
+        complete snapshot and is replaced atomically after the snapshot is fully written, so a
+        crash mid-write leaves the previous snapshot in force.
+
+        Args:
+            directory: Snapshot root.
+            keep: Newest snapshots kept.
+            extra: JSON-ready state of the owner (e.g. the meta-optimiser's), returned by
+                :meth:`read_extra`.
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
@@ -705,10 +903,14 @@ class AdaptiveCache:
                 "hits": e.hits,
                 "visits": e.visits,
                 "min_similarity": e.min_similarity,
+                "text": e.text,
             }
             for e in entries
         ]
         (tmp / "entries.json").write_text(json.dumps(records))
+        with (tmp / "labels.jsonl").open("w") as fh:
+            for r in self.labels.records():
+                fh.write(json.dumps(r) + "\n")
         stats = {k: v for k, v in self.stats.as_flat_dict().items() if not k.startswith("latency_")}
         meta = {
             "format": SNAPSHOT_FORMAT,
@@ -716,6 +918,10 @@ class AdaptiveCache:
             "model_version": self.model_version,
             "encoder_tag": self.encoder_tag,
             "params": [self.capacity_entries, self.min_cosine_similarity, self.refresh_probability],
+            "explore_probability": self.explore_probability,
+            "correctness": self.correctness.state_dict(),
+            "labels_total": self.labels.total,
+            "extra": extra or {},
             "step": self.step,
             "next_id": self._next_id,
             "ghost": [k.hex() for k in self._ghost],
@@ -742,9 +948,22 @@ class AdaptiveCache:
         snap = root / pointer.read_text().strip()
         return snap if snap.is_dir() else None
 
+    @staticmethod
+    def read_extra(directory: str | Path) -> dict:
+        """The ``extra`` state saved with the latest snapshot under ``directory`` ({} if none)."""
+        path = Path(directory)
+        snap = path if (path / "meta.json").is_file() else AdaptiveCache.latest_snapshot(path)
+        if snap is None:
+            return {}
+        return dict(json.loads((snap / "meta.json").read_text()).get("extra") or {})
+
     @classmethod
     def restore(cls, directory: str | Path, config: CacheConfig | None = None) -> AdaptiveCache:
         """Load the latest snapshot under ``directory`` (or a snapshot folder itself).
+
+        Entries, the adapted K/tau/rho and exploration rate, the correctness model's labels,
+        the label store, stats and versions all come back; ``config`` decides only the
+        semantics (rule, bounds, index).
 
         Args:
             directory: Snapshot root (with ``LATEST``) or one ``snap-*`` folder.
@@ -759,7 +978,7 @@ class AdaptiveCache:
         if snap is None:
             raise FileNotFoundError(f"no cache snapshot under {str(path)!r}")
         meta = json.loads((snap / "meta.json").read_text())
-        if meta.get("format") != SNAPSHOT_FORMAT:
+        if meta.get("format") not in (1, SNAPSHOT_FORMAT):  # 1: before reuse labels
             raise ValueError(f"unsupported snapshot format {meta.get('format')!r} in {snap}")
         stored = CacheConfig(**meta["config"])
         cfg = config or stored
@@ -769,9 +988,18 @@ class AdaptiveCache:
                 f"{stored.dim}, the cache expects dim {cfg.dim}"
             )
         cache = cls(cfg, model_version=meta["model_version"], encoder_tag=meta["encoder_tag"])
-        if config is None:
-            k, tau, rho = meta["params"]
-            cache.set_params(k, tau, rho)
+        k, tau, rho = meta["params"]
+        cache.set_params(k, tau, rho)
+        cache.explore_probability = float(
+            meta.get("explore_probability", cfg.correctness.explore_probability)
+        )
+        if "correctness" in meta:
+            cache.correctness = CorrectnessModel.from_state(meta["correctness"], cfg.correctness)
+        labels_file = snap / "labels.jsonl"
+        if labels_file.is_file():
+            with labels_file.open() as fh:
+                cache.labels.extend_records(json.loads(line) for line in fh if line.strip())
+            cache.labels.total = int(meta.get("labels_total", cache.labels.total))
         cache.index = PriorIndex.load(snap / "index", cfg.index_config())
         logp = np.load(snap / "logp.npy", allow_pickle=False)
         offsets = np.load(snap / "offsets.npy", allow_pickle=False)
@@ -789,6 +1017,7 @@ class AdaptiveCache:
                 hits=int(r["hits"]),
                 visits=int(r["visits"]),
                 min_similarity=float(r.get("min_similarity", -1.0)),
+                text=str(r.get("text", "")),
             )
             cache._add_entry(e, None)  # vectors come from the saved index
         cache.step = int(meta["step"])
@@ -817,6 +1046,7 @@ class AdaptiveCache:
         s.capacity_entries = self.capacity_entries
         s.min_cosine_similarity = self.min_cosine_similarity
         s.refresh_probability = self.refresh_probability
+        s.explore_probability = self.explore_probability
         return s
 
     def unused_fraction(self) -> float:

@@ -112,6 +112,7 @@ class PriorCacheClient:
                     exact_key=exact_key(text, s.candidates, prior_version=version, encoder_tag=tag),
                     embedding=emb,
                     request=PriorRequest(prompt=prompt, candidates=tuple(s.candidates)),
+                    text=text,
                 )
             )
         return queries

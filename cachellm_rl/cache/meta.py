@@ -1,4 +1,5 @@
-"""Online meta-optimisation of the cache parameters (K, tau, rho) (see docs/cache.md) and the
+"""Online meta-optimisation of the cache parameters (K, tau, rho and, under the delta reuse rule,
+the exploration rate) (see docs/cache.md) and the
 posterior temperature schedule (see docs/algorithms.md). Pure functions and small state machines,
 no Ray.
 """
@@ -18,17 +19,20 @@ STALE_SIGNALS = ("error_rate", "kl")
 
 @dataclass(frozen=True)
 class CacheParams:
-    """The three meta-parameters.
+    """The meta-parameters.
 
     Attributes:
         capacity_entries: ``K``.
-        min_cosine_similarity: ``tau`` (cosine, higher = stricter).
+        min_cosine_similarity: ``tau`` (cosine, higher = stricter; the ``tau`` rule only).
         refresh_probability: ``rho``.
+        explore_probability: Chance that a servable semantic hit calls the LM anyway (the
+            ``delta`` rule only).
     """
 
     capacity_entries: int
     min_cosine_similarity: float
     refresh_probability: float
+    explore_probability: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +60,14 @@ class MetaConfig:
         tau_min / tau_max / capacity_min / capacity_max / rho_min / rho_max: Projection box.
         lambda_queries: Meta-reward cost per LM query (per decision).
         lambda_kl: Meta-reward cost per unit of refresh KL.
-        spsa_delta: Perturbation of tau in SPSA mode.
-        spsa_learning_rate: SPSA step size on tau.
+        spsa_delta: Perturbation of the SPSA parameter (tau under the ``tau`` rule, the
+            exploration rate under the ``delta`` rule).
+        spsa_learning_rate: SPSA step size.
+        reuse_rule: The cache's reuse rule (``"tau"`` or ``"delta"``): under ``delta`` the
+            threshold is not tuned (the correctness model decides each hit) and the exploration
+            rate is.
+        explore_step: Additive step of the exploration rate.
+        explore_min / explore_max: Its projection box.
     """
 
     mode: str = "heuristic"
@@ -81,6 +91,10 @@ class MetaConfig:
     lambda_kl: float = 1.0
     spsa_delta: float = 0.01
     spsa_learning_rate: float = 0.05
+    reuse_rule: str = "tau"
+    explore_step: float = 0.01
+    explore_min: float = 0.01
+    explore_max: float = 0.2
 
     def __post_init__(self) -> None:
         if self.mode not in META_MODES:
@@ -104,6 +118,12 @@ class MetaConfig:
             raise ValueError("MetaConfig rho range must satisfy 0 <= min <= max <= 1")
         if self.spsa_delta <= 0:
             raise ValueError("MetaConfig.spsa_delta must be > 0")
+        if self.reuse_rule not in ("tau", "delta"):
+            raise ValueError(
+                f"MetaConfig.reuse_rule must be 'tau' or 'delta', got {self.reuse_rule!r}"
+            )
+        if not (0 <= self.explore_min <= self.explore_max <= 1):
+            raise ValueError("MetaConfig explore range must satisfy 0 <= min <= max <= 1")
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,8 @@ class WindowSignals:
         lm_queries: LM queries in the window.
         return_trend: Change of the mean episode return vs the previous window (None: unknown).
         refresh_error_rate: EMA of the refresh error flag, NaN before the first refresh.
+        served_label_error_rate: Wrong fraction of the window's reuse labels measured at
+            similarities the cache serves (exploration calls and refreshes), NaN when none.
     """
 
     decisions: int
@@ -129,6 +151,7 @@ class WindowSignals:
     lm_queries: int
     return_trend: float | None = None
     refresh_error_rate: float = float("nan")
+    served_label_error_rate: float = float("nan")
 
     @classmethod
     def from_window(
@@ -150,6 +173,9 @@ class WindowSignals:
             lm_queries=w.lm_queries,
             return_trend=return_trend,
             refresh_error_rate=refresh_error_rate,
+            served_label_error_rate=(
+                w.served_wrong / w.served_labels if w.served_labels else float("nan")
+            ),
         )
 
 
@@ -161,6 +187,9 @@ def project(params: CacheParams, cfg: MetaConfig) -> CacheParams:
             min(max(params.min_cosine_similarity, cfg.tau_min), cfg.tau_max)
         ),
         refresh_probability=float(min(max(params.refresh_probability, cfg.rho_min), cfg.rho_max)),
+        explore_probability=float(
+            min(max(params.explore_probability, cfg.explore_min), cfg.explore_max)
+        ),
     )
 
 
@@ -176,8 +205,11 @@ def is_stale(s: WindowSignals, cfg: MetaConfig) -> bool | None:
 def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> CacheParams:
     """One projected heuristic step (see docs/cache.md).
 
-    - tau up when the cache is stale (:func:`is_stale`); down when it is not and the hit rate
-      is under target (nothing measured yet: only the hit-rate rule applies);
+    - ``tau`` rule: tau up when the cache is stale (:func:`is_stale`); down when it is not and
+      the hit rate is under target (nothing measured yet: only the hit-rate rule applies);
+    - ``delta`` rule: tau is left alone; the exploration rate rises when the labels measured at
+      served similarities are wrong more often than the target error rate (the fitted curve
+      may be optimistic there: more labels), and decays otherwise;
     - K up in proportion to the capacity-miss rate; down when entries go unused;
     - rho up when the cache is stale or the return falls; down otherwise.
 
@@ -191,7 +223,13 @@ def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> 
     """
     kl_high = bool(is_stale(s, cfg))
     tau = params.min_cosine_similarity
-    if kl_high:
+    explore = params.explore_probability
+    if cfg.reuse_rule == "delta":
+        served_bad = not math.isnan(s.served_label_error_rate) and (
+            s.served_label_error_rate > cfg.target_refresh_error_rate
+        )
+        explore += cfg.explore_step if served_bad else -cfg.explore_step
+    elif kl_high:
         tau += cfg.tau_step
     elif s.hit_rate < cfg.target_hit_rate:
         tau -= cfg.tau_step
@@ -203,7 +241,7 @@ def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> 
     rho = params.refresh_probability
     falling = s.return_trend is not None and s.return_trend < 0
     rho = rho + cfg.rho_step if (kl_high or falling) else rho - cfg.rho_step
-    return project(CacheParams(round(k), tau, rho), cfg)
+    return project(CacheParams(round(k), tau, rho, explore), cfg)
 
 
 def meta_reward(
@@ -225,23 +263,29 @@ class _SignWindow:
 class SPSATau:
     """Simultaneous-perturbation estimate of d(meta-reward)/d(tau).
 
-    Callers are split into a ``+`` and a ``-`` group (by caller id parity, or alternating
-    windows when there is a single caller); each group looks up with ``tau +/- delta``. When both
-    groups have a full window, ``g = (R+ - R-) / (2 delta)`` and ``tau += lr * g``.
+    The perturbed parameter is ``tau`` under the ``tau`` rule and the exploration rate under the
+    ``delta`` rule. Callers are split into a ``+`` and a ``-`` group by the order in which they
+    first call (the 1st, 3rd, ... caller is ``+``); while only one caller has been seen, that
+    caller alternates between the signs one half window at a time. Each group looks up with the
+    parameter ``+/- delta``; when both groups have a half window, ``g = (R+ - R-) / (2 delta)``
+    and the parameter moves by ``lr * clip(g, -1, 1)``.
     """
 
     def __init__(self, cfg: MetaConfig) -> None:
         self.cfg = cfg
         self._win = {+1: _SignWindow(), -1: _SignWindow()}
         self._single_caller_sign = +1
+        self._callers: dict[int, int] = {}
         self.last_gradient = float("nan")
         self.steps = 0
 
     def sign_for(self, caller_id: int | None) -> int:
-        """Perturbation sign of a caller."""
-        if caller_id is None:
+        """Perturbation sign of a caller (None: the current single-caller sign)."""
+        if caller_id is not None and int(caller_id) not in self._callers:
+            self._callers[int(caller_id)] = len(self._callers)
+        if caller_id is None or len(self._callers) < 2:
             return self._single_caller_sign
-        return +1 if int(caller_id) % 2 == 0 else -1
+        return +1 if self._callers[int(caller_id)] % 2 == 0 else -1
 
     def record(
         self, sign: int, *, decisions: int = 0, lm_queries: int = 0, kl: float | None = None
@@ -262,28 +306,30 @@ class SPSATau:
         kl = float(np.mean(w.kls)) if w.kls else float("nan")
         return meta_reward(mean_ret, w.lm_queries / max(1, w.decisions), kl, self.cfg)
 
-    def maybe_step(self, tau: float) -> float:
-        """Return the updated tau when both signs have a half window, else ``tau``."""
+    def bounds(self) -> tuple[float, float]:
+        """Box of the perturbed parameter (tau's or the exploration rate's)."""
+        if self.cfg.reuse_rule == "delta":
+            return self.cfg.explore_min, self.cfg.explore_max
+        return self.cfg.tau_min, self.cfg.tau_max
+
+    def maybe_step(self, value: float) -> float:
+        """Return the updated parameter when both signs have a half window, else ``value``."""
         half = max(1, self.cfg.window_decisions // 2)
         plus, minus = self._win[+1], self._win[-1]
         if plus.decisions < half and minus.decisions < half:
-            return tau
+            return value
         if plus.decisions < half or minus.decisions < half:
             # Single caller: switch the sign it looks up with once its half window is full.
             self._single_caller_sign = -1 if plus.decisions >= half else +1
-            return tau
+            return value
         g = (self._reward(plus) - self._reward(minus)) / (2 * self.cfg.spsa_delta)
         self.last_gradient = g
         self.steps += 1
         self._win = {+1: _SignWindow(), -1: _SignWindow()}
         self._single_caller_sign = +1
-        new = tau + self.cfg.spsa_learning_rate * float(np.clip(g, -1.0, 1.0))
-        return float(
-            min(
-                max(new, self.cfg.tau_min + self.cfg.spsa_delta),
-                self.cfg.tau_max - self.cfg.spsa_delta,
-            )
-        )
+        new = value + self.cfg.spsa_learning_rate * float(np.clip(g, -1.0, 1.0))
+        lo, hi = self.bounds()
+        return float(min(max(new, lo + self.cfg.spsa_delta), hi - self.cfg.spsa_delta))
 
 
 class MetaOptimizer:
@@ -326,13 +372,45 @@ class MetaOptimizer:
                 "hit_rate": signals.hit_rate,
                 "refresh_kl": signals.refresh_kl,
                 "refresh_error_rate": signals.refresh_error_rate,
+                "served_label_error_rate": signals.served_label_error_rate,
                 "capacity_miss_rate": signals.capacity_miss_rate,
                 "K": new.capacity_entries,
                 "tau": new.min_cosine_similarity,
                 "rho": new.refresh_probability,
+                "explore": new.explore_probability,
             }
         )
         return new
+
+    def state_dict(self) -> dict:
+        """JSON-ready state, kept in cache snapshots so a restarted actor resumes it."""
+        spsa = self.spsa
+        return {
+            "returns": list(self._returns),
+            "prev_mean_return": self._prev_mean_return,
+            "history": self.history[-1000:],
+            "spsa": None
+            if spsa is None
+            else {
+                "steps": spsa.steps,
+                "last_gradient": spsa.last_gradient,
+                "single_caller_sign": spsa._single_caller_sign,
+                "callers": {str(k): v for k, v in spsa._callers.items()},
+            },
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` output (the open SPSA windows start afresh)."""
+        self._returns = [float(r) for r in state.get("returns", [])]
+        prev = state.get("prev_mean_return")
+        self._prev_mean_return = None if prev is None else float(prev)
+        self.history = list(state.get("history", []))
+        sp = state.get("spsa")
+        if self.spsa is not None and sp:
+            self.spsa.steps = int(sp["steps"])
+            self.spsa.last_gradient = float(sp["last_gradient"])
+            self.spsa._single_caller_sign = int(sp["single_caller_sign"])
+            self.spsa._callers = {int(k): int(v) for k, v in sp["callers"].items()}
 
 
 def posterior_temperature(hit_rate: float, *, t0: float = 1.0, t_min: float = 0.1) -> float:

@@ -184,3 +184,79 @@ def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encode
     assert client.prior_version() == prior_app[1].model_version.remote().result()
     kill_cache(name)
     del handle
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("rule", ["tau", "delta"])
+def test_near_inflight_reuse_is_counted_as_reuse(ray_session, prior_app, rule):
+    """Eight concurrent near states: under ``tau`` (cos 0.99 >= 0.9) one LM call answers all and
+    the seven followers count as semantic reuse; under ``delta`` with no labels yet the rule
+    refuses the reuse, so each state gets its own LM call."""
+    ray = ray_session
+    app, _ = prior_app
+    name = f"cache-{uuid.uuid4().hex[:8]}"
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(
+            dim=8,
+            min_cosine_similarity=0.9,
+            refresh_probability=0.0,
+            reuse_rule=rule,
+            min_candidate_coverage=0.5,
+        ),
+        prior_app=app,
+    )
+    handle = get_or_create_cache(cfg, name=name)
+    base = np.eye(8, dtype=np.float32)[0]
+    embs = [_unit(base + 0.01 * i * np.eye(8, dtype=np.float32)[1]) for i in range(8)]
+    refs = [handle.get_priors.remote([q(f"near-{i}", embs[i])]) for i in range(8)]
+    results = [r[0] for r in ray.get(refs)]
+    s = ray.get(handle.stats.remote())
+    if rule == "tau":
+        coalesced = [r.source for r in results].count(PriorSource.COALESCED)
+        assert coalesced >= 1 and s.coalesced_semantic == coalesced  # the rest: plain hits
+        assert s.lm_queries == 1 and s.hits_semantic == 7
+        assert s.misses == 1 and s.hit_rate == pytest.approx(7 / 8)
+    else:
+        assert s.lm_queries == 8 and s.coalesced_semantic == 0 and s.hits == 0
+    kill_cache(name)
+
+
+def test_restarted_actor_keeps_adapted_parameters_and_labels(ray_session, prior_app, tmp_path):
+    ray = ray_session
+    app, _ = prior_app
+    name = f"cache-{uuid.uuid4().hex[:8]}"
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(dim=8, refresh_probability=0.05, reuse_rule="delta"),
+        prior_app=app,
+        snapshot_dir=str(tmp_path / "snap"),
+        max_restarts=2,
+    )
+    handle = get_or_create_cache(cfg, name=name)
+    e = np.eye(8, dtype=np.float32)
+    ray.get(handle.get_priors.remote([q("s0", e[0])]))
+    ray.get(handle.get_priors.remote([q("s1", _unit(e[0] + 0.3 * e[1]))]))  # labelled vs s0
+    ray.get(handle.set_params.remote(321, 0.97, 0.123, 0.07))  # as a meta-optimiser would
+    before = ray.get(handle.stats.remote())
+    assert before.labels == 1
+    ray.get(handle.save.remote())
+    ray.kill(handle, no_restart=False)
+    deadline = time.time() + 60
+    after = None
+    while after is None:
+        try:
+            s = ray.get(handle.stats.remote(), timeout=10)
+            if s.restored_entries:
+                after = s
+        except Exception:
+            if time.time() > deadline:
+                raise
+        time.sleep(0.5)
+    assert after.capacity_entries == 321 and after.min_cosine_similarity == pytest.approx(0.97)
+    assert after.refresh_probability == pytest.approx(0.123)
+    assert after.explore_probability == pytest.approx(0.07)
+    assert after.labels == 1 and after.size == 2
+    kill_cache(name)

@@ -13,7 +13,16 @@ pytest.importorskip("fast_downward", reason="needs textworld[pddl] (fast-downwar
 pytest.importorskip("minigrid", reason="needs minigrid")
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"no_prior", "direct_lm", "uncached", "frozen_q", "lru", "static", "adaptive"}
+METHODS = {
+    "no_prior",
+    "direct_lm",
+    "uncached",
+    "frozen_q",
+    "exact_only",
+    "lru",
+    "static",
+    "adaptive",
+}
 
 
 def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:

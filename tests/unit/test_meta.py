@@ -133,7 +133,28 @@ def test_spsa_single_caller_alternates_signs():
     assert spsa.sign_for(None) == +1
     spsa.record(+1, decisions=5)
     assert spsa.maybe_step(0.9) == 0.9 and spsa.sign_for(None) == -1
-    assert spsa.sign_for(2) == +1 and spsa.sign_for(3) == -1
+    # Two callers split by order of arrival, whatever their ids' parity.
+    assert spsa.sign_for(1) == -1  # still one caller: the single-caller sign
+    assert spsa.sign_for(3) == -1 and spsa.sign_for(1) == +1
+
+
+def test_spsa_steps_with_one_numbered_env_runner():
+    """One env runner (caller id 0) must still produce both signs and a step; the + side
+    queries the LM more, so the step goes down."""
+    spsa = SPSATau(MetaConfig(mode="spsa", window_decisions=10, spsa_learning_rate=0.05))
+    value, signs = 0.9, []
+    for _ in range(4):
+        sign = spsa.sign_for(0)
+        signs.append(sign)
+        spsa.record(sign, decisions=5, lm_queries=5 if sign > 0 else 0)
+        value = spsa.maybe_step(value)
+    assert set(signs) == {+1, -1}
+    assert spsa.steps == 2 and value < 0.9
+
+
+def test_spsa_perturbs_the_exploration_rate_under_the_delta_rule():
+    spsa = SPSATau(MetaConfig(mode="spsa", reuse_rule="delta", explore_min=0.0, explore_max=0.3))
+    assert spsa.bounds() == (0.0, 0.3)
 
 
 def test_temperature_schedule():

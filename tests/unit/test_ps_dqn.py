@@ -194,11 +194,21 @@ def test_method_configs():
     assert connector_config_for("no_prior", s, "x").mode == "uniform"
     assert not connector_config_for("uncached", s, "x").use_embeddings
     assert connector_config_for("adaptive", s, "x").use_embeddings
+    adaptive = cache_config_for("adaptive", s, env="textworld")
+    assert adaptive.cache.reuse_rule == "delta" and adaptive.meta.reuse_rule == "delta"
+    assert adaptive.cache.env == "textworld"
+    assert adaptive.cache.correctness.delta == 0.05
+    for m in ("lru", "static"):
+        assert cache_config_for(m, s).cache.reuse_rule == "tau", m
+    exact = cache_config_for("exact_only", s)
+    assert not exact.cache.semantic_tier and not exact.bypass
+    assert not connector_config_for("exact_only", s, "x").use_embeddings
     assert set(METHODS) == {
         "no_prior",
         "direct_lm",
         "uncached",
         "frozen_q",
+        "exact_only",
         "lru",
         "static",
         "adaptive",

@@ -6,9 +6,12 @@ the pieces the suite's run and greedy-evaluation loops use for each (method, see
 - ``uncached``: posterior sampling, the LM answers every decision.
 - ``frozen_q``: ``uncached`` with no Q updates (learning rate 0): the same agent, code path and
   budget, so ``uncached`` minus ``frozen_q`` is what learning adds beyond the prior.
+- ``exact_only``: posterior + the exact tier alone (a state's prior is reused only for the very
+  same state): the baseline the semantic tier must beat.
 - ``lru``: posterior + exact/semantic cache, plain LRU eviction, fixed ``K``, ``tau``, no refresh.
 - ``static``: posterior + the adaptive cache's eviction and refresh with fixed ``(K, tau, rho)``.
-- ``adaptive``: posterior + meta-optimised ``(K, tau, rho)``.
+- ``adaptive``: posterior + error-bounded semantic reuse (the ``delta`` rule on measured reuse
+  labels) and meta-optimised ``(K, rho, exploration rate)``.
 """
 
 from __future__ import annotations
@@ -35,12 +38,22 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
 from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
+from cachellm_rl.cache.correctness import CorrectnessConfig
 from cachellm_rl.cache.meta import MetaConfig
 from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 
-METHODS = ("no_prior", "direct_lm", "uncached", "frozen_q", "lru", "static", "adaptive")
-RL_METHODS = ("no_prior", "uncached", "frozen_q", "lru", "static", "adaptive")
+METHODS = (
+    "no_prior",
+    "direct_lm",
+    "uncached",
+    "frozen_q",
+    "exact_only",
+    "lru",
+    "static",
+    "adaptive",
+)
+RL_METHODS = ("no_prior", "uncached", "frozen_q", "exact_only", "lru", "static", "adaptive")
 # Methods whose every decision is answered by the LM (no cache).
 UNCACHED_METHODS = ("direct_lm", "uncached", "frozen_q")
 
@@ -63,6 +76,8 @@ class MethodSettings:
         refresh_probability: ``rho`` of ``static`` and the start of ``adaptive``.
         adaptive_initial_capacity: Starting ``K`` of ``adaptive``.
         meta: Meta-optimiser of ``adaptive``.
+        correctness: The reuse labels' ``epsilon`` (``max_tv``), the error budget ``delta``,
+            the exploration rate and the correctness model of ``adaptive``.
         posterior: The posterior ``beta * log p + Q / T`` and its temperature schedule (its
             ``anneal_env_steps`` is set per run from ``anneal_fraction``).
         anneal_fraction: Fraction of the step budget over which ``annealed`` lowers ``T``.
@@ -100,6 +115,7 @@ class MethodSettings:
             rho_min=0.02,  # keep measuring the cache error (and narrowing radii)
         )
     )
+    correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     anneal_fraction: float = 0.5
     encoder: str = "bag"
@@ -147,8 +163,11 @@ class MethodSettings:
             raise ValueError(f"MethodSettings.encoder must be 'bag' or 'gru', got {self.encoder!r}")
 
 
-def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> SharedCacheConfig | None:
-    """The shared-cache actor settings of ``method`` (None: the method uses no LM)."""
+def cache_config_for(
+    method: str, s: MethodSettings, *, dim: int = 384, env: str = ""
+) -> SharedCacheConfig | None:
+    """The shared-cache actor settings of ``method`` (None: the method uses no LM); ``env``
+    names the env in the cache's reuse labels."""
     check_methods([method])
     static = MetaConfig(mode="static")
     if method == "no_prior":
@@ -160,9 +179,19 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
             bypass=True,
             prior_app=s.prior_app,
         )
+    if method == "exact_only":
+        cache = CacheConfig(
+            dim=dim,
+            capacity_entries=s.capacity_entries,
+            refresh_probability=0.0,
+            semantic_tier=False,
+            env=env,
+        )
+        return SharedCacheConfig(cache=cache, meta=static, prior_app=s.prior_app)
     if method == "lru":
         cache = CacheConfig(
             dim=dim,
+            env=env,
             capacity_entries=s.capacity_entries,
             min_cosine_similarity=s.min_cosine_similarity,
             refresh_probability=0.0,
@@ -176,9 +205,12 @@ def cache_config_for(method: str, s: MethodSettings, *, dim: int = 384) -> Share
         capacity_entries=s.adaptive_initial_capacity if adaptive else s.capacity_entries,
         min_cosine_similarity=s.min_cosine_similarity,
         refresh_probability=s.refresh_probability,
-        learn_entry_radius=adaptive,  # static keeps one fixed radius for every entry
+        learn_entry_radius=False,  # static keeps one fixed radius; adaptive uses the delta rule
+        reuse_rule="delta" if adaptive else "tau",
+        correctness=s.correctness,
+        env=env,
     )
-    meta = s.meta if method == "adaptive" else static
+    meta = replace(s.meta, reuse_rule="delta") if adaptive else static
     return SharedCacheConfig(cache=cache, meta=meta, prior_app=s.prior_app)
 
 
@@ -188,7 +220,9 @@ def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> Pri
     if method == "no_prior":
         return PriorConnectorConfig(mode="uniform", cache_name=cache_name)
     return PriorConnectorConfig(
-        mode="cache", cache_name=cache_name, use_embeddings=method not in UNCACHED_METHODS
+        mode="cache",
+        cache_name=cache_name,
+        use_embeddings=method not in UNCACHED_METHODS and method != "exact_only",
     )
 
 
@@ -274,9 +308,10 @@ def algo_config_for(
     return cfg
 
 
-def start_cache(method: str, s: MethodSettings, name: str, namespace: str):
-    """Create the method's fresh cache actor (None for ``no_prior``)."""
-    cfg = cache_config_for(method, s)
+def start_cache(method: str, s: MethodSettings, name: str, namespace: str, *, env: str = ""):
+    """Create the method's fresh cache actor (None for ``no_prior``); ``env`` names the env in
+    its reuse labels."""
+    cfg = cache_config_for(method, s, env=env)
     if cfg is None:
         return None
     handle = get_or_create_cache(cfg, name=name, namespace=namespace)

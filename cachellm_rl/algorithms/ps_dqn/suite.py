@@ -234,6 +234,13 @@ def _eval_row(method: str, seed: int, res: GreedyResult, stats: dict, extra: dic
         "per_game_success": res.per_game_success_by_name(),
         "lm_queries": int(stats.get("lm_queries", 0)),
         "hit_rate": stats.get("hit_rate"),
+        "decisions": int(stats.get("decisions", 0)),
+        "hits_exact": int(stats.get("hits_exact", 0)),
+        "hits_semantic": int(stats.get("hits_semantic", 0)),
+        "coalesced_semantic": int(stats.get("coalesced_semantic", 0)),
+        "explore_calls": int(stats.get("explore_calls", 0)),
+        "reuse_labels": int(stats.get("labels", 0)),
+        "reuse_labels_wrong": int(stats.get("labels_wrong", 0)),
         # decisions answered by a fallback prior (LM failed or unreachable), train + eval
         "lm_fallbacks": int(stats.get("fallbacks_stale", 0) + stats.get("fallbacks_uniform", 0)),
         **extra,
@@ -331,7 +338,7 @@ def run_rl_method(
     t_start = time.perf_counter()
     s = cfg.settings
     train_games = training_games(cfg, games)
-    handle = start_cache(method, s, cache_name, DEFAULT_NAMESPACE)
+    handle = start_cache(method, s, cache_name, DEFAULT_NAMESPACE, env=cfg.env)
     env_config = env_config_for(cfg, train_games, seed)
     algo = algo_config_for(
         method,
@@ -397,6 +404,12 @@ def run_rl_method(
                 "refresh_kl_ema": stats.get("refresh_kl_ema"),
                 "refresh_error_ema": stats.get("refresh_error_ema"),
                 "radius_narrowed": stats.get("radius_narrowed"),
+                "hits_semantic": stats.get("hits_semantic"),
+                "semantic_refused": stats.get("semantic_refused"),
+                "explore_calls": stats.get("explore_calls"),
+                "explore_probability": stats.get("explore_probability"),
+                "reuse_labels": stats.get("labels"),
+                "reuse_labels_wrong": stats.get("labels_wrong"),
                 "cache_size": stats.get("size"),
                 "temperature": posterior.temperature_at(steps, rep.hit_rate_ema),
                 "qf_loss": learner.get("qf_loss"),
@@ -432,6 +445,9 @@ def run_rl_method(
                     "cache/refresh_kl_ema": point["refresh_kl_ema"],
                     "cache/refresh_error_ema": point["refresh_error_ema"],
                     "cache/radius_narrowed": point["radius_narrowed"],
+                    "cache/hits_semantic": point["hits_semantic"],
+                    "cache/explore_probability": point["explore_probability"],
+                    "cache/reuse_labels": point["reuse_labels"],
                     "cache/size": point["cache_size"],
                     "posterior/temperature": point["temperature"],
                     "posterior/kl_to_prior": point["kl_posterior_to_prior"],
@@ -601,7 +617,8 @@ def comparisons(mats: dict, agg: dict, *, reps: int = rstats.DEFAULT_REPS) -> di
     - ``uncached vs frozen_q``: what Q-learning adds on the same agent and budget;
     - ``uncached vs best of (direct_lm, frozen_q)``: learning beyond the prior, against
       whichever control scored higher;
-    - ``<cached> vs uncached``: what a cache costs (or gains) in success.
+    - ``<cached> vs uncached``: what a cache costs (or gains) in success;
+    - ``adaptive vs exact_only``: what the semantic tier costs in success.
     """
     out: dict[str, dict] = {}
 
@@ -609,15 +626,16 @@ def comparisons(mats: dict, agg: dict, *, reps: int = rstats.DEFAULT_REPS) -> di
         if mats.get(a) is not None and mats.get(b) is not None and a != b:
             out[label or f"{a} vs {b}"] = rstats.compare(mats[a], mats[b], reps=reps)
 
-    for m in ("uncached", "frozen_q", "lru", "static", "adaptive", "no_prior"):
+    for m in ("uncached", "frozen_q", "exact_only", "lru", "static", "adaptive", "no_prior"):
         add(m, "direct_lm")
     add("uncached", "frozen_q")
     controls = [c for c in ("direct_lm", "frozen_q") if mats.get(c) is not None]
     if controls and mats.get("uncached") is not None:
         best = max(controls, key=lambda c: agg[c]["success_mean"])
         add("uncached", best, f"uncached vs best of ({', '.join(controls)}) = {best}")
-    for m in ("lru", "static", "adaptive"):
+    for m in ("exact_only", "lru", "static", "adaptive"):
         add(m, "uncached")
+    add("adaptive", "exact_only")
     return out
 
 

@@ -1,0 +1,476 @@
+"""When is a cached prior safe to reuse? Labels and an error-bounded reuse rule (see
+docs/cache.md, "Trusted reuse").
+
+Every time the LM answers a state that has a nearest cached neighbour (a miss, an exploration
+call or a background refresh), the cache learns, at no extra LM cost, whether serving that
+neighbour's prior would have been *correct*: the same top action as the fresh prior and a
+total-variation distance of at most ``max_tv`` between the two (the neighbour's prior aligned to
+the state's candidates). Those labels fit a logistic curve ``P(correct | cosine similarity)``.
+
+The reuse rule: a semantic hit at similarity ``s`` is served only when an upper confidence bound
+of ``P(wrong | s)`` is at most ``delta``. The bound is the delta method on the fitted logit: with
+``eta = theta . x(s)`` and ``se = sqrt(x(s)^T Sigma x(s))`` (``Sigma`` the inverse Hessian of the
+negative log posterior at the fit), ``P(wrong)_ucb = sigmoid(-(eta - z * se))``. Before
+``min_labels`` labels exist nothing is served. The curve is pooled over the cache (one env per
+cache in the suites); an entry with ``entry_min_labels`` labels of its own gets its own curve,
+fitted with the pooled curve as the prior mean (so a few labels move it a little, many a lot).
+
+Pure numpy; no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+def tv_distance(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
+    """Total-variation distance ``0.5 * sum |p - q|`` of two log-prob vectors.
+
+    Example:
+        >>> round(tv_distance(np.log([0.5, 0.5]), np.log([0.75, 0.25])), 3)
+        0.25
+    """
+    p = np.exp(np.asarray(p_logp, np.float64))
+    q = np.exp(np.asarray(q_logp, np.float64))
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def reuse_is_correct(fresh_logp: np.ndarray, reused_logp: np.ndarray, max_tv: float) -> bool:
+    """Whether serving ``reused_logp`` in place of ``fresh_logp`` is a correct reuse.
+
+    Correct means the same top action and a total-variation distance of at most ``max_tv``.
+
+    Args:
+        fresh_logp: The LM's prior for the state.
+        reused_logp: The cached neighbour's prior aligned to the state's candidates.
+        max_tv: Largest total-variation distance still counted as correct (``epsilon``).
+
+    Example:
+        >>> reuse_is_correct(np.log([0.6, 0.4]), np.log([0.7, 0.3]), 0.2)
+        True
+        >>> reuse_is_correct(np.log([0.6, 0.4]), np.log([0.4, 0.6]), 0.5)
+        False
+    """
+    fresh = np.asarray(fresh_logp)
+    reused = np.asarray(reused_logp)
+    if fresh.shape != reused.shape or fresh.ndim != 1 or fresh.size == 0:
+        raise ValueError(f"priors of shapes {fresh.shape} and {reused.shape} cannot be compared")
+    same_top = int(np.argmax(fresh)) == int(np.argmax(reused))
+    return same_top and tv_distance(fresh, reused) <= max_tv
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReuseLabel:
+    """One measured reuse label (see docs/cache.md).
+
+    Attributes:
+        similarity: Cosine similarity of the state to its nearest cached neighbour under the
+            cache's encoder.
+        correct: Whether reusing the neighbour's prior would have been correct.
+        tv: Total-variation distance between the fresh and the reused prior.
+        same_top: Whether both priors pick the same action.
+        source: What called the LM: ``"miss"``, ``"explore"``, ``"refresh"`` or ``"audit"``.
+        env: Env (or any grouping) the state comes from.
+        encoder_tag: Encoder the similarity was measured with.
+        query_text: Canonical text of the state ('' when the caller sent none).
+        neighbour_text: Canonical text of the neighbour ('' when unknown).
+        entry_id: The neighbour's entry id.
+        step: Cache decision counter when the label was made.
+    """
+
+    similarity: float
+    correct: bool
+    tv: float
+    same_top: bool
+    source: str = "miss"
+    env: str = ""
+    encoder_tag: str = ""
+    query_text: str = ""
+    neighbour_text: str = ""
+    entry_id: int = -1
+    step: int = 0
+
+
+def make_label(
+    fresh_logp: np.ndarray, reused_logp: np.ndarray, similarity: float, *, max_tv: float, **kw
+) -> ReuseLabel:
+    """Build a :class:`ReuseLabel` from a fresh prior and the neighbour's aligned prior."""
+    fresh = np.asarray(fresh_logp, np.float64)
+    reused = np.asarray(reused_logp, np.float64)
+    tv = tv_distance(fresh, reused)
+    same_top = int(np.argmax(fresh)) == int(np.argmax(reused))
+    return ReuseLabel(
+        similarity=float(similarity),
+        correct=bool(same_top and tv <= max_tv),
+        tv=tv,
+        same_top=same_top,
+        **kw,
+    )
+
+
+class LabelStore:
+    """Bounded store of the newest :class:`ReuseLabel` records (oldest dropped first).
+
+    Args:
+        max_labels: Most labels kept.
+    """
+
+    def __init__(self, max_labels: int = 20_000) -> None:
+        if max_labels < 1:
+            raise ValueError(f"LabelStore.max_labels must be >= 1, got {max_labels}")
+        self._labels: deque[ReuseLabel] = deque(maxlen=max_labels)
+        self.total = 0
+
+    def add(self, label: ReuseLabel) -> None:
+        """Keep a label."""
+        self._labels.append(label)
+        self.total += 1
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def labels(self, env: str | None = None) -> list[ReuseLabel]:
+        """The kept labels (of one env when ``env`` is given), oldest first."""
+        return [lab for lab in self._labels if env is None or lab.env == env]
+
+    def records(self) -> list[dict]:
+        """JSON-ready dicts of the kept labels."""
+        return [asdict(lab) for lab in self._labels]
+
+    def extend_records(self, records: Iterable[dict]) -> None:
+        """Add labels from :meth:`records` output (restores a snapshot)."""
+        for r in records:
+            self.add(ReuseLabel(**r))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorrectnessConfig:
+    """Settings of the correctness model and the reuse rule.
+
+    Attributes:
+        max_tv: ``epsilon``: a reuse with a larger total-variation distance to the fresh prior
+            is wrong even when the top action agrees.
+        delta: The user's error budget: a semantic hit is served only when the upper confidence
+            bound of ``P(wrong | similarity)`` is at most ``delta``.
+        confidence_z: One-sided normal quantile of the bound (1.645: a 95% upper bound).
+        min_labels: Labels the pooled curve needs before any semantic hit is served.
+        entry_min_labels: Labels an entry needs of its own before it gets its own curve.
+        entry_max_labels: Newest labels kept per entry.
+        pooled_max_labels: Newest labels the pooled curve is fitted on (old ones age out, so
+            the curve follows the cache as it fills).
+        prior_precision: Gaussian prior precision of the pooled fit's (standardised)
+            parameters around 0 (keeps the fit finite when all labels agree).
+        entry_prior_precision: Prior precision of an entry's fit around the pooled fit.
+        similarity_center: Centre of the standardised similarity ``(s - center) / scale``.
+        similarity_scale: Scale of the standardised similarity.
+        refit_every: New pooled labels between refits of the pooled curve.
+        explore_probability: Chance that a servable semantic hit calls the LM anyway, so that
+            labels keep coming at the similarities that are served (counted as LM queries).
+    """
+
+    max_tv: float = 0.2
+    delta: float = 0.05
+    confidence_z: float = 1.645
+    min_labels: int = 50
+    entry_min_labels: int = 20
+    entry_max_labels: int = 64
+    pooled_max_labels: int = 5000
+    prior_precision: float = 1.0
+    entry_prior_precision: float = 4.0
+    similarity_center: float = 0.9
+    similarity_scale: float = 0.05
+    refit_every: int = 10
+    explore_probability: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_tv <= 1.0:
+            raise ValueError(f"CorrectnessConfig.max_tv must be in [0, 1], got {self.max_tv}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"CorrectnessConfig.delta must be in (0, 1), got {self.delta}")
+        if not 0.0 <= self.explore_probability <= 1.0:
+            raise ValueError(
+                "CorrectnessConfig.explore_probability must be in [0, 1], got "
+                f"{self.explore_probability}"
+            )
+        if self.confidence_z < 0 or self.similarity_scale <= 0:
+            raise ValueError("CorrectnessConfig.confidence_z must be >= 0 and similarity_scale > 0")
+        if min(self.min_labels, self.entry_min_labels, self.refit_every) < 1:
+            raise ValueError("CorrectnessConfig label counts and refit_every must be >= 1")
+        if self.prior_precision <= 0 or self.entry_prior_precision <= 0:
+            raise ValueError("CorrectnessConfig prior precisions must be > 0")
+
+
+@dataclass(frozen=True)
+class LogisticFit:
+    """A fitted ``P(correct | s) = sigmoid(theta[0] + theta[1] * (s - center) / scale)``.
+
+    Attributes:
+        theta: Intercept and slope on the standardised similarity.
+        cov: Their 2x2 posterior covariance (inverse Hessian at the fit).
+        n: Labels fitted.
+        n_wrong: Of which wrong.
+        center: Similarity centre.
+        scale: Similarity scale.
+    """
+
+    theta: np.ndarray
+    cov: np.ndarray
+    n: int
+    n_wrong: int
+    center: float
+    scale: float
+
+    def _x(self, similarity: float | np.ndarray) -> np.ndarray:
+        s = (np.asarray(similarity, np.float64) - self.center) / self.scale
+        return np.stack([np.ones_like(s), s], axis=-1)
+
+    def p_correct(self, similarity: float | np.ndarray) -> np.ndarray:
+        """Point estimate of ``P(correct | s)``."""
+        return _sigmoid(self._x(similarity) @ self.theta)
+
+    def p_wrong_ucb(self, similarity: float | np.ndarray, z: float) -> np.ndarray:
+        """Delta-method upper confidence bound of ``P(wrong | s)``."""
+        x = self._x(similarity)
+        eta = x @ self.theta
+        se = np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", x, self.cov, x), 0.0))
+        return _sigmoid(-(eta - z * se))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
+
+
+def fit_logistic(
+    similarities: Sequence[float] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
+    *,
+    prior_mean: np.ndarray | None = None,
+    prior_precision: float = 1.0,
+    center: float = 0.9,
+    scale: float = 0.05,
+    iters: int = 50,
+) -> LogisticFit:
+    """MAP logistic regression of correctness on similarity (Newton's method).
+
+    Args:
+        similarities: Similarity of each label.
+        correct: Its outcome.
+        prior_mean: Mean of the Gaussian prior on ``theta`` (None: zeros).
+        prior_precision: Its precision (the same on both parameters).
+        center: Similarity centre of the standardisation.
+        scale: Similarity scale of the standardisation.
+        iters: Most Newton steps.
+
+    Returns:
+        The fit with its Laplace covariance.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> s = rng.uniform(0.8, 1.0, 4000)
+        >>> y = rng.random(4000) < 1 / (1 + np.exp(-(1.0 + 2.0 * (s - 0.9) / 0.05)))
+        >>> bool(np.allclose(fit_logistic(s, y, prior_precision=1e-6).theta, [1.0, 2.0], atol=0.2))
+        True
+    """
+    s = np.asarray(similarities, np.float64).reshape(-1)
+    y = np.asarray(correct, np.float64).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} similarities but {y.size} labels")
+    mu = np.zeros(2) if prior_mean is None else np.asarray(prior_mean, np.float64)
+    x = np.stack([np.ones_like(s), (s - center) / scale], axis=1)
+    theta = mu.copy()
+    reg = prior_precision * np.eye(2)
+
+    def objective(t: np.ndarray) -> float:
+        eta = x @ t
+        # -log p(y | eta) = log(1 + e^eta) - y * eta, computed stably
+        return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * (t - mu) @ reg @ (t - mu))
+
+    current = objective(theta)
+    for _ in range(iters):
+        p = _sigmoid(x @ theta)
+        grad = x.T @ (p - y) + reg @ (theta - mu)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + reg
+        step = np.linalg.solve(hess, grad)
+        scale_ = 1.0  # damped Newton: halve the step until the objective falls
+        while scale_ > 1e-6:
+            candidate = theta - scale_ * step
+            value = objective(candidate)
+            if value <= current:
+                break
+            scale_ *= 0.5
+        else:
+            break
+        theta, current = candidate, value
+        if float(np.max(np.abs(scale_ * step))) < 1e-8:
+            break
+    p = _sigmoid(x @ theta)
+    hess = (x * (p * (1 - p))[:, None]).T @ x + reg
+    return LogisticFit(
+        theta=theta,
+        cov=np.linalg.inv(hess),
+        n=int(s.size),
+        n_wrong=int(s.size - y.sum()),
+        center=center,
+        scale=scale,
+    )
+
+
+@dataclass
+class _EntryLabels:
+    sims: deque = field(default_factory=deque)
+    correct: deque = field(default_factory=deque)
+    fit: LogisticFit | None = None
+    dirty: bool = True
+
+
+class CorrectnessModel:
+    """``P(correct | similarity)`` pooled over the cache and per entry, and the delta rule.
+
+    Args:
+        config: Model and rule settings.
+    """
+
+    def __init__(self, config: CorrectnessConfig | None = None) -> None:
+        self.config = config or CorrectnessConfig()
+        cap = self.config.pooled_max_labels
+        self._sims: deque[float] = deque(maxlen=cap)
+        self._correct: deque[bool] = deque(maxlen=cap)
+        self._entries: dict[int, _EntryLabels] = {}
+        self._pooled: LogisticFit | None = None
+        self._since_fit = 0
+        self.labels_total = 0
+        self.labels_wrong = 0
+
+    # -- labels -------------------------------------------------------------------------------
+    def record(self, similarity: float, correct: bool, entry_id: int | None = None) -> None:
+        """Add one label (pooled, and to ``entry_id``'s own labels when given)."""
+        if not math.isfinite(similarity):
+            raise ValueError(f"label similarity must be finite, got {similarity}")
+        self._sims.append(float(similarity))
+        self._correct.append(bool(correct))
+        self.labels_total += 1
+        self.labels_wrong += 0 if correct else 1
+        self._since_fit += 1
+        if entry_id is not None and entry_id >= 0:
+            el = self._entries.setdefault(entry_id, _EntryLabels())
+            el.sims.append(float(similarity))
+            el.correct.append(bool(correct))
+            while len(el.sims) > self.config.entry_max_labels:
+                el.sims.popleft()
+                el.correct.popleft()
+            el.dirty = True
+
+    def forget_entry(self, entry_id: int) -> None:
+        """Drop an evicted entry's own labels (its pooled labels stay)."""
+        self._entries.pop(entry_id, None)
+
+    def reset(self) -> None:
+        """Forget everything (a new prior or encoder version makes old labels meaningless)."""
+        self.__init__(self.config)  # type: ignore[misc]
+
+    @property
+    def num_labels(self) -> int:
+        """Labels the pooled curve is fitted on."""
+        return len(self._sims)
+
+    def entry_label_count(self, entry_id: int) -> int:
+        """Labels an entry has of its own."""
+        el = self._entries.get(entry_id)
+        return 0 if el is None else len(el.sims)
+
+    # -- fits ---------------------------------------------------------------------------------
+    def pooled_fit(self) -> LogisticFit | None:
+        """The pooled curve (refitted every ``refit_every`` labels); None below ``min_labels``."""
+        cfg = self.config
+        if len(self._sims) < cfg.min_labels:
+            return None
+        if self._pooled is None or self._since_fit >= cfg.refit_every:
+            self._pooled = fit_logistic(
+                np.fromiter(self._sims, np.float64),
+                np.fromiter(self._correct, np.float64),
+                prior_precision=cfg.prior_precision,
+                center=cfg.similarity_center,
+                scale=cfg.similarity_scale,
+            )
+            self._since_fit = 0
+            for el in self._entries.values():
+                el.dirty = True
+        return self._pooled
+
+    def fit_for(self, entry_id: int | None) -> LogisticFit | None:
+        """The curve that decides for ``entry_id``: its own once it has enough labels, else the
+        pooled one (None while the pooled curve has too few labels)."""
+        pooled = self.pooled_fit()
+        if pooled is None:
+            return None
+        el = self._entries.get(entry_id) if entry_id is not None else None
+        if el is None or len(el.sims) < self.config.entry_min_labels:
+            return pooled
+        if el.dirty or el.fit is None:
+            el.fit = fit_logistic(
+                np.fromiter(el.sims, np.float64),
+                np.fromiter(el.correct, np.float64),
+                prior_mean=pooled.theta,
+                prior_precision=self.config.entry_prior_precision,
+                center=self.config.similarity_center,
+                scale=self.config.similarity_scale,
+            )
+            el.dirty = False
+        return el.fit
+
+    def p_wrong_ucb(self, similarity: float, entry_id: int | None = None) -> float:
+        """Upper confidence bound of ``P(wrong | similarity)`` (1.0 before enough labels)."""
+        fit = self.fit_for(entry_id)
+        if fit is None:
+            return 1.0
+        return float(fit.p_wrong_ucb(similarity, self.config.confidence_z))
+
+    def allows(self, similarity: float, entry_id: int | None = None) -> bool:
+        """The delta rule: serve a semantic hit only when ``P(wrong)_ucb <= delta``."""
+        return self.p_wrong_ucb(similarity, entry_id) <= self.config.delta
+
+    def min_servable_similarity(self, entry_id: int | None = None) -> float:
+        """Smallest similarity in ``[0, 1]`` (0.001 grid) the rule serves at; nan when none."""
+        grid = np.linspace(0.0, 1.0, 1001)
+        fit = self.fit_for(entry_id)
+        if fit is None:
+            return float("nan")
+        ok = fit.p_wrong_ucb(grid, self.config.confidence_z) <= self.config.delta
+        return float(grid[np.argmax(ok)]) if ok.any() else float("nan")
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-ready state (labels and counters; fits are recomputed on load)."""
+        return {
+            "config": asdict(self.config),
+            "sims": list(self._sims),
+            "correct": [bool(c) for c in self._correct],
+            "entries": {
+                str(k): [list(v.sims), [bool(c) for c in v.correct]]
+                for k, v in self._entries.items()
+            },
+            "labels_total": self.labels_total,
+            "labels_wrong": self.labels_wrong,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, config: CorrectnessConfig | None = None) -> CorrectnessModel:
+        """Rebuild a model from :meth:`state_dict` (``config`` overrides the stored one)."""
+        model = cls(config or CorrectnessConfig(**state["config"]))
+        for s, c in zip(state["sims"], state["correct"], strict=True):
+            model._sims.append(float(s))
+            model._correct.append(bool(c))
+        for k, (sims, correct) in state["entries"].items():
+            el = _EntryLabels()
+            el.sims.extend(float(s) for s in sims)
+            el.correct.extend(bool(c) for c in correct)
+            model._entries[int(k)] = el
+        model.labels_total = int(state["labels_total"])
+        model.labels_wrong = int(state["labels_wrong"])
+        model._since_fit = model.config.refit_every  # fit on first use
+        return model

@@ -1,0 +1,237 @@
+"""Reuse labels, the correctness model and the delta reuse rule (see docs/cache.md) without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cachellm_rl.cache.adaptive import AdaptiveCache
+from cachellm_rl.cache.correctness import (
+    CorrectnessConfig,
+    CorrectnessModel,
+    fit_logistic,
+    make_label,
+    reuse_is_correct,
+    tv_distance,
+)
+from cachellm_rl.contracts import HitTier, PriorResponse
+from tests.helpers import query, small_config, unit
+
+E = np.eye(8, dtype=np.float32)
+
+
+def resp(p, version="v1"):
+    lp = np.log(np.asarray(p, np.float64))
+    lp -= np.log(np.exp(lp).sum())
+    return PriorResponse(logp=lp.astype(np.float32), model_version=version)
+
+
+def near(i: int, sim: float) -> np.ndarray:
+    """A unit vector at cosine ``sim`` from basis vector ``i`` (towards axis 7)."""
+    return unit(sim * E[i] + np.sqrt(1 - sim**2) * E[7])
+
+
+def delta_cache(**corr) -> AdaptiveCache:
+    base = {"min_labels": 20, "explore_probability": 0.0, "refit_every": 1}
+    base.update(corr)
+    return AdaptiveCache(
+        small_config(reuse_rule="delta", correctness=CorrectnessConfig(**base)), model_version="v1"
+    )
+
+
+# -- labels ------------------------------------------------------------------------------------
+def test_a_label_needs_the_same_top_action_and_a_small_tv():
+    fresh = np.log([0.6, 0.3, 0.1])
+    assert reuse_is_correct(fresh, np.log([0.65, 0.25, 0.1]), 0.2)
+    assert not reuse_is_correct(fresh, np.log([0.3, 0.6, 0.1]), 1.0)  # other top action
+    assert not reuse_is_correct(fresh, np.log([0.98, 0.01, 0.01]), 0.2)  # same top, TV 0.38
+    assert tv_distance(fresh, np.log([0.98, 0.01, 0.01])) == pytest.approx(0.38)
+    lab = make_label(fresh, np.log([0.98, 0.01, 0.01]), 0.97, max_tv=0.5, source="miss")
+    assert lab.correct and lab.same_top and lab.similarity == pytest.approx(0.97)
+    with pytest.raises(ValueError, match="cannot be compared"):
+        reuse_is_correct(fresh, np.log([0.5, 0.5]), 0.2)
+
+
+def test_a_miss_is_labelled_against_its_nearest_usable_neighbour():
+    c = delta_cache()
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    q_same = query("q1", near(0, 0.98))
+    lab = c.record_label(q_same, resp([0.6, 0.3, 0.1]).logp, source="miss")
+    assert lab is not None and lab.correct and lab.similarity == pytest.approx(0.98, abs=1e-5)
+    assert lab.query_text == "text of q1" and lab.neighbour_text == "text of s0"
+    lab2 = c.record_label(query("q2", near(0, 0.95)), resp([0.1, 0.8, 0.1]).logp, source="miss")
+    assert lab2 is not None and not lab2.correct and not lab2.same_top
+    assert c.stats.labels == 2 and c.stats.labels_wrong == 1 and c.correctness.num_labels == 2
+    # No neighbour covering the candidates: no label.
+    other = query("q3", near(0, 0.99), ("x", "y", "z"))
+    assert c.record_label(other, np.log([1 / 3] * 3), source="miss") is None
+    # An audit is stored but never trains the model that decides.
+    c.record_label(query("q4", near(0, 0.97)), resp([0.6, 0.3, 0.1]).logp, source="audit")
+    assert c.correctness.num_labels == 2 and len(c.labels) == 3
+
+
+# -- the logistic fit ---------------------------------------------------------------------------
+def test_the_logistic_fit_recovers_a_known_curve_and_its_bound_shrinks_with_data():
+    rng = np.random.default_rng(1)
+    true = np.array([0.5, 1.5])
+
+    def sample(n):
+        s = rng.uniform(0.8, 1.0, n)
+        p = 1 / (1 + np.exp(-(true[0] + true[1] * (s - 0.9) / 0.05)))
+        return s, rng.random(n) < p
+
+    s, y = sample(8000)
+    fit = fit_logistic(s, y, prior_precision=1e-6)
+    np.testing.assert_allclose(fit.theta, true, atol=0.15)
+    se = np.sqrt(np.diag(fit.cov))
+    assert np.all(np.abs(fit.theta - true) < 4 * se)  # the covariance is honest
+    small = fit_logistic(*sample(200), prior_precision=1e-6)
+    gap_small = float(small.p_wrong_ucb(0.95, 1.645) - (1 - small.p_correct(0.95)))
+    gap_big = float(fit.p_wrong_ucb(0.95, 1.645) - (1 - fit.p_correct(0.95)))
+    assert gap_small > gap_big > 0
+
+
+def test_the_rule_serves_nothing_before_enough_labels():
+    m = CorrectnessModel(CorrectnessConfig(min_labels=30, refit_every=1))
+    for _ in range(29):
+        m.record(0.99, True)
+    assert m.pooled_fit() is None and m.p_wrong_ucb(0.999) == 1.0 and not m.allows(0.999)
+    for _ in range(400):
+        m.record(0.99, True)
+    assert m.allows(0.99)
+
+
+def test_the_rule_never_serves_where_the_bound_fails():
+    rng = np.random.default_rng(0)
+    m = CorrectnessModel(CorrectnessConfig(min_labels=30, refit_every=1, delta=0.05))
+    for _ in range(2000):  # true P(wrong) is 10% everywhere: above delta
+        m.record(float(rng.uniform(0.85, 1.0)), bool(rng.random() > 0.10))
+    assert not any(m.allows(s) for s in np.linspace(0.5, 1.0, 51))
+    m2 = CorrectnessModel(CorrectnessConfig(min_labels=30, refit_every=1, delta=0.05))
+    for _ in range(3000):  # wrong below 0.95, right above
+        s = float(rng.uniform(0.85, 1.0))
+        m2.record(s, s >= 0.95)
+    served = [s for s in np.linspace(0.85, 1.0, 151) if m2.allows(s)]
+    assert served and min(served) >= 0.95  # served only where reuse was right
+    for s in served:
+        assert m2.p_wrong_ucb(s) <= 0.05
+
+
+def test_an_entry_with_enough_labels_gets_its_own_curve():
+    cfg = CorrectnessConfig(
+        min_labels=30, entry_min_labels=20, refit_every=1, pooled_max_labels=10_000
+    )
+    m = CorrectnessModel(cfg)
+    for s in np.linspace(0.9, 1.0, 4000):
+        m.record(float(s), True)
+    assert m.allows(0.97, entry_id=5)
+    for _ in range(19):
+        m.record(0.97, False, entry_id=5)  # this entry misleads at 0.97
+    assert m.fit_for(5) is m.pooled_fit()
+    m.record(0.97, False, entry_id=5)
+    assert m.fit_for(5) is not m.pooled_fit()
+    assert not m.allows(0.97, entry_id=5) and m.allows(0.97, entry_id=6)
+    m.forget_entry(5)
+    assert m.entry_label_count(5) == 0
+
+
+# -- the delta rule inside the cache -----------------------------------------------------------
+def _train(c: AdaptiveCache, n: int, correct_above: float) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        s = float(rng.uniform(0.85, 1.0))
+        c.correctness.record(s, s >= correct_above)
+
+
+def test_the_cache_serves_semantic_hits_only_once_the_rule_allows():
+    c = delta_cache()
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    q = query("q", near(0, 0.999))
+    assert c.lookup(q).tier is HitTier.MISS  # no labels yet, however close
+    assert c.stats.semantic_refused == 1
+    _train(c, 3000, correct_above=0.95)
+    assert c.lookup(q).tier is HitTier.SEMANTIC
+    assert c.lookup(query("q2", near(0, 0.92))).tier is HitTier.MISS
+    # tau plays no part under the delta rule
+    c.set_params(min_cosine_similarity=1.0)
+    assert c.lookup(q).tier is HitTier.SEMANTIC
+
+
+def test_every_served_semantic_hit_satisfies_the_bound():
+    c = delta_cache()
+    for i in range(6):
+        c.insert(query(f"s{i}", E[i]), resp([0.7, 0.2, 0.1]))
+    _train(c, 2000, correct_above=0.96)
+    rng = np.random.default_rng(3)
+    served = 0
+    for j in range(300):
+        r = c.lookup(query(f"r{j}", near(int(rng.integers(6)), float(rng.uniform(0.85, 1.0)))))
+        if r.tier is HitTier.SEMANTIC:
+            served += 1
+            assert r.similarity is not None
+            assert c.correctness.p_wrong_ucb(r.similarity, r.entry_id) <= 0.05
+    assert served > 0
+
+
+def test_a_servable_hit_is_explored_with_the_exploration_probability():
+    c = delta_cache(explore_probability=1.0)
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    _train(c, 3000, correct_above=0.95)
+    r = c.lookup(query("q", near(0, 0.99)))
+    assert r.tier is HitTier.MISS and r.explore and r.entry_id >= 0
+    assert c.stats.explore_calls == 1
+    lab = c.record_label(
+        query("q", near(0, 0.99)),
+        resp([0.7, 0.2, 0.1]).logp,
+        source="explore",
+        entry_id=r.entry_id,
+        similarity=r.similarity,
+    )
+    assert lab is not None and lab.correct and c.window.served_labels == 1
+
+
+def test_coalesced_answers_count_as_reuse():
+    c = delta_cache()
+    c.lookup(query("a", None))
+    c.lookup(query("b", None))
+    assert c.stats.misses == 2
+    c.record_coalesced(semantic=False)
+    c.record_coalesced(semantic=True)
+    s = c.snapshot_stats()
+    assert (s.misses, s.hits_exact, s.hits_semantic) == (0, 1, 1)
+    assert (s.coalesced_exact, s.coalesced_semantic, s.coalesced_misses) == (1, 1, 2)
+    assert s.hit_rate == 1.0
+
+
+def test_a_new_prior_version_resets_the_labels():
+    c = delta_cache()
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    _train(c, 100, correct_above=0.9)
+    c.insert(query("s1", E[1]), resp([0.7, 0.2, 0.1], version="v2"))
+    assert c.correctness.num_labels == 0
+
+
+# -- persistence --------------------------------------------------------------------------------
+def test_a_snapshot_keeps_params_the_correctness_model_labels_and_versions(tmp_path):
+    c = AdaptiveCache(
+        small_config(reuse_rule="delta", correctness=CorrectnessConfig(min_labels=20)),
+        model_version="v1",
+        encoder_tag="enc-3",
+    )
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    c.record_label(query("q", near(0, 0.97)), resp([0.6, 0.3, 0.1]).logp, source="miss")
+    _train(c, 500, correct_above=0.94)
+    c.set_params(capacity_entries=77, min_cosine_similarity=0.93, refresh_probability=0.07)
+    c.set_params(explore_probability=0.11)
+    c.save(tmp_path, extra={"meta": {"history": [{"K": 77}]}})
+    r = AdaptiveCache.restore(tmp_path, c.config)
+    assert (r.capacity_entries, r.min_cosine_similarity, r.refresh_probability) == (77, 0.93, 0.07)
+    assert r.explore_probability == pytest.approx(0.11)
+    assert r.encoder_tag == "enc-3" and r.model_version == "v1"
+    assert r.correctness.num_labels == c.correctness.num_labels
+    for s in (0.9, 0.95, 0.99):
+        assert r.correctness.p_wrong_ucb(s) == pytest.approx(c.correctness.p_wrong_ucb(s))
+    assert [x.query_text for x in r.labels.labels()] == ["text of q"]
+    assert r.snapshot_stats().labels == 1
+    assert AdaptiveCache.read_extra(tmp_path) == {"meta": {"history": [{"K": 77}]}}
+    assert r._entries[next(iter(r._entries))].text == "text of s0"
