@@ -134,3 +134,22 @@ def compare(
             a, b, reps=reps, seed=seed
         ).as_dict(),
     }
+
+
+def wilson_interval(k: int, n: int, *, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (95% for ``z = 1.96``).
+
+    Example:
+        >>> lo, hi = wilson_interval(0, 300)
+        >>> lo, round(hi, 4)
+        (0.0, 0.0126)
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n > 0, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

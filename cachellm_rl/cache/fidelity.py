@@ -1,0 +1,268 @@
+"""Measuring how faithful semantic reuse is, on logged states (see docs/cache.md, "Cache
+fidelity").
+
+The functional core of ``experiments/cache_fidelity.py`` and ``cachellm-rl encoder train``:
+collect the distinct states a perturbed expert visits, score each once with the prior LM, then
+
+- label pairs of states (would reusing one's prior for the other be correct?) to train the
+  learned encoder (:func:`training_pairs`);
+- replay the states in visit order through an idealised cache (every earlier state cached) and
+  measure, for a reuse rule, the share of lookups served from a neighbour and how often a
+  served prior was wrong (:func:`simulate_tau`, :func:`simulate_delta`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from cachellm_rl.cache.adaptive import align_prior
+from cachellm_rl.cache.client import TextState
+from cachellm_rl.cache.correctness import CorrectnessConfig, CorrectnessModel, reuse_is_correct
+from cachellm_rl.stats import wilson_interval
+
+
+@dataclass(frozen=True)
+class LoggedState:
+    """A distinct state visited while logging.
+
+    Attributes:
+        state: Its texts.
+        game: The game it came from.
+    """
+
+    state: TextState
+    game: str
+
+
+def collect_states(
+    env_id: str,
+    games: Sequence[str],
+    *,
+    episodes_per_game: int = 3,
+    perturb_probability: float = 0.3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[LoggedState]:
+    """Distinct states (text and candidate set) a perturbed expert visits, in visit order."""
+    from cachellm_rl.envs.demos import collect_demonstrations
+    from cachellm_rl.envs.registry import make_text_env
+
+    env = make_text_env(env_id, {"games": list(games), "expert": True, "game_order": "cycle"})
+    try:
+        demos, _ = collect_demonstrations(
+            env,
+            list(games),
+            episodes_per_game=episodes_per_game,
+            perturb_probability=perturb_probability,
+            seed=seed,
+            progress=progress,
+        )
+    finally:
+        env.close()
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    out = []
+    for d in demos:
+        s = TextState(
+            observation=d.decision.observation,
+            candidates=tuple(d.decision.candidates),
+            objective=d.decision.objective,
+            inventory=d.decision.inventory,
+        )
+        key = (s.key_text(), tuple(sorted(s.candidates)))
+        if key not in seen:
+            seen.add(key)
+            out.append(LoggedState(state=s, game=d.game))
+    return out
+
+
+def pair_label(
+    a: TextState,
+    logp_a: np.ndarray,
+    b: TextState,
+    logp_b: np.ndarray,
+    *,
+    max_tv: float,
+    min_cov: float,
+) -> bool | None:
+    """Whether serving ``b``'s prior for state ``a`` is a correct reuse; None when ``b`` does not
+    cover enough of ``a``'s candidates to be served at all."""
+    aligned, cov = align_prior(b.candidates, logp_b, a.candidates, 2.0)
+    if cov < min_cov:
+        return None
+    return reuse_is_correct(logp_a, aligned, max_tv)
+
+
+def training_pairs(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    *,
+    near: int = 8,
+    random: int = 4,
+    max_tv: float = 0.2,
+    min_cov: float = 0.75,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled pairs for the learned encoder: each state with its ``near`` most similar other
+    states under ``embeddings`` (the hard cases: close in the old space, reuse maybe wrong)
+    and ``random`` random others.
+
+    Returns:
+        ``(index_a, index_b, correct)``; pairs whose candidates do not cover are left out.
+    """
+    n = len(states)
+    rng = np.random.default_rng(seed)
+    sims = embeddings @ embeddings.T
+    np.fill_diagonal(sims, -np.inf)
+    ia, ib, ys = [], [], []
+    for i in range(n):
+        order = np.argsort(-sims[i])[:near].tolist()
+        others = rng.choice(n, size=min(random, n), replace=False).tolist() if n > 1 else []
+        for j in dict.fromkeys(order + others):
+            if j == i:
+                continue
+            y = pair_label(states[i], logps[i], states[j], logps[j], max_tv=max_tv, min_cov=min_cov)
+            if y is not None:
+                ia.append(i)
+                ib.append(j)
+                ys.append(y)
+    return np.asarray(ia, np.int64), np.asarray(ib, np.int64), np.asarray(ys, bool)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """What a reuse rule did over a replay of logged states.
+
+    Attributes:
+        rule: Rule and its setting (e.g. ``tau=0.95``, ``delta=0.05``).
+        lookups: States looked up (all but the first).
+        served: Lookups answered from a neighbour.
+        served_wrong: Of which the served prior was not a correct reuse.
+        labels: Labels the rule's correctness model was fitted on (0 for ``tau``).
+        hit_rate: ``served / lookups``.
+        served_error_rate: ``served_wrong / served`` (nan when nothing was served).
+        served_error_wilson_lo: Wilson 95% lower bound of that rate.
+        served_error_wilson_hi: Wilson 95% upper bound.
+        error_per_lookup: ``served_wrong / lookups``.
+    """
+
+    rule: str
+    lookups: int
+    served: int
+    served_wrong: int
+    labels: int
+    hit_rate: float
+    served_error_rate: float
+    served_error_wilson_lo: float
+    served_error_wilson_hi: float
+    error_per_lookup: float
+
+    @classmethod
+    def of(cls, rule: str, lookups: int, served: int, wrong: int, labels: int) -> StreamResult:
+        """Fill the rates from the counts."""
+        lo, hi = wilson_interval(wrong, served) if served else (float("nan"), float("nan"))
+        return cls(
+            rule=rule,
+            lookups=lookups,
+            served=served,
+            served_wrong=wrong,
+            labels=labels,
+            hit_rate=served / lookups if lookups else 0.0,
+            served_error_rate=wrong / served if served else float("nan"),
+            served_error_wilson_lo=lo,
+            served_error_wilson_hi=hi,
+            error_per_lookup=wrong / lookups if lookups else 0.0,
+        )
+
+    def as_dict(self) -> dict:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def nearest_usable(
+    states: Sequence[TextState], embeddings: np.ndarray, i: int, *, min_cov: float, scan: int = 4
+) -> tuple[int, float] | None:
+    """Index and similarity of the most similar earlier state (``< i``) whose candidates cover
+    state ``i``'s, among the ``scan`` most similar (as the cache's index does)."""
+    if i == 0:
+        return None
+    sims = embeddings[:i] @ embeddings[i]
+    for j in np.argsort(-sims)[:scan].tolist():
+        cands = set(states[j].candidates)
+        cov = sum(1 for c in states[i].candidates if c in cands) / len(states[i].candidates)
+        if cov >= min_cov:
+            return j, float(sims[j])
+    return None
+
+
+def _replay_neighbours(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    *,
+    max_tv: float,
+    min_cov: float,
+) -> list[tuple[float, bool] | None]:
+    """For every state after the first: (similarity, reuse correct) of its usable neighbour."""
+    out: list[tuple[float, bool] | None] = []
+    for i in range(1, len(states)):
+        nb = nearest_usable(states, embeddings, i, min_cov=min_cov)
+        if nb is None:
+            out.append(None)
+            continue
+        j, sim = nb
+        y = pair_label(states[i], logps[i], states[j], logps[j], max_tv=max_tv, min_cov=min_cov)
+        out.append((sim, bool(y)))
+    return out
+
+
+def simulate_tau(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    taus: Sequence[float],
+    *,
+    max_tv: float = 0.2,
+    min_cov: float = 0.75,
+) -> list[StreamResult]:
+    """The fixed-threshold rule: serve the neighbour when ``cos >= tau``, for each ``tau``."""
+    pairs = _replay_neighbours(states, logps, embeddings, max_tv=max_tv, min_cov=min_cov)
+    lookups = len(pairs)
+    out = []
+    for tau in taus:
+        served = [ok for p in pairs if p is not None and p[0] >= tau for ok in [p[1]]]
+        wrong = sum(1 for ok in served if not ok)
+        out.append(StreamResult.of(f"tau={tau:g}", lookups, len(served), wrong, 0))
+    return out
+
+
+def simulate_delta(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    config: CorrectnessConfig,
+    *,
+    min_cov: float = 0.75,
+    seed: int = 0,
+) -> StreamResult:
+    """The delta rule as the adaptive cache runs it: a lookup whose neighbour the correctness
+    model (fitted only on the labels the replay has produced so far) allows is served (or, with
+    the exploration probability, sent to the LM and labelled); every other lookup with a
+    neighbour is a miss whose LM answer becomes a label."""
+    pairs = _replay_neighbours(states, logps, embeddings, max_tv=config.max_tv, min_cov=min_cov)
+    rng = np.random.default_rng(seed)
+    model = CorrectnessModel(config)
+    served = wrong = 0
+    for p in pairs:
+        if p is None:
+            continue
+        sim, ok = p
+        if model.allows(sim) and rng.random() >= config.explore_probability:
+            served += 1
+            wrong += 0 if ok else 1
+        else:
+            model.record(sim, ok)
+    return StreamResult.of(f"delta={config.delta:g}", len(pairs), served, wrong, model.labels_total)

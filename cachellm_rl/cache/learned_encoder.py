@@ -1,0 +1,381 @@
+"""A cheap, decision-aware state encoder for the cache (see docs/cache.md, "The learned
+encoder").
+
+Sentence encoders put states that differ in one decisive word or number ("fried" / "raw",
+"cabinet 2" / "cabinet 3") at cosine > 0.97, so a similarity threshold cannot tell a safe reuse
+from a wrong one, and MiniLM costs about 34 ms per new text on a 2-core CPU. This encoder is
+trained so that cosine similarity tracks *reuse correctness* (same top action, small
+total-variation distance between the two states' priors), and it costs well under a
+millisecond per text:
+
+- a static embedding: the mean of MiniLM's own word-piece input embeddings (frozen, read from
+  the packaged model, no transformer layers run);
+- hashed word unigrams, bigrams and number-word pairs (a trainable ``EmbeddingBag``), which keep
+  the decisive tokens apart;
+- a two-layer MLP to ``dim`` outputs, L2-normalised.
+
+It is trained on labelled pairs of states (:func:`train_decision_encoder`) with a logistic loss
+on the scaled cosine, hard negatives included (pairs that MiniLM puts close but whose reuse is
+wrong). Weights are versioned by a content hash (the ``tag``); caches treat entries embedded under
+another tag as misses, so versions never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cachellm_rl.cache.encoders import default_text_model_dir
+
+_WORD = re.compile(r"[a-z]+|\d+")
+WEIGHTS_FILE = "decision_encoder.safetensors"
+CONFIG_FILE = "decision_encoder.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecisionEncoderConfig:
+    """Shape of the learned encoder.
+
+    Attributes:
+        dim: Output dimension.
+        ngram_buckets: Hash buckets of the word n-gram features.
+        ngram_dim: Width of the n-gram embedding.
+        hidden: Width of the MLP's hidden layer.
+        max_word_pieces: Word pieces of a text read by the static embedding.
+        static_model_dir: Sentence-transformers folder whose input embeddings are the static
+            part (None: the packaged all-MiniLM-L6-v2).
+        seed: Initialisation seed.
+    """
+
+    dim: int = 128
+    ngram_buckets: int = 1 << 14
+    ngram_dim: int = 64
+    hidden: int = 256
+    max_word_pieces: int = 256
+    static_model_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "ngram_buckets", "ngram_dim", "hidden", "max_word_pieces"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"DecisionEncoderConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
+
+
+def word_ngrams(text: str) -> list[str]:
+    """Word unigrams, bigrams and number-word pairs of a text (lower-cased).
+
+    Example:
+        >>> word_ngrams("Open cabinet 2")
+        ['open', 'cabinet', '2', 'open cabinet', 'cabinet 2', '#cabinet 2']
+    """
+    words = _WORD.findall(text.lower())
+    grams = list(words)
+    grams += [f"{a} {b}" for a, b in itertools.pairwise(words)]
+    # a number bound to the word before it ("cabinet 2", "2 steps") as its own feature
+    grams += [f"#{a} {b}" for a, b in itertools.pairwise(words) if b.isdigit()]
+    grams += [f"{a} {b}#" for a, b in itertools.pairwise(words) if a.isdigit()]
+    return grams
+
+
+def hashed_ids(features: Sequence[str], buckets: int) -> np.ndarray:
+    """Stable (process-independent) hash buckets of string features."""
+    return np.fromiter(
+        (zlib.crc32(f.encode()) % buckets for f in features), dtype=np.int64, count=len(features)
+    )
+
+
+def _load_static_table(model_dir: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    path = Path(model_dir) / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            if key.endswith("word_embeddings.weight"):
+                return f.get_tensor(key).float()
+    raise ValueError(f"{str(path)!r} holds no word_embeddings.weight")
+
+
+class DecisionEncoderNet(nn.Module):
+    """Static word-piece mean + hashed n-grams -> MLP -> unit vector."""
+
+    def __init__(self, cfg: DecisionEncoderConfig, static_table: torch.Tensor) -> None:
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        self.static = nn.EmbeddingBag.from_pretrained(static_table, freeze=True, mode="mean")
+        self.ngram = nn.EmbeddingBag(cfg.ngram_buckets, cfg.ngram_dim, mode="mean")
+        nn.init.normal_(self.ngram.weight, std=0.1)
+        self.mlp = nn.Sequential(
+            nn.Linear(static_table.shape[1] + cfg.ngram_dim, cfg.hidden),
+            nn.GELU(),
+            nn.Linear(cfg.hidden, cfg.dim),
+        )
+
+    def forward(
+        self,
+        piece_ids_T: torch.Tensor,
+        piece_offsets_B: torch.Tensor,
+        gram_ids_G: torch.Tensor,
+        gram_offsets_B: torch.Tensor,
+    ) -> torch.Tensor:
+        """Embed a batch given flattened ids and per-text offsets; returns ``(B, dim)``."""
+        static_BS = self.static(piece_ids_T, piece_offsets_B)
+        grams_BN = self.ngram(gram_ids_G, gram_offsets_B)
+        out_BD = self.mlp(torch.cat([static_BS, grams_BN], dim=-1))
+        return nn.functional.normalize(out_BD, dim=-1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights (the frozen static table is not among them)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("static.")}
+
+
+class DecisionStateEncoder:
+    """The learned encoder behind the text-encoder interface (``dim``, ``tag``, ``encode``).
+
+    Args:
+        config: Encoder shape.
+        weights: Trained weights (:meth:`DecisionEncoderNet.trainable_state`); None leaves the
+            random initialisation (an untrained encoder, for tests and training).
+        memo_entries: Exact-text memo size (LRU); 0 disables it.
+    """
+
+    def __init__(
+        self,
+        config: DecisionEncoderConfig | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+        *,
+        memo_entries: int = 100_000,
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        self.config = config or DecisionEncoderConfig()
+        model_dir = self.config.static_model_dir or default_text_model_dir()
+        self._tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self.config.max_word_pieces)
+        self.net = DecisionEncoderNet(self.config, _load_static_table(model_dir))
+        if weights is not None:
+            missing, unexpected = self.net.load_state_dict(weights, strict=False)
+            bad = [k for k in missing if not k.startswith("static.")] + list(unexpected)
+            if bad:
+                raise ValueError(f"decision-encoder weights do not match the config: {bad}")
+        self.net.eval()
+        self.dim = self.config.dim
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_entries = memo_entries
+        self.tag = ""
+        self._retag()
+        self.encoded = 0
+        self.memo_hits = 0
+
+    def _retag(self) -> None:
+        h = hashlib.blake2b(digest_size=6)
+        h.update(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for k, v in sorted(self.net.trainable_state().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+        self.tag = f"decision-{self.dim}-{h.hexdigest()}"
+        self._memo.clear()
+
+    def featurize(
+        self, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened word-piece ids, their offsets, n-gram ids and their offsets."""
+        encs = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        pieces = [np.asarray(e.ids or [0], dtype=np.int64) for e in encs]
+        grams = [
+            hashed_ids(word_ngrams(t) or ["<empty>"], self.config.ngram_buckets) for t in texts
+        ]
+
+        def flat(parts: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+            offsets = np.cumsum([0] + [len(p) for p in parts[:-1]]).astype(np.int64)
+            return torch.from_numpy(np.concatenate(parts)), torch.from_numpy(offsets)
+
+        return (*flat(pieces), *flat(grams))
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        """Differentiable embeddings (training)."""
+        return self.net(*self.featurize(texts))
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts: ``(len(texts), dim)`` float32 unit vectors (memoised by text)."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"encode takes strings, got {type(t).__name__}")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):
+            v = self._memo.get(t)
+            if v is not None:
+                self._memo.move_to_end(t)
+                out[i] = v
+                self.memo_hits += 1
+            else:
+                todo.setdefault(t, []).append(i)
+        if todo:
+            uniq = list(todo)
+            with torch.inference_mode():
+                emb = self.net(*self.featurize(uniq)).numpy().astype(np.float32)
+            self.encoded += len(uniq)
+            for t, v in zip(uniq, emb, strict=True):
+                for i in todo[t]:
+                    out[i] = v
+                if self._memo_entries:
+                    self._memo[t] = v
+                    if len(self._memo) > self._memo_entries:
+                        self._memo.popitem(last=False)
+        return out
+
+    # -- persistence and the version handshake --------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """Config and trained weights as one blob (what a cache snapshot and the handshake
+        carry)."""
+        from safetensors.torch import save
+
+        weights = save({k: v.contiguous() for k, v in self.net.trainable_state().items()})
+        head = json.dumps(asdict(self.config)).encode()
+        return len(head).to_bytes(8, "little") + head + weights
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, **kw) -> DecisionStateEncoder:
+        """Rebuild an encoder from :meth:`to_bytes` output."""
+        from safetensors.torch import load
+
+        n = int.from_bytes(blob[:8], "little")
+        cfg = DecisionEncoderConfig(**json.loads(blob[8 : 8 + n].decode()))
+        return cls(cfg, load(blob[8 + n :]), **kw)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``decision_encoder.json`` and ``decision_encoder.safetensors``."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in self.net.trainable_state().items()}, d / WEIGHTS_FILE
+        )
+        (d / CONFIG_FILE).write_text(json.dumps({**asdict(self.config), "tag": self.tag}))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, **kw) -> DecisionStateEncoder:
+        """Load an encoder written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{str(d)!r} holds no {CONFIG_FILE}")
+        cfg_dict = json.loads((d / CONFIG_FILE).read_text())
+        cfg_dict.pop("tag", None)
+        return cls(DecisionEncoderConfig(**cfg_dict), load_file(d / WEIGHTS_FILE), **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderTrainConfig:
+    """How :func:`train_decision_encoder` trains.
+
+    Attributes:
+        epochs: Passes over the pairs.
+        batch_pairs: Pairs per step.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        init_scale: Initial scale ``kappa`` of ``P(correct) = sigmoid(kappa * (cos - c0))``.
+        init_center: Initial centre ``c0``.
+        seed: Shuffling seed.
+    """
+
+    epochs: int = 8
+    batch_pairs: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    init_scale: float = 10.0
+    init_center: float = 0.8
+    seed: int = 0
+
+
+def train_decision_encoder(
+    text_a: Sequence[str],
+    text_b: Sequence[str],
+    correct: Sequence[bool] | np.ndarray,
+    *,
+    config: DecisionEncoderConfig | None = None,
+    train: EncoderTrainConfig | None = None,
+    progress: bool = False,
+) -> tuple[DecisionStateEncoder, list[float]]:
+    """Train the encoder so that the cosine of a pair predicts whether reusing one state's prior
+    for the other is correct.
+
+    Loss: binary cross-entropy of ``sigmoid(kappa * (cos(a, b) - c0))`` against the label,
+    ``kappa`` and ``c0`` learned with the encoder.
+
+    Args:
+        text_a: First state of each pair.
+        text_b: Second state of each pair.
+        correct: Whether the reuse is correct.
+        config: Encoder shape.
+        train: Training settings.
+        progress: Show a progress bar.
+
+    Returns:
+        The trained encoder and the mean loss of each epoch.
+    """
+    from tqdm import tqdm
+
+    y = torch.as_tensor(np.asarray(correct, np.float32))
+    if not (len(text_a) == len(text_b) == len(y)) or len(y) == 0:
+        raise ValueError(f"need equal, non-zero numbers of pairs and labels, got {len(y)}")
+    tc = train or EncoderTrainConfig()
+    enc = DecisionStateEncoder(config, memo_entries=0)
+    scale = nn.Parameter(torch.tensor(float(tc.init_scale)))
+    center = nn.Parameter(torch.tensor(float(tc.init_center)))
+    params = [p for p in enc.net.parameters() if p.requires_grad] + [scale, center]
+    opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    rng = np.random.default_rng(tc.seed)
+    enc.net.train()
+    losses = []
+    steps = tc.epochs * int(np.ceil(len(y) / tc.batch_pairs))
+    bar = tqdm(total=steps, desc="encoder", unit="step", disable=not progress)
+    for _ in range(tc.epochs):
+        order = rng.permutation(len(y))
+        total = 0.0
+        for start in range(0, len(y), tc.batch_pairs):
+            idx = order[start : start + tc.batch_pairs]
+            emb_a = enc.forward([text_a[i] for i in idx])
+            emb_b = enc.forward([text_b[i] for i in idx])
+            cos = (emb_a * emb_b).sum(-1)
+            logits = scale * (cos - center)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            bar.update(1)
+        losses.append(total / len(y))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    enc.net.eval()
+    enc._memo_entries = 100_000
+    enc._retag()
+    return enc, losses
+
+
+__all__ = [
+    "DecisionEncoderConfig",
+    "DecisionStateEncoder",
+    "EncoderTrainConfig",
+    "hashed_ids",
+    "train_decision_encoder",
+    "word_ngrams",
+]
