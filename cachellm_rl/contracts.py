@@ -87,12 +87,15 @@ class CacheQuery:
         text: Canonical state text the embedding was computed from ('' when not sent). The
             cache keeps it with the entry, so a new encoder version can re-embed the entries
             and reuse labels name the states they compare.
+        encoder_tag: Tag of the encoder that computed ``embedding``; the cache ignores an
+            embedding from another encoder than its own ('' skips the check).
     """
 
     exact_key: bytes
     embedding: np.ndarray | None
     request: PriorRequest
     text: str = ""
+    encoder_tag: str = ""
 
 
 class HitTier(str, enum.Enum):
@@ -154,6 +157,8 @@ class PriorResult:
         latency_ms: Time spent inside the cache actor for this query.
         stale: True for a fallback prior (nearest cached or uniform) used after an LM failure.
         model_version: Version of the model that produced the prior ('' for uniform).
+        encoder_tag: The cache's state-encoder tag when it answered: a caller whose encoder
+            has another tag fetches the cache's encoder (the version handshake).
     """
 
     logp: np.ndarray
@@ -161,11 +166,17 @@ class PriorResult:
     latency_ms: float
     stale: bool = False
     model_version: str = ""
+    encoder_tag: str = ""
 
     @property
     def hit(self) -> bool:
-        """Whether the prior came from the cache without an LM call."""
-        return self.source in (PriorSource.CACHE_EXACT, PriorSource.CACHE_SEMANTIC)
+        """Whether the prior was reused without an LM call of its own (a cache hit, or another
+        decision's in-flight answer)."""
+        return self.source in (
+            PriorSource.CACHE_EXACT,
+            PriorSource.CACHE_SEMANTIC,
+            PriorSource.COALESCED,
+        )
 
 
 @dataclass

@@ -10,11 +10,13 @@ atomically (no pickle) and a restarted actor restores the latest one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -35,6 +37,7 @@ from cachellm_rl.contracts import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_NAME = "cachellm_prior_cache"
+ENCODER_BLOB = "encoder.bin"
 DEFAULT_NAMESPACE = "cachellm_rl"
 
 
@@ -55,6 +58,9 @@ class SharedCacheConfig:
         num_cpus: CPUs reserved for the actor.
         bypass: Uncached baseline: every decision is a miss answered by its own LM call (no
             insert, no coalescing); the counters and latency histograms still fill.
+        encoder_dir: A learned state encoder (``DecisionStateEncoder.save`` folder) the cache
+            holds and hands to its callers (the version handshake); None: the callers' own
+            encoder (MiniLM) and its tag. A snapshot's encoder takes precedence on restore.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -67,6 +73,7 @@ class SharedCacheConfig:
     max_restarts: int = 3
     num_cpus: float = 0.0
     bypass: bool = False
+    encoder_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.lm_timeout_s > 0:
@@ -96,6 +103,8 @@ class SharedPriorCache:
     def __init__(self, config: SharedCacheConfig) -> None:
         self.config = config
         self._meta = MetaOptimizer(config.meta)
+        self._encoder: Any = None  # a learned DecisionStateEncoder, when the cache holds one
+        self._encoder_blob: bytes | None = None
         self._cache = self._restore_or_new()
         self._handle = None
         self._inflight: dict[bytes, asyncio.Future] = {}
@@ -111,14 +120,49 @@ class SharedPriorCache:
     # -- setup --------------------------------------------------------------------------------
     def _restore_or_new(self) -> AdaptiveCache:
         cfg = self.config
+        tag = cfg.encoder_tag
+        if cfg.encoder_dir:
+            from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
+
+            self._install_encoder(DecisionStateEncoder.load(cfg.encoder_dir).to_bytes())
+            tag = self._encoder.tag
         if cfg.snapshot_dir and AdaptiveCache.latest_snapshot(cfg.snapshot_dir) is not None:
             cache = AdaptiveCache.restore(cfg.snapshot_dir, cfg.cache)
             self._meta.load_state(AdaptiveCache.read_extra(cfg.snapshot_dir).get("meta", {}))
+            blob = AdaptiveCache.read_blob(cfg.snapshot_dir, ENCODER_BLOB)
+            if blob is not None:
+                self._install_encoder(blob)
+                tag = self._encoder.tag
             logger.info("restored %d cache entries from %s", len(cache), cfg.snapshot_dir)
-            if cache.encoder_tag != cfg.encoder_tag:
-                cache.encoder_tag = cfg.encoder_tag
+            if cache.encoder_tag != tag:
+                cache.encoder_tag = tag  # entries of the old encoder become misses
             return cache
-        return AdaptiveCache(cfg.cache, encoder_tag=cfg.encoder_tag)
+        return AdaptiveCache(cfg.cache, encoder_tag=tag)
+
+    def _install_encoder(self, blob: bytes):
+        from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
+
+        self._encoder = DecisionStateEncoder.from_bytes(blob, memo_entries=0)
+        self._encoder_blob = blob
+        return self._encoder
+
+    def encoder_blob(self) -> bytes | None:
+        """The learned encoder the cache holds (config and weights), None when the callers'
+        own encoder is used: what a caller fetches when its tag differs from the cache's."""
+        return self._encoder_blob
+
+    def set_encoder(self, blob: bytes) -> dict[str, object]:
+        """Switch the cache to a new learned encoder version: the stored entry texts are
+        re-embedded with it (in the actor: the learned encoder is cheap), the exact tier is
+        re-keyed and the correctness model restarts. Callers see the new tag in their next
+        results and fetch the encoder; until then their embeddings are ignored.
+
+        Returns:
+            ``{"tag": new tag, "entries": entries kept}``.
+        """
+        enc = self._install_encoder(blob)
+        kept = self._cache.reembed(enc.tag, enc.encode)
+        return {"tag": enc.tag, "entries": kept}
 
     def _lm(self):
         if self._handle is None:
@@ -184,6 +228,7 @@ class SharedPriorCache:
         """
         t0 = time.perf_counter()
         self._validate(queries)
+        queries = [self._same_encoder(q) for q in queries]
         calls = self._calls.setdefault(str(caller_id), [0, 0])
         calls[0] += 1
         calls[1] += len(queries)
@@ -202,7 +247,11 @@ class SharedPriorCache:
                     else PriorSource.CACHE_SEMANTIC
                 )
                 results[i] = PriorResult(
-                    logp=r.logp, source=src, latency_ms=ms, model_version=self._cache.model_version
+                    logp=r.logp,
+                    source=src,
+                    latency_ms=ms,
+                    model_version=self._cache.model_version,
+                    encoder_tag=self._cache.encoder_tag,
                 )
                 self._cache.stats.latency_hit.record(ms)
                 if r.refresh:
@@ -217,6 +266,15 @@ class SharedPriorCache:
                 results[i] = res
         self._after_decisions(len(queries), sign, self._cache.stats.lm_queries - lm_before)
         return results  # type: ignore[return-value]
+
+    def _same_encoder(self, q: CacheQuery) -> CacheQuery:
+        """``q`` without its embedding when another encoder computed it: versions never mix.
+        A cache without a tag of its own ('': the callers' encoder) takes every embedding."""
+        own = self._cache.encoder_tag
+        if q.embedding is None or not q.encoder_tag or not own or q.encoder_tag == own:
+            return q
+        self._cache.stats.encoder_mismatches += 1
+        return dataclasses.replace(q, embedding=None)
 
     async def _call_lm(self, request: PriorRequest) -> PriorResponse:
         """One LM answer, with the timeout. Requests made in the same event-loop turn (the
@@ -341,6 +399,7 @@ class SharedPriorCache:
             latency_ms=ms,
             stale=stale,
             model_version=version,
+            encoder_tag=self._cache.encoder_tag,
         )
 
     def _fallback(self, q: CacheQuery, t0: float) -> PriorResult:
@@ -466,7 +525,8 @@ class SharedPriorCache:
         target = path or self.config.snapshot_dir
         if target is None:
             raise ValueError("save() needs a path: no snapshot_dir is configured")
-        out = self._cache.save(target, extra={"meta": self._meta.state_dict()})
+        blobs = {ENCODER_BLOB: self._encoder_blob} if self._encoder_blob is not None else {}
+        out = self._cache.save(target, extra={"meta": self._meta.state_dict()}, blobs=blobs)
         self._last_snapshot = time.monotonic()
         return str(out)
 
@@ -474,7 +534,11 @@ class SharedPriorCache:
         """Replace the cache with the latest snapshot under ``path``; returns its entry count."""
         self._cache = AdaptiveCache.restore(Path(path), self.config.cache)
         self._meta.load_state(AdaptiveCache.read_extra(path).get("meta", {}))
-        self._cache.encoder_tag = self.config.encoder_tag
+        blob = AdaptiveCache.read_blob(path, ENCODER_BLOB)
+        if blob is not None:
+            self._install_encoder(blob)
+        tag = self._encoder.tag if self._encoder is not None else self.config.encoder_tag
+        self._cache.encoder_tag = tag
         return len(self._cache)
 
     def size(self) -> int:

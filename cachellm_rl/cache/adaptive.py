@@ -44,6 +44,7 @@ from cachellm_rl.cache.correctness import (
     make_label,
 )
 from cachellm_rl.cache.index import IndexConfig, PriorIndex, atomic_write_text
+from cachellm_rl.cache.keys import exact_key
 from cachellm_rl.contracts import (
     CacheQuery,
     HitTier,
@@ -313,6 +314,7 @@ class CacheStats:
     evictions: int = 0
     capacity_misses: int = 0
     version_misses: int = 0
+    encoder_mismatches: int = 0
     inserts: int = 0
     size: int = 0
     capacity_entries: int = 0
@@ -686,6 +688,31 @@ class AdaptiveCache:
         self.stats.labels_wrong += 0 if label.correct else 1
         return label
 
+    def reembed(self, encoder_tag: str, encode) -> int:
+        """Switch to another state encoder: re-embed every entry's stored text with ``encode``
+        (``texts -> (n, dim)`` unit vectors), rebuild the index, re-key the exact tier under the
+        new tag, and reset the correctness model (similarities mean something else now).
+        Entries without a text cannot be re-embedded and are dropped, so vectors of two
+        encoders never share the index.
+
+        Returns:
+            Entries kept.
+        """
+        keep = [e for e in self._entries.values() if e.text]
+        for e in list(self._entries.values()):
+            self._remove(e.entry_id)
+        self.index = PriorIndex(self.config.index_config())
+        self.encoder_tag = encoder_tag
+        self.correctness.reset()
+        vectors = np.asarray(encode([e.text for e in keep]), np.float32) if keep else None
+        for k, e in enumerate(keep):
+            e.encoder_tag = encoder_tag
+            e.exact_key = exact_key(
+                e.text, e.actions, prior_version=e.model_version, encoder_tag=encoder_tag
+            )
+            self._add_entry(e, None if vectors is None else vectors[k])
+        return len(keep)
+
     def record_coalesced(self, semantic: bool) -> None:
         """A decision recorded as a miss was answered by another decision's in-flight LM call:
         count it as reuse (exact tier for the same key, semantic for a near state)."""
@@ -860,7 +887,14 @@ class AdaptiveCache:
         return m
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, directory: str | Path, *, keep: int = 2, extra: dict | None = None) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        keep: int = 2,
+        extra: dict | None = None,
+        blobs: dict[str, bytes] | None = None,
+    ) -> Path:
         """Write a snapshot atomically (no pickle) and return its folder.
 
         Layout: ``directory/snap-<uuid>/`` holds ``index/``, ``entries.json`` (with each entry's
@@ -875,6 +909,8 @@ class AdaptiveCache:
             keep: Newest snapshots kept.
             extra: JSON-ready state of the owner (e.g. the meta-optimiser's), returned by
                 :meth:`read_extra`.
+            blobs: Extra files of the owner (e.g. the learned encoder's weights), by file name,
+                returned by :meth:`read_blob`.
         """
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
@@ -928,6 +964,10 @@ class AdaptiveCache:
             "stats": stats,
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
+        for fname, data in (blobs or {}).items():
+            if "/" in fname or fname in ("meta.json", "entries.json", "labels.jsonl"):
+                raise ValueError(f"bad snapshot blob name {fname!r}")
+            (tmp / fname).write_bytes(data)
         final = root / name
         tmp.rename(final)
         atomic_write_text(root / SNAPSHOT_POINTER, name)
@@ -956,6 +996,15 @@ class AdaptiveCache:
         if snap is None:
             return {}
         return dict(json.loads((snap / "meta.json").read_text()).get("extra") or {})
+
+    @staticmethod
+    def read_blob(directory: str | Path, name: str) -> bytes | None:
+        """A file saved through ``save(blobs=...)`` with the latest snapshot (None if absent)."""
+        path = Path(directory)
+        snap = path if (path / "meta.json").is_file() else AdaptiveCache.latest_snapshot(path)
+        if snap is None or not (snap / name).is_file():
+            return None
+        return (snap / name).read_bytes()
 
     @classmethod
     def restore(cls, directory: str | Path, config: CacheConfig | None = None) -> AdaptiveCache:

@@ -54,6 +54,9 @@ class PriorCacheClient:
         namespace: Its Ray namespace.
         prompt_config: Prompt layout.
         caller_id: Stable id of this caller (env-runner index) for SPSA sign assignment.
+        follow_cache_encoder: Use the learned encoder the cache actor holds, when it holds one
+            (fetched on first use and again whenever a result shows the cache's encoder tag
+            changed: the version handshake); ``encoder`` is used otherwise.
     """
 
     def __init__(
@@ -64,8 +67,11 @@ class PriorCacheClient:
         namespace: str = DEFAULT_NAMESPACE,
         prompt_config: PromptConfig | None = None,
         caller_id: int | None = None,
+        follow_cache_encoder: bool = False,
     ) -> None:
         self.encoder = encoder
+        self.follow_cache_encoder = follow_cache_encoder
+        self.encoder_syncs = 0
         self.cache_name, self.namespace = cache_name, namespace
         self.prompt_config = prompt_config or PromptConfig()
         self.caller_id = caller_id
@@ -84,8 +90,21 @@ class PriorCacheClient:
     def prior_version(self) -> str:
         """The prior model version hashed into exact keys (asked once, then kept)."""
         if self._prior_version is None:
-            self._prior_version, _ = ray.get(self.actor.versions.remote())
+            self._prior_version, tag = ray.get(self.actor.versions.remote())
+            if self.follow_cache_encoder and tag != getattr(self.encoder, "tag", ""):
+                self.sync_encoder()
         return self._prior_version
+
+    def sync_encoder(self) -> bool:
+        """Fetch the cache actor's learned encoder; returns whether one was installed."""
+        blob = ray.get(self.actor.encoder_blob.remote())
+        if blob is None:
+            return False
+        from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
+
+        self.encoder = DecisionStateEncoder.from_bytes(blob)
+        self.encoder_syncs += 1
+        return True
 
     def build_queries(self, states: Sequence[TextState]) -> list[CacheQuery]:
         """Prompts, exact keys and (memoised, batched) embeddings for ``states``."""
@@ -113,6 +132,7 @@ class PriorCacheClient:
                     embedding=emb,
                     request=PriorRequest(prompt=prompt, candidates=tuple(s.candidates)),
                     text=text,
+                    encoder_tag=tag,
                 )
             )
         return queries
@@ -124,9 +144,14 @@ class PriorCacheClient:
         queries = self.build_queries(states)
         self.calls += 1
         results = ray.get(self.actor.get_priors.remote(queries, self.caller_id))
+        tag = getattr(self.encoder, "tag", "")
         for r in results:
             if r.model_version and r.model_version != self._prior_version and not r.stale:
                 self._prior_version = r.model_version  # the server was updated
+        if self.follow_cache_encoder and any(
+            r.encoder_tag and r.encoder_tag != tag for r in results
+        ):
+            self.sync_encoder()  # the cache moved to a new encoder version
         return results
 
 

@@ -58,6 +58,8 @@ class PriorConnectorConfig:
         query_final_observations: Also fetch the prior of an episode's final observation when
             it was truncated (needed by the soft-Q-with-prior target, which bootstraps from it).
             Terminal observations never need one: every target multiplies it by 0.
+        follow_cache_encoder: Embed states with the learned encoder the cache actor holds (and
+            follow its versions); MiniLM when the cache holds none.
     """
 
     mode: str = "cache"
@@ -68,6 +70,7 @@ class PriorConnectorConfig:
     encoder_threads: int = 1
     encoder_max_tokens: int | None = 128
     query_final_observations: bool = False
+    follow_cache_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PRIOR_MODES:
@@ -193,22 +196,24 @@ class PriorObservationConnector(ConnectorV2):
         if self._client is None:
             from cachellm_rl.cache.client import PriorCacheClient
 
-            encoder = None
-            if self.config.use_embeddings:
+            follow = self.config.use_embeddings and self.config.follow_cache_encoder
+            client = PriorCacheClient(
+                None,
+                cache_name=self.config.cache_name,
+                namespace=self.config.namespace,
+                caller_id=os.getpid(),
+                follow_cache_encoder=follow,
+            )
+            if self.config.use_embeddings and not (follow and client.sync_encoder()):
                 from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
 
-                encoder = TextStateEncoder(
+                client.encoder = TextStateEncoder(
                     TextEncoderConfig(
                         max_threads=self.config.encoder_threads,
                         max_tokens=self.config.encoder_max_tokens,
                     )
                 )
-            self._client = PriorCacheClient(
-                encoder,
-                cache_name=self.config.cache_name,
-                namespace=self.config.namespace,
-                caller_id=os.getpid(),
-            )
+            self._client = client
         return self._client
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):

@@ -78,6 +78,8 @@ class MethodSettings:
         meta: Meta-optimiser of ``adaptive``.
         correctness: The reuse labels' ``epsilon`` (``max_tv``), the error budget ``delta``,
             the exploration rate and the correctness model of ``adaptive``.
+        state_encoder_dir: A learned state encoder (``cachellm-rl encoder train`` output) that
+            ``adaptive``'s cache holds and hands to the env runners; None: MiniLM.
         posterior: The posterior ``beta * log p + Q / T`` and its temperature schedule (its
             ``anneal_env_steps`` is set per run from ``anneal_fraction``).
         anneal_fraction: Fraction of the step budget over which ``annealed`` lowers ``T``.
@@ -116,6 +118,7 @@ class MethodSettings:
         )
     )
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    state_encoder_dir: str | None = None
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     anneal_fraction: float = 0.5
     encoder: str = "bag"
@@ -211,7 +214,12 @@ def cache_config_for(
         env=env,
     )
     meta = replace(s.meta, reuse_rule="delta") if adaptive else static
-    return SharedCacheConfig(cache=cache, meta=meta, prior_app=s.prior_app)
+    return SharedCacheConfig(
+        cache=cache,
+        meta=meta,
+        prior_app=s.prior_app,
+        encoder_dir=s.state_encoder_dir if adaptive else None,
+    )
 
 
 def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> PriorConnectorConfig:
@@ -223,6 +231,7 @@ def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> Pri
         mode="cache",
         cache_name=cache_name,
         use_embeddings=method not in UNCACHED_METHODS and method != "exact_only",
+        follow_cache_encoder=method == "adaptive" and s.state_encoder_dir is not None,
     )
 
 

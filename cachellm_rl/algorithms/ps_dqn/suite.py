@@ -41,6 +41,7 @@ from cachellm_rl.algorithms.ps_dqn.methods import (
     algo_config_for,
     check_methods,
     collect_reports,
+    connector_config_for,
     posterior_for_run,
     prior_chooser,
     start_cache,
@@ -520,15 +521,17 @@ def _greedy(cfg, method, seed, games, algo, cache_name, report) -> GreedyResult:
     from cachellm_rl.envs.registry import make_text_env
 
     module = algo.get_module()
-    client = (
-        None
-        if method == "no_prior"
-        else PriorCacheClient(
-            None if method in UNCACHED_METHODS else _driver_encoder(),
-            cache_name=cache_name,
-            namespace=DEFAULT_NAMESPACE,
+    client = None
+    if method != "no_prior":
+        semantic = method not in UNCACHED_METHODS and method != "exact_only"
+        follow = (
+            semantic and connector_config_for(method, cfg.settings, cache_name).follow_cache_encoder
         )
-    )
+        client = PriorCacheClient(
+            None, cache_name=cache_name, namespace=DEFAULT_NAMESPACE, follow_cache_encoder=follow
+        )
+        if semantic and not (follow and client.sync_encoder()):
+            client.encoder = _driver_encoder()
     env = make_text_env(cfg.env, env_config_for(cfg, games, seed))
     try:
         return greedy_evaluate(
