@@ -168,6 +168,10 @@ class CorrectnessConfig:
         entry_prior_precision: Prior precision of an entry's fit around the pooled fit.
         similarity_center: Centre of the standardised similarity ``(s - center) / scale``.
         similarity_scale: Scale of the standardised similarity.
+        min_similarity: Floor of the rule: nothing below it is served, and labels below it
+            do not enter the fits (far pairs often agree by coincidence, e.g. two states whose
+            best move is "go north"; a monotone curve fitted through them would be bent by
+            pairs the rule never serves).
         refit_every: New pooled labels between refits of the pooled curve.
         explore_probability: Chance that a servable semantic hit calls the LM anyway, so that
             labels keep coming at the similarities that are served (counted as LM queries).
@@ -180,10 +184,11 @@ class CorrectnessConfig:
     entry_min_labels: int = 20
     entry_max_labels: int = 64
     pooled_max_labels: int = 5000
-    prior_precision: float = 1.0
+    prior_precision: float = 0.1
     entry_prior_precision: float = 4.0
     similarity_center: float = 0.9
     similarity_scale: float = 0.05
+    min_similarity: float = 0.8
     refit_every: int = 10
     explore_probability: float = 0.05
 
@@ -348,13 +353,16 @@ class CorrectnessModel:
 
     # -- labels -------------------------------------------------------------------------------
     def record(self, similarity: float, correct: bool, entry_id: int | None = None) -> None:
-        """Add one label (pooled, and to ``entry_id``'s own labels when given)."""
+        """Add one label (pooled, and to ``entry_id``'s own labels when given); a label below
+        ``min_similarity`` is counted but not fitted."""
         if not math.isfinite(similarity):
             raise ValueError(f"label similarity must be finite, got {similarity}")
-        self._sims.append(float(similarity))
-        self._correct.append(bool(correct))
         self.labels_total += 1
         self.labels_wrong += 0 if correct else 1
+        if similarity < self.config.min_similarity:
+            return
+        self._sims.append(float(similarity))
+        self._correct.append(bool(correct))
         self._since_fit += 1
         if entry_id is not None and entry_id >= 0:
             el = self._entries.setdefault(entry_id, _EntryLabels())
@@ -431,12 +439,16 @@ class CorrectnessModel:
         return float(fit.p_wrong_ucb(similarity, self.config.confidence_z))
 
     def allows(self, similarity: float, entry_id: int | None = None) -> bool:
-        """The delta rule: serve a semantic hit only when ``P(wrong)_ucb <= delta``."""
+        """The delta rule: serve a semantic hit only when ``similarity >= min_similarity`` and
+        ``P(wrong)_ucb <= delta``."""
+        if similarity < self.config.min_similarity:
+            return False
         return self.p_wrong_ucb(similarity, entry_id) <= self.config.delta
 
     def min_servable_similarity(self, entry_id: int | None = None) -> float:
-        """Smallest similarity in ``[0, 1]`` (0.001 grid) the rule serves at; nan when none."""
+        """Smallest similarity (0.001 grid) the rule serves at; nan when none."""
         grid = np.linspace(0.0, 1.0, 1001)
+        grid = grid[grid >= self.config.min_similarity]
         fit = self.fit_for(entry_id)
         if fit is None:
             return float("nan")

@@ -235,3 +235,41 @@ def test_a_snapshot_keeps_params_the_correctness_model_labels_and_versions(tmp_p
     assert r.snapshot_stats().labels == 1
     assert AdaptiveCache.read_extra(tmp_path) == {"meta": {"history": [{"K": 77}]}}
     assert r._entries[next(iter(r._entries))].text == "text of s0"
+
+
+# -- the fidelity replays -----------------------------------------------------------------------
+def test_replays_measure_hit_rate_and_served_error():
+    """Anchor states in random directions, each followed by a state at a chosen cosine from it:
+    at cosine >= 0.95 reusing the anchor's prior is correct, below it wrong. The tau rule at
+    0.7 serves every follower (two thirds of them wrongly); the delta rule learns where reuse is
+    right from the replay's own labels and keeps its served error low."""
+    from cachellm_rl.cache.client import TextState
+    from cachellm_rl.cache.fidelity import simulate_delta, simulate_tau
+
+    rng = np.random.default_rng(0)
+    m, dim = 800, 64
+    states, logps, embs = [], [], []
+
+    def prior(top: int) -> np.ndarray:
+        p = np.full(4, 0.04)
+        p[top] = 0.88
+        return np.log(p / p.sum())
+
+    for _ in range(m):
+        anchor = unit(rng.normal(size=dim))
+        sim = float(rng.uniform(0.85, 1.0))
+        noise = rng.normal(size=dim)
+        noise = unit(noise - (noise @ anchor) * anchor)
+        follower = unit(sim * anchor + np.sqrt(1 - sim**2) * noise)
+        for emb, top in ((anchor, 0), (follower, 0 if sim >= 0.95 else 1)):
+            states.append(TextState(observation=f"s{len(states)}", candidates=tuple("abcd")))
+            logps.append(prior(top))
+            embs.append(emb)
+    emb = np.stack(embs)
+    low, high = simulate_tau(states, logps, emb, [0.7, 0.9999])
+    assert low.lookups == 2 * m - 1 and low.served == m
+    assert 0.55 < low.served_error_rate < 0.75  # the followers below 0.95: two thirds
+    assert high.served == 0
+    d = simulate_delta(states, logps, emb, CorrectnessConfig(delta=0.05))
+    assert d.served > 0.1 * m and d.labels >= 50  # of the m / 3 servable followers
+    assert d.served_error_rate < 0.05 and d.served_error_wilson_hi < 0.1
