@@ -78,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--training-intensity", type=float, default=None, help="replayed / sampled (default 4)"
     )
+    p.add_argument(
+        "--state-encoder",
+        default="minilm",
+        help="adaptive's state encoder: minilm, learned (artifacts/encoders/<env>, written by "
+        "experiments/cache_fidelity.py) or a learned-encoder folder",
+    )
+    p.add_argument("--delta", type=float, default=None, help="adaptive's error budget (0.05)")
     p.add_argument("--split", default=None, help="evaluation split (default: test)")
     p.add_argument("--eval-every", type=int, default=None, help="greedy eval every N env steps")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
@@ -181,6 +188,20 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, n_step=args.n_step)
         if args.training_intensity is not None:
             s = replace(s, training_intensity=args.training_intensity)
+        if args.delta is not None:
+            s = replace(s, correctness=replace(s.correctness, delta=args.delta))
+        if args.state_encoder != "minilm":
+            folder = (
+                Path("artifacts/encoders") / env
+                if args.state_encoder == "learned"
+                else Path(args.state_encoder)
+            )
+            if not (folder / "decision_encoder.json").is_file():
+                raise ValueError(
+                    f"--state-encoder: {folder} holds no learned encoder "
+                    f"(python experiments/cache_fidelity.py --envs {env} writes one)"
+                )
+            s = replace(s, state_encoder_dir=str(folder.resolve()))
         cfgs.append(replace(cfg, settings=s))
     return cfgs
 

@@ -61,6 +61,10 @@ class SharedCacheConfig:
         encoder_dir: A learned state encoder (``DecisionStateEncoder.save`` folder) the cache
             holds and hands to its callers (the version handshake); None: the callers' own
             encoder (MiniLM) and its tag. A snapshot's encoder takes precedence on restore.
+        audit_probability: Chance that a served semantic reuse (a semantic hit or a near
+            in-flight answer) is audited: a fresh LM call in the background, compared with
+            what was served, that changes nothing the caller got. Counted apart
+            (``audit_queries``), never in ``lm_queries``.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -74,12 +78,18 @@ class SharedCacheConfig:
     num_cpus: float = 0.0
     bypass: bool = False
     encoder_dir: str | None = None
+    audit_probability: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.lm_timeout_s > 0:
             raise ValueError(f"SharedCacheConfig.lm_timeout_s must be > 0, got {self.lm_timeout_s}")
         if self.snapshot_interval_s < 0:
             raise ValueError("SharedCacheConfig.snapshot_interval_s must be >= 0")
+        if not 0.0 <= self.audit_probability <= 1.0:
+            raise ValueError(
+                "SharedCacheConfig.audit_probability must be in [0, 1], got "
+                f"{self.audit_probability}"
+            )
 
 
 def _retrieve_exception(fut: asyncio.Future) -> None:
@@ -105,6 +115,7 @@ class SharedPriorCache:
         self._meta = MetaOptimizer(config.meta)
         self._encoder: Any = None  # a learned DecisionStateEncoder, when the cache holds one
         self._encoder_blob: bytes | None = None
+        self._audit_rng = np.random.default_rng(config.cache.seed + 1)
         self._cache = self._restore_or_new()
         self._handle = None
         self._inflight: dict[bytes, asyncio.Future] = {}
@@ -256,6 +267,8 @@ class SharedPriorCache:
                 self._cache.stats.latency_hit.record(ms)
                 if r.refresh:
                     self._spawn(self._refresh(q, r))
+                elif r.tier is HitTier.SEMANTIC and r.similarity is not None:
+                    self._maybe_audit(q, r.logp, r.similarity, r.entry_id)
             else:
                 misses.append((i, r))
         if misses:
@@ -276,11 +289,34 @@ class SharedPriorCache:
         self._cache.stats.encoder_mismatches += 1
         return dataclasses.replace(q, embedding=None)
 
-    async def _call_lm(self, request: PriorRequest) -> PriorResponse:
+    def _maybe_audit(
+        self, q: CacheQuery, served: np.ndarray, similarity: float, entry_id: int = -1
+    ) -> None:
+        if self.config.audit_probability > 0 and self._audit_rng.random() < (
+            self.config.audit_probability
+        ):
+            self._spawn(self._audit(q, np.asarray(served), similarity, entry_id))
+
+    async def _audit(
+        self, q: CacheQuery, served: np.ndarray, similarity: float, entry_id: int
+    ) -> None:
+        try:
+            fresh = await self._call_lm(q.request, audit=True)
+            self._cache.record_audit(
+                q, served, fresh.logp, similarity=similarity, entry_id=entry_id
+            )
+        except Exception as exc:
+            logger.debug("audit failed: %r", exc)
+
+    async def _call_lm(self, request: PriorRequest, *, audit: bool = False) -> PriorResponse:
         """One LM answer, with the timeout. Requests made in the same event-loop turn (the
-        misses and refreshes of one ``get_priors`` call) travel to Serve in one call."""
-        self._cache.stats.lm_queries += 1
-        self._cache.window.lm_queries += 1
+        misses and refreshes of one ``get_priors`` call) travel to Serve in one call. An audit
+        call is counted apart (``audit_queries``), never as one of the method's LM queries."""
+        if audit:
+            self._cache.stats.audit_queries += 1
+        else:
+            self._cache.stats.lm_queries += 1
+            self._cache.window.lm_queries += 1
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         fut.add_done_callback(_retrieve_exception)
@@ -311,7 +347,7 @@ class SharedPriorCache:
             else:
                 fut.set_result(answer)
 
-    def _near_inflight(self, q: CacheQuery) -> bytes | None:
+    def _near_inflight(self, q: CacheQuery) -> tuple[bytes, float] | None:
         """An in-flight LM request for a near state whose answer this query may reuse, under the
         same reuse rule as a semantic hit (the pooled correctness curve under ``delta``, since
         the leader has no entry yet; ``cos >= tau`` under ``tau``)."""
@@ -326,9 +362,9 @@ class SharedPriorCache:
                 continue
             if cache.config.reuse_rule == "delta":
                 if cache.correctness.allows(sim):
-                    return key
+                    return key, sim
             elif sim >= cache.min_cosine_similarity:
-                return key
+                return key, sim
         return None
 
     async def _resolve_miss(
@@ -344,7 +380,8 @@ class SharedPriorCache:
                 return self._fallback(q, t0)
         key = q.exact_key
         explore = lookup is not None and lookup.explore
-        leader = key if key in self._inflight else (None if explore else self._near_inflight(q))
+        near = None if key in self._inflight or explore else self._near_inflight(q)
+        leader = key if key in self._inflight else (near[0] if near is not None else None)
         if leader is not None:
             outcome = await asyncio.shield(self._inflight[leader])
             if outcome is not None:
@@ -356,6 +393,8 @@ class SharedPriorCache:
                     q.request.candidates,
                     self._cache.config.missing_action_margin,
                 )
+                if near is not None:
+                    self._maybe_audit(q, logp, near[1])
                 return self._miss_result(logp, PriorSource.COALESCED, t0, resp.model_version)
             return self._fallback(q, t0)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()

@@ -283,7 +283,9 @@ class CacheStats:
     ``coalesced_exact`` / ``coalesced_semantic``; ``coalesced_misses`` counts both.
     ``semantic_refused`` counts lookups whose near, covering neighbour the reuse rule refused;
     ``explore_calls`` servable hits sent to the LM anyway; ``labels`` / ``labels_wrong`` the
-    reuse labels measured.
+    reuse labels measured. ``audits`` / ``audits_wrong`` count served semantic reuses checked
+    against a fresh LM answer that changed nothing the caller got; their LM calls are
+    ``audit_queries``, never part of ``lm_queries``.
     """
 
     decisions: int = 0
@@ -298,6 +300,9 @@ class CacheStats:
     labels: int = 0
     labels_wrong: int = 0
     explore_probability: float = 0.0
+    audits: int = 0
+    audits_wrong: int = 0
+    audit_queries: int = 0
     lm_queries: int = 0
     lm_failures: int = 0
     lm_timeouts: int = 0
@@ -712,6 +717,36 @@ class AdaptiveCache:
             )
             self._add_entry(e, None if vectors is None else vectors[k])
         return len(keep)
+
+    def record_audit(
+        self,
+        query: CacheQuery,
+        served_logp: np.ndarray,
+        fresh_logp: np.ndarray,
+        *,
+        similarity: float,
+        entry_id: int = -1,
+    ) -> ReuseLabel:
+        """Record whether a served semantic reuse was correct, measured by a fresh LM answer
+        that the caller never saw (an audit). Audits are stored with the labels but never train
+        the correctness model."""
+        label = make_label(
+            np.asarray(fresh_logp, np.float64),
+            np.asarray(served_logp, np.float64),
+            similarity,
+            max_tv=self.config.correctness.max_tv,
+            source="audit",
+            env=self.config.env,
+            encoder_tag=self.encoder_tag,
+            query_text=query.text,
+            neighbour_text=self._entries[entry_id].text if entry_id in self._entries else "",
+            entry_id=entry_id,
+            step=self.step,
+        )
+        self.labels.add(label)
+        self.stats.audits += 1
+        self.stats.audits_wrong += 0 if label.correct else 1
+        return label
 
     def record_coalesced(self, semantic: bool) -> None:
         """A decision recorded as a miss was answered by another decision's in-flight LM call:

@@ -78,6 +78,9 @@ class MethodSettings:
         meta: Meta-optimiser of ``adaptive``.
         correctness: The reuse labels' ``epsilon`` (``max_tv``), the error budget ``delta``,
             the exploration rate and the correctness model of ``adaptive``.
+        audit_probability: Chance that a served semantic reuse of ``lru``, ``static`` or
+            ``adaptive`` is audited by a fresh LM call that changes nothing (its served-error
+            rate; audit calls are reported apart from the method's LM queries).
         state_encoder_dir: A learned state encoder (``cachellm-rl encoder train`` output) that
             ``adaptive``'s cache holds and hands to the env runners; None: MiniLM.
         posterior: The posterior ``beta * log p + Q / T`` and its temperature schedule (its
@@ -118,6 +121,7 @@ class MethodSettings:
         )
     )
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    audit_probability: float = 0.1
     state_encoder_dir: str | None = None
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     anneal_fraction: float = 0.5
@@ -201,7 +205,12 @@ def cache_config_for(
             visit_bonus_steps=0.0,
             ghost_entries=0,
         )
-        return SharedCacheConfig(cache=cache, meta=static, prior_app=s.prior_app)
+        return SharedCacheConfig(
+            cache=cache,
+            meta=static,
+            prior_app=s.prior_app,
+            audit_probability=s.audit_probability,
+        )
     adaptive = method == "adaptive"
     cache = CacheConfig(
         dim=dim,
@@ -219,6 +228,7 @@ def cache_config_for(
         meta=meta,
         prior_app=s.prior_app,
         encoder_dir=s.state_encoder_dir if adaptive else None,
+        audit_probability=s.audit_probability,
     )
 
 
