@@ -242,6 +242,9 @@ def _eval_row(method: str, seed: int, res: GreedyResult, stats: dict, extra: dic
         "explore_calls": int(stats.get("explore_calls", 0)),
         "reuse_labels": int(stats.get("labels", 0)),
         "reuse_labels_wrong": int(stats.get("labels_wrong", 0)),
+        "audits": int(stats.get("audits", 0)),
+        "audits_wrong": int(stats.get("audits_wrong", 0)),
+        "audit_queries": int(stats.get("audit_queries", 0)),
         # decisions answered by a fallback prior (LM failed or unreachable), train + eval
         "lm_fallbacks": int(stats.get("fallbacks_stale", 0) + stats.get("fallbacks_uniform", 0)),
         **extra,
@@ -550,6 +553,27 @@ def _driver_encoder():
 
 
 # -- aggregation ------------------------------------------------------------------------------
+def _reuse_audit(rs: Sequence[dict]) -> dict:
+    """Semantic reuse share and the audited error of served semantic reuses, pooled over runs
+    (Wilson 95% interval); empty for methods without a semantic tier."""
+    decisions = sum(int(r.get("decisions", 0)) for r in rs)
+    semantic = sum(int(r.get("hits_semantic", 0)) for r in rs)
+    audits = sum(int(r.get("audits", 0)) for r in rs)
+    wrong = sum(int(r.get("audits_wrong", 0)) for r in rs)
+    if not decisions or not semantic:
+        return {}
+    out: dict = {"semantic_share": semantic / decisions, "audits": audits}
+    if audits:
+        lo, hi = rstats.wilson_interval(wrong, audits)
+        out.update(
+            audited_error=wrong / audits,
+            audited_error_ci=[lo, hi],
+            audited_error_wilson_hi=hi,
+            audited_error_per_lookup=wrong / audits * semantic / decisions,
+        )
+    return out
+
+
 def _avg(rs: Sequence[dict], key: str) -> float | None:
     vals = [r[key] for r in rs if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
     return float(np.mean(vals)) if vals else None
@@ -593,6 +617,7 @@ def aggregate(
             "env_steps_per_s": _avg(rs, "env_steps_per_s"),
             "train_success_all": _avg(rs, "train_success_all"),
             "wall_s": _avg(rs, "wall_s"),
+            **_reuse_audit(rs),
         }
         mat = mats[m]
         if mat is not None:
@@ -653,6 +678,9 @@ TABLE_COLUMNS = (
     ("train_lm_queries_vs_uncached", "vs uncached"),
     ("eval_lm_queries", "eval LM queries"),
     ("hit_rate", "hit rate"),
+    ("semantic_share", "semantic hits"),
+    ("audited_error", "served error (audited)"),
+    ("audited_error_wilson_hi", "its Wilson hi"),
     ("latency_hit_p50_ms", "hit p50 ms"),
     ("latency_miss_p50_ms", "miss p50 ms"),
     ("env_steps_per_s", "env steps/s"),
