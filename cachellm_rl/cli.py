@@ -297,8 +297,60 @@ def cache_inspect(
     out: dict[str, object] = {
         k: v for k, v in s.as_flat_dict().items() if not k.startswith("latency")
     }
-    out.update(model_version=cache.model_version, encoder_tag=cache.encoder_tag)
+    out.update(
+        model_version=cache.model_version,
+        encoder_tag=cache.encoder_tag,
+        reuse_rule=cache.config.reuse_rule,
+        correctness_labels=cache.correctness.num_labels,
+        min_servable_similarity=cache.correctness.min_servable_similarity(),
+        stored_labels=len(cache.labels),
+    )
     print(json.dumps(out, indent=2))
+
+
+@cache_app.command("train-encoder")
+@user_errors
+def cache_train_encoder(
+    labels: Annotated[
+        Path,
+        typer.Argument(help="A cache snapshot (its labels.jsonl) or a labels .jsonl file."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the learned encoder.")],
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train the decision-aware state encoder on a cache's reuse labels (pairs of state texts
+    and whether reusing one's prior for the other was correct)."""
+    from cachellm_rl.cache.adaptive import AdaptiveCache
+    from cachellm_rl.cache.learned_encoder import EncoderTrainConfig, train_decision_encoder
+
+    if labels.is_file():
+        lines = labels.read_text().splitlines()
+    else:
+        snap = labels if (labels / "meta.json").is_file() else AdaptiveCache.latest_snapshot(labels)
+        if snap is None or not (snap / "labels.jsonl").is_file():
+            raise FileNotFoundError(f"no cache snapshot with labels.jsonl under {str(labels)!r}")
+        lines = (snap / "labels.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    usable = [r for r in records if r.get("query_text") and r.get("neighbour_text")]
+    ys = [bool(r["correct"]) for r in usable]
+    if len(usable) < 20 or all(ys) or not any(ys):
+        raise ValueError(
+            f"{labels}: {len(usable)} labels with both texts "
+            f"({sum(ys)} correct): need >= 20 with both outcomes"
+        )
+    enc, losses = train_decision_encoder(
+        [r["query_text"] for r in usable],
+        [r["neighbour_text"] for r in usable],
+        ys,
+        train=EncoderTrainConfig(epochs=epochs, seed=seed),
+        progress=True,
+    )
+    enc.save(out)
+    print(
+        f"{len(usable)} labels ({sum(ys)} correct); loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+        f"encoder {enc.tag} saved to {out}"
+    )
 
 
 @app.command("evaluate")

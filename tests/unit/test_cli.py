@@ -65,6 +65,36 @@ def test_cache_inspect(tmp_path):
     assert out["size"] == 3 and out["model_version"] == "v1"
 
 
+def test_cache_train_encoder_from_labels(tmp_path):
+    rows = []
+    for i in range(30):
+        rows.append(
+            {
+                "query_text": f"the carrot is fried . room {i}",
+                "neighbour_text": f"the carrot is {'fried' if i % 2 else 'raw'} . room {i + 1}",
+                "correct": bool(i % 2),
+                "similarity": 0.97,
+            }
+        )
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(json.dumps(r) for r in rows))
+    res = runner.invoke(
+        app,
+        ["cache", "train-encoder", str(labels), "--out", str(tmp_path / "enc"), "--epochs", "2"],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "enc" / "decision_encoder.json").is_file() and "saved to" in res.output
+    labels.write_text("\n".join(json.dumps(r) for r in rows[:5]))
+    line = _one_line_error(
+        runner.invoke(app, ["cache", "train-encoder", str(labels), "--out", str(tmp_path / "e2")])
+    )
+    assert "need >= 20" in line
+    line = _one_line_error(
+        runner.invoke(app, ["cache", "train-encoder", str(tmp_path / "none"), "--out", "x"])
+    )
+    assert "no cache snapshot" in line
+
+
 def test_games_make_is_idempotent(tmp_path):
     args = ["games", "make", "--out", str(tmp_path), "--n-train", "1", "--n-valid", "0"]
     args += ["--n-test", "1"]
