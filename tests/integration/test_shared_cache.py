@@ -260,3 +260,48 @@ def test_restarted_actor_keeps_adapted_parameters_and_labels(ray_session, prior_
     assert after.explore_probability == pytest.approx(0.07)
     assert after.labels == 1 and after.size == 2
     kill_cache(name)
+
+
+def test_encoder_handshake_new_versions_and_audits(ray_session, prior_app, tmp_path):
+    """The cache hands its learned encoder to a following client; a new version re-embeds the
+    entries and the client follows after one call whose embedding the cache ignores; a served
+    semantic hit is audited by an LM call counted apart from the method's queries."""
+    from dataclasses import replace
+
+    from cachellm_rl.cache.learned_encoder import DecisionEncoderConfig, DecisionStateEncoder
+
+    ray = ray_session
+    app, _ = prior_app
+    small = DecisionEncoderConfig(dim=32, ngram_buckets=1024, ngram_dim=16, hidden=64)
+    enc = DecisionStateEncoder(small)
+    enc.save(tmp_path / "enc")
+    name = f"cache-{uuid.uuid4().hex[:8]}"
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(dim=32, min_cosine_similarity=0.5, refresh_probability=0.0),
+        prior_app=app,
+        encoder_dir=str(tmp_path / "enc"),
+        audit_probability=1.0,
+    )
+    handle = get_or_create_cache(cfg, name=name)
+    client = PriorCacheClient(None, cache_name=name, follow_cache_encoder=True)
+    client.prior_version()
+    assert client.encoder.tag == enc.tag and client.encoder_syncs == 1
+    states = [
+        TextState(observation=f"you are in the kitchen {i} .", candidates=CANDS, objective="eat")
+        for i in range(2)
+    ]
+    client.get_priors(states[:1])
+    (r,) = client.get_priors(states[1:])
+    assert r.source is PriorSource.CACHE_SEMANTIC
+    ray.get(handle.drain.remote())
+    s = ray.get(handle.stats.remote())
+    assert s.lm_queries == 1 and s.audits == 1 and s.audit_queries == 1
+    new = DecisionStateEncoder(replace(small, seed=3))
+    out = ray.get(handle.set_encoder.remote(new.to_bytes()))
+    assert out == {"tag": new.tag, "entries": 1}
+    client.get_priors(states[1:])  # embedded with the old version: ignored, then the sync
+    assert client.encoder.tag == new.tag and client.encoder_syncs == 2
+    assert ray.get(handle.stats.remote()).encoder_mismatches == 1
+    (r,) = client.get_priors(states[:1])  # re-keyed under the new tag: an exact hit
+    assert r.source is PriorSource.CACHE_EXACT
+    kill_cache(name)
