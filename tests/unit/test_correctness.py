@@ -273,3 +273,14 @@ def test_replays_measure_hit_rate_and_served_error():
     d = simulate_delta(states, logps, emb, CorrectnessConfig(delta=0.05))
     assert d.served > 0.1 * m and d.labels >= 50  # of the m / 3 servable followers
     assert d.served_error_rate < 0.05 and d.served_error_wilson_hi < 0.1
+
+
+def test_a_snapshot_keeps_owner_blobs(tmp_path):
+    c = AdaptiveCache(small_config(), model_version="v1", encoder_tag="decision-32-abc")
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    c.save(tmp_path, blobs={"encoder.bin": b"\x00weights"})
+    assert AdaptiveCache.read_blob(tmp_path, "encoder.bin") == b"\x00weights"
+    assert AdaptiveCache.read_blob(tmp_path, "other.bin") is None
+    assert AdaptiveCache.restore(tmp_path).encoder_tag == "decision-32-abc"
+    with pytest.raises(ValueError, match="blob name"):
+        c.save(tmp_path, blobs={"meta.json": b"{}"})
