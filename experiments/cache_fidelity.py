@@ -105,6 +105,64 @@ def score_states(scorer, states, *, progress: bool) -> list[np.ndarray]:
     return out
 
 
+def save_logged(folder: Path, signature: dict, data: tuple) -> None:
+    """Keep the logged states, their priors and MiniLM embeddings, so a rerun with the same
+    settings skips the env, the LM and MiniLM."""
+    train, train_logp, train_mini, test, test_logp, test_mini = data
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def states(xs, logps):
+        return [
+            {
+                "observation": s.observation,
+                "candidates": list(s.candidates),
+                "objective": s.objective,
+                "inventory": s.inventory,
+                "logp": [float(v) for v in lp],
+            }
+            for s, lp in zip(xs, logps, strict=True)
+        ]
+
+    np.save(folder / "train_minilm.npy", train_mini, allow_pickle=False)
+    np.save(folder / "test_minilm.npy", test_mini, allow_pickle=False)
+    payload = {
+        "signature": signature,
+        "train": states(train, train_logp),
+        "test": states(test, test_logp),
+    }
+    (folder / "states.json").write_text(json.dumps(payload))
+
+
+def load_logged(folder: Path, signature: dict) -> tuple | None:
+    """What :func:`save_logged` kept, when it was logged with the same settings."""
+    from cachellm_rl.cache.client import TextState
+
+    path = folder / "states.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    if payload.get("signature") != json.loads(json.dumps(signature)):
+        return None
+
+    def states(rows):
+        xs = [
+            TextState(
+                observation=r["observation"],
+                candidates=tuple(r["candidates"]),
+                objective=r["objective"],
+                inventory=r["inventory"],
+            )
+            for r in rows
+        ]
+        return xs, [np.asarray(r["logp"], np.float64) for r in rows]
+
+    train, train_logp = states(payload["train"])
+    test, test_logp = states(payload["test"])
+    train_mini = np.load(folder / "train_minilm.npy", allow_pickle=False)
+    test_mini = np.load(folder / "test_minilm.npy", allow_pickle=False)
+    return train, train_logp, train_mini, test, test_logp, test_mini
+
+
 def encode_latency_ms(encoder, texts: list[str]) -> float:
     """Median ms to embed one new text (memo off: every call is a new text)."""
     times = []
@@ -151,18 +209,32 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         "seed": args.seed,
         "progress": progress,
     }
-    train = [s.state for s in collect_states(env, train_games, **kw)]
-    test = [s.state for s in collect_states(env, test_games, **kw)]
-    scorer = CandidateScorer(
-        ScorerConfig(model_dir=str(prior_dir), prior_temperature=args.prior_temperature)
-    )
-    train_logp = score_states(scorer, train, progress=progress)
-    test_logp = score_states(scorer, test, progress=progress)
     minilm = TextStateEncoder(TextEncoderConfig(max_tokens=128, memo_entries=0))
+    logged = args.out / f"{env}-logged"
+    signature = {
+        "env": env,
+        "train_games": train_games,
+        "test_games": test_games,
+        "prior_temperature": args.prior_temperature,
+        **{k: v for k, v in kw.items() if k != "progress"},
+    }
+    cached = load_logged(logged, signature)
+    if cached is not None:
+        print(f"[{env}] reusing the logged states in {logged}", file=console)
+        train, train_logp, train_mini, test, test_logp, test_mini = cached
+    else:
+        train = [s.state for s in collect_states(env, train_games, **kw)]
+        test = [s.state for s in collect_states(env, test_games, **kw)]
+        scorer = CandidateScorer(
+            ScorerConfig(model_dir=str(prior_dir), prior_temperature=args.prior_temperature)
+        )
+        train_logp = score_states(scorer, train, progress=progress)
+        test_logp = score_states(scorer, test, progress=progress)
+        train_mini = minilm.encode([s.key_text() for s in train])
+        test_mini = minilm.encode([s.key_text() for s in test])
+        save_logged(logged, signature, (train, train_logp, train_mini, test, test_logp, test_mini))
     train_texts = [s.key_text() for s in train]
     test_texts = [s.key_text() for s in test]
-    train_mini = minilm.encode(train_texts)
-    test_mini = minilm.encode(test_texts)
 
     ia, ib, y = training_pairs(
         train, train_logp, train_mini, max_tv=args.max_tv, min_cov=args.min_coverage, seed=args.seed

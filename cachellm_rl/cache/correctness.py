@@ -5,7 +5,9 @@ Every time the LM answers a state that has a nearest cached neighbour (a miss, a
 call or a background refresh), the cache learns, at no extra LM cost, whether serving that
 neighbour's prior would have been *correct*: the same top action as the fresh prior and a
 total-variation distance of at most ``max_tv`` between the two (the neighbour's prior aligned to
-the state's candidates). Those labels fit a logistic curve ``P(correct | cosine similarity)``.
+the state's candidates). Those labels fit a logistic curve ``P(correct | similarity)``, linear
+in the log-distance ``-log(1 - cos)`` by default: it spreads out the cosines near 1, where reuse
+decisions are made (0.9, 0.99 and 0.999 are 2.3, 4.6 and 6.9).
 
 The reuse rule: a semantic hit at similarity ``s`` is served only when an upper confidence bound
 of ``P(wrong | s)`` is at most ``delta``. The bound is the delta method on the fitted logit: with
@@ -166,8 +168,11 @@ class CorrectnessConfig:
         prior_precision: Gaussian prior precision of the pooled fit's (standardised)
             parameters around 0 (keeps the fit finite when all labels agree).
         entry_prior_precision: Prior precision of an entry's fit around the pooled fit.
-        similarity_center: Centre of the standardised similarity ``(s - center) / scale``.
-        similarity_scale: Scale of the standardised similarity.
+        similarity_feature: What the curve is linear in: ``"log_distance"``
+            (``-log(1 - cos)``, capped at ``-log(1e-4)``) or ``"cosine"``.
+        similarity_center: Centre of the standardised feature ``(f(s) - center) / scale``
+            (None: 3.0 for log-distance, i.e. cosine 0.95; 0.9 for cosine).
+        similarity_scale: Its scale (None: 1.0 for log-distance, 0.05 for cosine).
         min_similarity: Floor of the rule: nothing below it is served, and labels below it
             do not enter the fits (far pairs often agree by coincidence, e.g. two states whose
             best move is "go north"; a monotone curve fitted through them would be bent by
@@ -186,8 +191,9 @@ class CorrectnessConfig:
     pooled_max_labels: int = 5000
     prior_precision: float = 0.1
     entry_prior_precision: float = 4.0
-    similarity_center: float = 0.9
-    similarity_scale: float = 0.05
+    similarity_feature: str = "log_distance"
+    similarity_center: float | None = None
+    similarity_scale: float | None = None
     min_similarity: float = 0.8
     refit_every: int = 10
     explore_probability: float = 0.05
@@ -202,7 +208,17 @@ class CorrectnessConfig:
                 "CorrectnessConfig.explore_probability must be in [0, 1], got "
                 f"{self.explore_probability}"
             )
-        if self.confidence_z < 0 or self.similarity_scale <= 0:
+        if self.similarity_feature not in SIMILARITY_FEATURES:
+            raise ValueError(
+                f"CorrectnessConfig.similarity_feature must be one of {SIMILARITY_FEATURES}, got "
+                f"{self.similarity_feature!r}"
+            )
+        center, scale = SIMILARITY_FEATURES[self.similarity_feature]
+        if self.similarity_center is None:
+            object.__setattr__(self, "similarity_center", center)
+        if self.similarity_scale is None:
+            object.__setattr__(self, "similarity_scale", scale)
+        if self.confidence_z < 0 or not (self.similarity_scale or 0.0) > 0:
             raise ValueError("CorrectnessConfig.confidence_z must be >= 0 and similarity_scale > 0")
         if min(self.min_labels, self.entry_min_labels, self.refit_every) < 1:
             raise ValueError("CorrectnessConfig label counts and refit_every must be >= 1")
@@ -210,17 +226,36 @@ class CorrectnessConfig:
             raise ValueError("CorrectnessConfig prior precisions must be > 0")
 
 
+# feature name -> default (center, scale) of its standardisation
+SIMILARITY_FEATURES = {"log_distance": (3.0, 1.0), "cosine": (0.9, 0.05)}
+_MIN_DISTANCE = 1e-4
+
+
+def similarity_feature(similarity: float | np.ndarray, kind: str) -> np.ndarray:
+    """The feature the correctness curve is linear in.
+
+    Example:
+        >>> np.round(similarity_feature(np.array([0.9, 0.99, 1.0]), "log_distance"), 2)
+        array([2.3 , 4.61, 9.21])
+    """
+    s = np.asarray(similarity, np.float64)
+    if kind == "cosine":
+        return s
+    return -np.log(np.maximum(1.0 - s, _MIN_DISTANCE))
+
+
 @dataclass(frozen=True)
 class LogisticFit:
-    """A fitted ``P(correct | s) = sigmoid(theta[0] + theta[1] * (s - center) / scale)``.
+    """A fitted ``P(correct | s) = sigmoid(theta[0] + theta[1] * (f(s) - center) / scale)``.
 
     Attributes:
         theta: Intercept and slope on the standardised similarity.
         cov: Their 2x2 posterior covariance (inverse Hessian at the fit).
         n: Labels fitted.
         n_wrong: Of which wrong.
-        center: Similarity centre.
-        scale: Similarity scale.
+        center: Feature centre.
+        scale: Feature scale.
+        feature: The feature ``f`` (see :func:`similarity_feature`).
     """
 
     theta: np.ndarray
@@ -229,9 +264,10 @@ class LogisticFit:
     n_wrong: int
     center: float
     scale: float
+    feature: str = "cosine"
 
     def _x(self, similarity: float | np.ndarray) -> np.ndarray:
-        s = (np.asarray(similarity, np.float64) - self.center) / self.scale
+        s = (similarity_feature(similarity, self.feature) - self.center) / self.scale
         return np.stack([np.ones_like(s), s], axis=-1)
 
     def p_correct(self, similarity: float | np.ndarray) -> np.ndarray:
@@ -258,6 +294,7 @@ def fit_logistic(
     prior_precision: float = 1.0,
     center: float = 0.9,
     scale: float = 0.05,
+    feature: str = "cosine",
     iters: int = 50,
 ) -> LogisticFit:
     """MAP logistic regression of correctness on similarity (Newton's method).
@@ -267,8 +304,9 @@ def fit_logistic(
         correct: Its outcome.
         prior_mean: Mean of the Gaussian prior on ``theta`` (None: zeros).
         prior_precision: Its precision (the same on both parameters).
-        center: Similarity centre of the standardisation.
-        scale: Similarity scale of the standardisation.
+        center: Centre of the standardised feature.
+        scale: Scale of the standardised feature.
+        feature: The feature the curve is linear in (see :func:`similarity_feature`).
         iters: Most Newton steps.
 
     Returns:
@@ -286,7 +324,7 @@ def fit_logistic(
     if s.shape != y.shape:
         raise ValueError(f"{s.size} similarities but {y.size} labels")
     mu = np.zeros(2) if prior_mean is None else np.asarray(prior_mean, np.float64)
-    x = np.stack([np.ones_like(s), (s - center) / scale], axis=1)
+    x = np.stack([np.ones_like(s), (similarity_feature(s, feature) - center) / scale], axis=1)
     theta = mu.copy()
     reg = prior_precision * np.eye(2)
 
@@ -322,6 +360,7 @@ def fit_logistic(
         n_wrong=int(s.size - y.sum()),
         center=center,
         scale=scale,
+        feature=feature,
     )
 
 
@@ -402,8 +441,9 @@ class CorrectnessModel:
                 np.fromiter(self._sims, np.float64),
                 np.fromiter(self._correct, np.float64),
                 prior_precision=cfg.prior_precision,
-                center=cfg.similarity_center,
-                scale=cfg.similarity_scale,
+                center=float(cfg.similarity_center),  # type: ignore[arg-type]
+                scale=float(cfg.similarity_scale),  # type: ignore[arg-type]
+                feature=cfg.similarity_feature,
             )
             self._since_fit = 0
             for el in self._entries.values():
@@ -425,8 +465,9 @@ class CorrectnessModel:
                 np.fromiter(el.correct, np.float64),
                 prior_mean=pooled.theta,
                 prior_precision=self.config.entry_prior_precision,
-                center=self.config.similarity_center,
-                scale=self.config.similarity_scale,
+                center=float(self.config.similarity_center),  # type: ignore[arg-type]
+                scale=float(self.config.similarity_scale),  # type: ignore[arg-type]
+                feature=self.config.similarity_feature,
             )
             el.dirty = False
         return el.fit

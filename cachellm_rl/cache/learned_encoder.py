@@ -10,8 +10,8 @@ millisecond per text:
 
 - a static embedding: the mean of MiniLM's own word-piece input embeddings (frozen, read from
   the packaged model, no transformer layers run);
-- hashed word unigrams, bigrams and number-word pairs (a trainable ``EmbeddingBag``), which keep
-  the decisive tokens apart;
+- hashed word unigrams, bigrams, trigrams and number-word pairs (a trainable
+  ``EmbeddingBag``), which keep the decisive tokens apart ("2 steps left", "cabinet 3");
 - a two-layer MLP to ``dim`` outputs, L2-normalised.
 
 It is trained on labelled pairs of states (:func:`train_decision_encoder`) with a logistic loss
@@ -75,15 +75,16 @@ class DecisionEncoderConfig:
 
 
 def word_ngrams(text: str) -> list[str]:
-    """Word unigrams, bigrams and number-word pairs of a text (lower-cased).
+    """Word unigrams, bigrams, trigrams and number-word pairs of a text (lower-cased).
 
     Example:
         >>> word_ngrams("Open cabinet 2")
-        ['open', 'cabinet', '2', 'open cabinet', 'cabinet 2', '#cabinet 2']
+        ['open', 'cabinet', '2', 'open cabinet', 'cabinet 2', 'open cabinet 2', '#cabinet 2']
     """
     words = _WORD.findall(text.lower())
     grams = list(words)
     grams += [f"{a} {b}" for a, b in itertools.pairwise(words)]
+    grams += [f"{a} {b} {c}" for a, b, c in zip(words, words[1:], words[2:], strict=False)]
     # a number bound to the word before it ("cabinet 2", "2 steps") as its own feature
     grams += [f"#{a} {b}" for a, b in itertools.pairwise(words) if b.isdigit()]
     grams += [f"{a} {b}#" for a, b in itertools.pairwise(words) if a.isdigit()]
