@@ -236,7 +236,7 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
     train_texts = [s.key_text() for s in train]
     test_texts = [s.key_text() for s in test]
 
-    ia, ib, y = training_pairs(
+    ia, ib, y, tv = training_pairs(
         train, train_logp, train_mini, max_tv=args.max_tv, min_cov=args.min_coverage, seed=args.seed
     )
     print(
@@ -248,6 +248,7 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         [train_texts[i] for i in ia],
         [train_texts[i] for i in ib],
         y,
+        tv=tv,
         train=EncoderTrainConfig(epochs=args.epochs, seed=args.seed),
         progress=progress,
     )

@@ -20,7 +20,7 @@ import numpy as np
 
 from cachellm_rl.cache.adaptive import align_prior
 from cachellm_rl.cache.client import TextState
-from cachellm_rl.cache.correctness import CorrectnessConfig, CorrectnessModel, reuse_is_correct
+from cachellm_rl.cache.correctness import CorrectnessConfig, CorrectnessModel, tv_distance
 from cachellm_rl.stats import wilson_interval
 
 
@@ -89,10 +89,20 @@ def pair_label(
 ) -> bool | None:
     """Whether serving ``b``'s prior for state ``a`` is a correct reuse; None when ``b`` does not
     cover enough of ``a``'s candidates to be served at all."""
+    m = pair_measure(a, logp_a, b, logp_b, min_cov=min_cov)
+    return None if m is None else bool(m[0] and m[1] <= max_tv)
+
+
+def pair_measure(
+    a: TextState, logp_a: np.ndarray, b: TextState, logp_b: np.ndarray, *, min_cov: float
+) -> tuple[bool, float] | None:
+    """``(same top action, total-variation distance)`` of serving ``b``'s prior for ``a``; None
+    when ``b`` does not cover enough of ``a``'s candidates."""
     aligned, cov = align_prior(b.candidates, logp_b, a.candidates, 2.0)
     if cov < min_cov:
         return None
-    return reuse_is_correct(logp_a, aligned, max_tv)
+    same = int(np.argmax(logp_a)) == int(np.argmax(aligned))
+    return same, tv_distance(logp_a, aligned)
 
 
 def training_pairs(
@@ -105,31 +115,37 @@ def training_pairs(
     max_tv: float = 0.2,
     min_cov: float = 0.75,
     seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Labelled pairs for the learned encoder: each state with its ``near`` most similar other
     states under ``embeddings`` (the hard cases: close in the old space, reuse maybe wrong)
     and ``random`` random others.
 
     Returns:
-        ``(index_a, index_b, correct)``; pairs whose candidates do not cover are left out.
+        ``(index_a, index_b, correct, tv)``; pairs whose candidates do not cover are left out.
     """
     n = len(states)
     rng = np.random.default_rng(seed)
     sims = embeddings @ embeddings.T
     np.fill_diagonal(sims, -np.inf)
-    ia, ib, ys = [], [], []
+    ia, ib, ys, tvs = [], [], [], []
     for i in range(n):
         order = np.argsort(-sims[i])[:near].tolist()
         others = rng.choice(n, size=min(random, n), replace=False).tolist() if n > 1 else []
         for j in dict.fromkeys(order + others):
             if j == i:
                 continue
-            y = pair_label(states[i], logps[i], states[j], logps[j], max_tv=max_tv, min_cov=min_cov)
-            if y is not None:
+            m = pair_measure(states[i], logps[i], states[j], logps[j], min_cov=min_cov)
+            if m is not None:
                 ia.append(i)
                 ib.append(j)
-                ys.append(y)
-    return np.asarray(ia, np.int64), np.asarray(ib, np.int64), np.asarray(ys, bool)
+                ys.append(m[0] and m[1] <= max_tv)
+                tvs.append(m[1])
+    return (
+        np.asarray(ia, np.int64),
+        np.asarray(ib, np.int64),
+        np.asarray(ys, bool),
+        np.asarray(tvs, np.float64),
+    )
 
 
 @dataclass(frozen=True)

@@ -294,6 +294,9 @@ class EncoderTrainConfig:
         weight_decay: Adam weight decay.
         init_scale: Initial scale ``kappa`` of ``P(correct) = sigmoid(kappa * (cos - c0))``.
         init_center: Initial centre ``c0``.
+        tv_weight: Weight of the regression of ``cos`` on ``1 - TV`` (when the pairs' total
+            variation distances are given): it gives every pair a graded target, not only a
+            side of the threshold.
         seed: Shuffling seed.
     """
 
@@ -303,6 +306,7 @@ class EncoderTrainConfig:
     weight_decay: float = 1e-5
     init_scale: float = 10.0
     init_center: float = 0.8
+    tv_weight: float = 1.0
     seed: int = 0
 
 
@@ -311,6 +315,7 @@ def train_decision_encoder(
     text_b: Sequence[str],
     correct: Sequence[bool] | np.ndarray,
     *,
+    tv: Sequence[float] | np.ndarray | None = None,
     config: DecisionEncoderConfig | None = None,
     train: EncoderTrainConfig | None = None,
     progress: bool = False,
@@ -319,12 +324,14 @@ def train_decision_encoder(
     for the other is correct.
 
     Loss: binary cross-entropy of ``sigmoid(kappa * (cos(a, b) - c0))`` against the label,
-    ``kappa`` and ``c0`` learned with the encoder.
+    ``kappa`` and ``c0`` learned with the encoder, plus (with ``tv``) ``tv_weight`` times the
+    squared error of ``cos(a, b)`` against ``1 - TV(a, b)``.
 
     Args:
         text_a: First state of each pair.
         text_b: Second state of each pair.
         correct: Whether the reuse is correct.
+        tv: Total-variation distance between the two priors of each pair (optional).
         config: Encoder shape.
         train: Training settings.
         progress: Show a progress bar.
@@ -335,6 +342,7 @@ def train_decision_encoder(
     from tqdm import tqdm
 
     y = torch.as_tensor(np.asarray(correct, np.float32))
+    target = None if tv is None else torch.as_tensor(1.0 - np.asarray(tv, np.float32))
     if not (len(text_a) == len(text_b) == len(y)) or len(y) == 0:
         raise ValueError(f"need equal, non-zero numbers of pairs and labels, got {len(y)}")
     tc = train or EncoderTrainConfig()
@@ -358,6 +366,8 @@ def train_decision_encoder(
             cos = (emb_a * emb_b).sum(-1)
             logits = scale * (cos - center)
             loss = nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+            if target is not None and tc.tv_weight > 0:
+                loss = loss + tc.tv_weight * ((cos - target[idx]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
