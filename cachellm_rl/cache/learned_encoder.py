@@ -55,6 +55,7 @@ class DecisionEncoderConfig:
         max_word_pieces: Word pieces of a text read by the static embedding.
         static_model_dir: Sentence-transformers folder whose input embeddings are the static
             part (None: the packaged all-MiniLM-L6-v2).
+        goal_features: Add :func:`goal_ngrams` (phrases about the objective's own objects).
         seed: Initialisation seed.
     """
 
@@ -64,6 +65,7 @@ class DecisionEncoderConfig:
     hidden: int = 256
     max_word_pieces: int = 256
     static_model_dir: str | None = None
+    goal_features: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +91,63 @@ def word_ngrams(text: str) -> list[str]:
     grams += [f"#{a} {b}" for a, b in itertools.pairwise(words) if b.isdigit()]
     grams += [f"{a} {b}#" for a, b in itertools.pairwise(words) if a.isdigit()]
     return grams
+
+
+_SENTENCE = re.compile(r"[.!?;\n]+")
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "to",
+        "of",
+        "in",
+        "on",
+        "at",
+        "and",
+        "or",
+        "is",
+        "are",
+        "you",
+        "your",
+        "there",
+        "here",
+        "it",
+        "its",
+        "with",
+        "from",
+        "for",
+        "by",
+    ]
+)
+
+
+def goal_ngrams(text: str) -> list[str]:
+    """Features of the sentences that mention the objective, marked as such.
+
+    A state's key text ends with its objective (see ``TextState.key_text``). Every earlier
+    sentence that shares at least two content words with that last sentence (e.g. "you see a
+    green key 2 steps left" for "go to the green key") gives its word bigrams and trigrams again
+    with a ``g:`` prefix, so the position or state of the objective's own object is a feature
+    of its own rather than one among the same phrases about every other object.
+
+    Example:
+        >>> goal_ngrams("You see a red ball 1 step left. You see a green key 2 steps left. "
+        ...             "go to the green key")[:3]
+        ['g:you see', 'g:see a', 'g:a green']
+    """
+    sentences = [x for x in _SENTENCE.split(text.lower()) if x.strip()]
+    if len(sentences) < 2:
+        return []
+    goal = {w for w in _WORD.findall(sentences[-1]) if w not in _STOP and not w.isdigit()}
+    out: list[str] = []
+    for sent in sentences[:-1]:
+        words = _WORD.findall(sent)
+        if len(goal.intersection(words)) < min(2, len(goal)) or not goal:
+            continue
+        out += [f"g:{a} {b}" for a, b in itertools.pairwise(words)]
+        out += [f"g:{a} {b} {c}" for a, b, c in zip(words, words[1:], words[2:], strict=False)]
+    return out
 
 
 def hashed_ids(features: Sequence[str], buckets: int) -> np.ndarray:
@@ -197,7 +256,12 @@ class DecisionStateEncoder:
         encs = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         pieces = [np.asarray(e.ids or [0], dtype=np.int64) for e in encs]
         grams = [
-            hashed_ids(word_ngrams(t) or ["<empty>"], self.config.ngram_buckets) for t in texts
+            hashed_ids(
+                (word_ngrams(t) + (goal_ngrams(t) if self.config.goal_features else []))
+                or ["<empty>"],
+                self.config.ngram_buckets,
+            )
+            for t in texts
         ]
 
         def flat(parts: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from cachellm_rl.cache.learned_encoder import (
     DecisionEncoderConfig,
     DecisionStateEncoder,
     EncoderTrainConfig,
+    goal_ngrams,
     train_decision_encoder,
     word_ngrams,
 )
@@ -61,6 +62,27 @@ def test_word_ngrams_keep_numbers_bound_to_their_words():
     assert "#cabinet 2" in word_ngrams("open cabinet 2")
     assert "#cabinet 3" in word_ngrams("open cabinet 3")
     assert "2 steps#" in word_ngrams("the ball is 2 steps left")
+
+
+def test_goal_ngrams_mark_the_objectives_own_object():
+    t = "You see a red ball 1 step left. You see a green key 2 steps left. go to the green key"
+    grams = goal_ngrams(t)
+    assert "g:2 steps left" in grams and not any("red" in g for g in grams)
+    assert goal_ngrams("no objective here") == []
+
+
+def test_training_pairs_label_near_and_random_pairs():
+    from cachellm_rl.cache.client import TextState
+    from cachellm_rl.cache.fidelity import training_pairs
+
+    states = [TextState(observation=f"s{i}", candidates=("a", "b")) for i in range(6)]
+    logps = [np.log([0.9, 0.1]) if i < 3 else np.log([0.1, 0.9]) for i in range(6)]
+    emb = np.eye(6, dtype=np.float32)
+    ia, ib, y, tv = training_pairs(states, logps, emb, near=2, random=2, max_tv=0.2)
+    assert len(ia) == len(ib) == len(y) == len(tv) > 0 and not np.any(ia == ib)
+    same_group = (ia < 3) == (ib < 3)
+    np.testing.assert_array_equal(y, same_group)
+    np.testing.assert_allclose(tv[~same_group], 0.8, atol=1e-6)
 
 
 def test_encode_is_deterministic_unit_and_round_trips(tmp_path):
