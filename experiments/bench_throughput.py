@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-steps", type=int, default=2000)
     p.add_argument("--num-env-runners", type=int, default=None, help="default: the preset's")
     p.add_argument("--encoder", default=None, help="Q-network encoder (default: the preset's)")
+    p.add_argument(
+        "--state-encoder",
+        default=None,
+        help="learned state-encoder folder for adaptive's cache (default: MiniLM)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("results/bench_throughput.json"))
     p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
@@ -353,6 +358,13 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
     )
     if args.encoder:
         cfg = replace(cfg, settings=replace(cfg.settings, encoder=args.encoder))
+    if args.state_encoder:
+        if not (Path(args.state_encoder) / "decision_encoder.json").is_file():
+            raise SystemExit(
+                f"error: --state-encoder {args.state_encoder} holds no learned encoder"
+            )
+        enc_dir = str(Path(args.state_encoder).resolve())
+        cfg = replace(cfg, settings=replace(cfg.settings, state_encoder_dir=enc_dir))
     games = suite_games(cfg)
     env_cfg = env_config_for(cfg, games, args.seed)
     out: dict = {
@@ -365,6 +377,7 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
         "train_batch_size": cfg.settings.train_batch_size,
         "training_intensity": cfg.settings.training_intensity,
         "encoder": cfg.settings.encoder,
+        "state_encoder": cfg.settings.state_encoder_dir or "minilm",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     say = functools.partial(print, file=console, flush=True)
