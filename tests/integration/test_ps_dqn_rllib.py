@@ -106,6 +106,7 @@ def test_every_method_builds_trains_and_acts(suite_run):
         "direct_lm",
         "uncached",
         "frozen_q",
+        "exact_only",
         "lru",
         "static",
         "adaptive",
@@ -126,6 +127,9 @@ def test_every_method_builds_trains_and_acts(suite_run):
         assert 0.0 <= agg["success_mean"] <= 1.0
     assert methods["no_prior"]["lm_queries"] == 0
     assert methods["uncached"]["hit_rate"] == 0.0 and methods["uncached"]["lm_queries"] > 0
+    # the exact tier alone never serves a semantic hit; reuse there is exact or coalesced
+    assert "semantic_share" not in methods["exact_only"]
+    assert methods["exact_only"]["lm_queries"] > 0
     for f in ("summary.json", "table.md", "config.json", "runs.jsonl", "curves.jsonl"):
         assert (tmp_path / f).is_file(), f
     for png in ("learning_curves.png", "lm_queries.png", "hit_rate.png", "latency_hist.png"):

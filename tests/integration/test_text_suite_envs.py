@@ -58,6 +58,8 @@ def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
     assert report["examples"] == copies * report["demonstrations"]["unique_decisions"]
 
 
+# 16 runs (8 methods x 2 envs): about 5 min alone; more when experiments share the 2 cores.
+@pytest.mark.timeout(1200)
 def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "experiments"))
     import text_suite
