@@ -165,3 +165,30 @@ def test_temperature_schedule():
     assert posterior_temperature(7.0) == posterior_temperature(1.0)
     with pytest.raises(ValueError):
         posterior_temperature(0.5, t0=0.0)
+
+
+def test_delta_rule_tunes_exploration_not_tau():
+    cfg = MetaConfig(reuse_rule="delta", target_refresh_error_rate=0.3)
+    p = CacheParams(1000, 0.9, 0.1, 0.05)
+    bad = heuristic_update(p, sig(served_label_error_rate=0.5, hit_rate=0.1), cfg)
+    assert bad.explore_probability > 0.05 and bad.min_cosine_similarity == 0.9
+    good = heuristic_update(p, sig(served_label_error_rate=0.0, hit_rate=0.1), cfg)
+    assert good.explore_probability < 0.05 and good.min_cosine_similarity == 0.9
+    floor = heuristic_update(CacheParams(1000, 0.9, 0.1, 0.0), sig(), cfg)
+    assert floor.explore_probability == cfg.explore_min
+
+
+def test_meta_state_round_trips():
+    from cachellm_rl.cache.meta import MetaOptimizer
+
+    m = MetaOptimizer(MetaConfig(mode="spsa", window_decisions=10))
+    m.record_returns([1.0, 0.0])
+    m.return_trend()
+    m.spsa.sign_for(7)
+    m.spsa.sign_for(3)
+    m.spsa.steps = 4
+    m.history.append({"K": 5.0})
+    again = MetaOptimizer(MetaConfig(mode="spsa", window_decisions=10))
+    again.load_state(m.state_dict())
+    assert again.state_dict() == m.state_dict()
+    assert again.spsa.sign_for(3) == m.spsa.sign_for(3) == -1
