@@ -40,6 +40,59 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+class TextMemo:
+    """Exact-text LRU memo of embeddings, shared by the text encoders: texts seen before are
+    served from it, the others are computed once per distinct text.
+
+    Args:
+        dim: Embedding dimension.
+        max_entries: Most texts kept (0 disables the memo).
+    """
+
+    def __init__(self, dim: int, max_entries: int) -> None:
+        self.dim = dim
+        self.max_entries = max_entries
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.computed = 0
+
+    def clear(self) -> None:
+        """Forget every memoised text (e.g. the weights changed)."""
+        self._memo.clear()
+
+    def encode(self, texts: Sequence[str], compute, *, who: str) -> np.ndarray:
+        """Embed ``texts``, calling ``compute(distinct new texts) -> (n, dim)`` for the rest.
+
+        Raises:
+            ValueError: A text is not a string (``who`` names the encoder in the message).
+        """
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"{who}.encode takes strings, got {type(t).__name__}")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):
+            v = self._memo.get(t)
+            if v is not None:
+                self._memo.move_to_end(t)
+                out[i] = v
+                self.hits += 1
+            else:
+                todo.setdefault(t, []).append(i)
+        if todo:
+            uniq = list(todo)
+            emb = np.asarray(compute(uniq), dtype=np.float32)
+            self.computed += len(uniq)
+            for t, v in zip(uniq, emb, strict=True):
+                for i in todo[t]:
+                    out[i] = v
+                if self.max_entries:
+                    self._memo[t] = v
+                    if len(self._memo) > self.max_entries:
+                        self._memo.popitem(last=False)
+        return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class TextEncoderConfig:
     """Configuration of :class:`TextStateEncoder`.
@@ -119,9 +172,17 @@ class TextStateEncoder:
             h.update(str(p.stat().st_size).encode())
         h.update(str(self._model.max_seq_length).encode())  # a different cut, a different space
         self.tag = f"text-{self.dim}-{h.hexdigest()}"
-        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.memo_hits = 0
-        self.encoded = 0
+        self._memo = TextMemo(self.dim, self.config.memo_entries)
+
+    @property
+    def memo_hits(self) -> int:
+        """Texts served from the memo."""
+        return self._memo.hits
+
+    @property
+    def encoded(self) -> int:
+        """Distinct texts run through the model."""
+        return self._memo.computed
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts.
@@ -132,35 +193,14 @@ class TextStateEncoder:
         Returns:
             ``(len(texts), dim)`` float32 unit vectors.
         """
-        for t in texts:
-            if not isinstance(t, str):
-                raise ValueError(f"TextStateEncoder.encode takes strings, got {type(t).__name__}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        todo: dict[str, list[int]] = {}
-        for i, t in enumerate(texts):
-            v = self._memo.get(t)
-            if v is not None:
-                self._memo.move_to_end(t)
-                out[i] = v
-                self.memo_hits += 1
-            else:
-                todo.setdefault(t, []).append(i)
-        if todo:
-            uniq = list(todo)
-            emb = self._model.encode(
-                uniq,
-                batch_size=self.config.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-            emb = l2_normalize(emb)
-            self.encoded += len(uniq)
-            for t, v in zip(uniq, emb, strict=True):
-                for i in todo[t]:
-                    out[i] = v
-                if self.config.memo_entries:
-                    self._memo[t] = v
-                    if len(self._memo) > self.config.memo_entries:
-                        self._memo.popitem(last=False)
-        return out
+        return self._memo.encode(texts, self._compute, who="TextStateEncoder")
+
+    def _compute(self, texts: list[str]) -> np.ndarray:
+        emb = self._model.encode(
+            texts,
+            batch_size=self.config.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return l2_normalize(emb)

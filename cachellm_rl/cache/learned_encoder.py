@@ -27,7 +27,6 @@ import itertools
 import json
 import re
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cachellm_rl.cache.encoders import default_text_model_dir
+from cachellm_rl.cache.encoders import TextMemo, default_text_model_dir
 
 _WORD = re.compile(r"[a-z]+|\d+")
 WEIGHTS_FILE = "decision_encoder.safetensors"
@@ -233,12 +232,19 @@ class DecisionStateEncoder:
                 raise ValueError(f"decision-encoder weights do not match the config: {bad}")
         self.net.eval()
         self.dim = self.config.dim
-        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._memo_entries = memo_entries
+        self._memo = TextMemo(self.config.dim, memo_entries)
         self.tag = ""
         self._retag()
-        self.encoded = 0
-        self.memo_hits = 0
+
+    @property
+    def memo_hits(self) -> int:
+        """Texts served from the memo."""
+        return self._memo.hits
+
+    @property
+    def encoded(self) -> int:
+        """Distinct texts run through the network."""
+        return self._memo.computed
 
     def _retag(self) -> None:
         h = hashlib.blake2b(digest_size=6)
@@ -276,32 +282,11 @@ class DecisionStateEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts: ``(len(texts), dim)`` float32 unit vectors (memoised by text)."""
-        for t in texts:
-            if not isinstance(t, str):
-                raise ValueError(f"encode takes strings, got {type(t).__name__}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        todo: dict[str, list[int]] = {}
-        for i, t in enumerate(texts):
-            v = self._memo.get(t)
-            if v is not None:
-                self._memo.move_to_end(t)
-                out[i] = v
-                self.memo_hits += 1
-            else:
-                todo.setdefault(t, []).append(i)
-        if todo:
-            uniq = list(todo)
-            with torch.inference_mode():
-                emb = self.net(*self.featurize(uniq)).numpy().astype(np.float32)
-            self.encoded += len(uniq)
-            for t, v in zip(uniq, emb, strict=True):
-                for i in todo[t]:
-                    out[i] = v
-                if self._memo_entries:
-                    self._memo[t] = v
-                    if len(self._memo) > self._memo_entries:
-                        self._memo.popitem(last=False)
-        return out
+        return self._memo.encode(texts, self._compute, who="DecisionStateEncoder")
+
+    def _compute(self, texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return self.net(*self.featurize(texts)).numpy().astype(np.float32)
 
     # -- persistence and the version handshake --------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -441,7 +426,7 @@ def train_decision_encoder(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     enc.net.eval()
-    enc._memo_entries = 100_000
+    enc._memo.max_entries = 100_000
     enc._retag()
     return enc, losses
 

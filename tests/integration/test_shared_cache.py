@@ -26,6 +26,21 @@ def q(key: str, emb=None, cands=CANDS) -> CacheQuery:
     )
 
 
+def crash_and_wait_for_restore(ray, handle):
+    """Kill the actor as a crash would (Ray restarts it) and return the restored actor's stats."""
+    ray.kill(handle, no_restart=False)
+    deadline = time.time() + 60
+    while True:  # the old instance may answer once more before it dies
+        try:
+            s = ray.get(handle.stats.remote(), timeout=10)
+            if s.restored_entries:
+                return s
+        except Exception:
+            if time.time() > deadline:
+                raise
+        time.sleep(0.5)
+
+
 def make_cache(app, **kw):
     name = f"cache-{uuid.uuid4().hex[:8]}"
     cfg = SharedCacheConfig(
@@ -87,18 +102,7 @@ def test_killed_actor_restores_its_snapshot(ray_session, prior_app, tmp_path):
     emb = np.eye(8, dtype=np.float32)
     before = ray.get(handle.get_priors.remote([q(f"s{i}", emb[i]) for i in range(4)]))
     ray.get(handle.save.remote())
-    ray.kill(handle, no_restart=False)  # simulate a crash; Ray restarts the actor
-    deadline = time.time() + 60
-    restored = None
-    while restored is None:  # the old instance may answer once more before it dies
-        try:
-            s = ray.get(handle.stats.remote(), timeout=10)
-            if s.restored_entries:
-                restored = s
-        except Exception:
-            if time.time() > deadline:
-                raise
-        time.sleep(0.5)
+    restored = crash_and_wait_for_restore(ray, handle)
     assert restored.size == 4
     after = ray.get(handle.get_priors.remote([q(f"s{i}", emb[i]) for i in range(4)]))
     assert all(r.source is PriorSource.CACHE_EXACT for r in after)
@@ -243,18 +247,7 @@ def test_restarted_actor_keeps_adapted_parameters_and_labels(ray_session, prior_
     before = ray.get(handle.stats.remote())
     assert before.labels == 1
     ray.get(handle.save.remote())
-    ray.kill(handle, no_restart=False)
-    deadline = time.time() + 60
-    after = None
-    while after is None:
-        try:
-            s = ray.get(handle.stats.remote(), timeout=10)
-            if s.restored_entries:
-                after = s
-        except Exception:
-            if time.time() > deadline:
-                raise
-        time.sleep(0.5)
+    after = crash_and_wait_for_restore(ray, handle)
     assert after.capacity_entries == 321 and after.min_cosine_similarity == pytest.approx(0.97)
     assert after.refresh_probability == pytest.approx(0.123)
     assert after.explore_probability == pytest.approx(0.07)
