@@ -36,6 +36,7 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
     text_state_from_info,
 )
 from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
+from cachellm_rl.algorithms.ps_dqn.replay import ClampedNStepPrioritizedEpisodeReplayBuffer
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.correctness import CorrectnessConfig
@@ -56,6 +57,8 @@ METHODS = (
 RL_METHODS = ("no_prior", "uncached", "frozen_q", "exact_only", "lru", "static", "adaptive")
 # Methods whose every decision is answered by the LM (no cache).
 UNCACHED_METHODS = ("direct_lm", "uncached", "frozen_q")
+# Replay buffer of every RL method (see replay.py for why not RLlib's own).
+_BUFFER = ClampedNStepPrioritizedEpisodeReplayBuffer
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -307,7 +310,10 @@ def algo_config_for(
             target_network_update_freq=s.target_update_steps,
             training_intensity=rllib_intensity,
             replay_buffer_config={
-                "type": "PrioritizedEpisodeReplayBuffer",
+                # RLlib's prioritized buffer with n-step windows cut at episode ends
+                # (its own never samples an episode's last n - 1 steps; see replay.py).
+                # RLlib wants a string naming an "...EpisodeReplayBuffer".
+                "type": f"{_BUFFER.__module__}.{_BUFFER.__qualname__}",
                 "capacity": s.replay_capacity,
                 "alpha": 0.6,
                 "beta": 0.4,
