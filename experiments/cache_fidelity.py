@@ -179,6 +179,7 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
     from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
     from cachellm_rl.cache.fidelity import (
         collect_states,
+        reliability,
         simulate_delta,
         simulate_tau,
         training_pairs,
@@ -270,6 +271,10 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         )
         for d in DELTAS
     ]
+    reliable = {
+        name: reliability(test, test_logp, emb, max_tv=args.max_tv, **common)
+        for name, emb in (("minilm", test_mini), ("learned", test_learned))
+    }
     probe = test_texts[: min(50, len(test_texts))]
     latency = {
         "minilm_encode_p50_ms": encode_latency_ms(minilm, probe),
@@ -292,6 +297,7 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         "encoder_dir": str(enc_dir),
         **latency,
         "headline": {k: v.as_dict() for k, v in headline.items()},
+        "reliability": reliable,
         "sweeps": {
             "minilm_tau": [r.as_dict() for r in tau_rows],
             "learned_tau": [r.as_dict() for r in learned_tau],
@@ -351,6 +357,25 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def print_reliability(results: dict, console) -> None:
+    """P(reuse of the nearest neighbour is correct) by similarity bin, per env and encoder."""
+    print(
+        "\nP(reuse correct) by similarity (a delta rule can serve only where this is >= 1 - delta)",
+        file=console,
+    )
+    print("| env | encoder | similarity | lookups (share) | correct [Wilson 95%] |", file=console)
+    print("|---|---|---|---|---|", file=console)
+    for env, res in results.items():
+        for name, rows in res["reliability"].items():
+            for r in rows:
+                print(
+                    f"| {env} | {name} | [{r['sim_lo']:.3f}, {r['sim_hi']:.3f}) | "
+                    f"{r['n']} ({r['share']:.2f}) | {r['correct']:.3f} "
+                    f"[{r['correct_lo']:.3f}, {r['correct_hi']:.3f}] |",
+                    file=console,
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     from cachellm_rl.logs import run_log
 
@@ -391,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"learned {res['learned_encode_p50_ms']:.2f} | | |",
                 file=console,
             )
+        print_reliability(results, console)
         print(f"wrote {args.out / 'fidelity.json'} and {args.out / 'fidelity.png'}", file=console)
     return 0
 

@@ -13,6 +13,7 @@ collect the distinct states a perturbed expert visits, score each once with the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -282,3 +283,57 @@ def simulate_delta(
         else:
             model.record(sim, ok)
     return StreamResult.of(f"delta={config.delta:g}", len(pairs), served, wrong, model.labels_total)
+
+
+RELIABILITY_EDGES = (0.0, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 1.0 + 1e-9)
+
+
+def reliability(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    *,
+    edges: Sequence[float] = RELIABILITY_EDGES,
+    max_tv: float = 0.2,
+    min_cov: float = 0.75,
+) -> list[dict]:
+    """How often reusing the nearest earlier state's prior is correct, by its similarity.
+
+    A reuse rule that keeps the served error under ``delta`` can only serve in bins whose
+    correct rate is at least ``1 - delta`` (with room for its confidence bound): this table
+    shows whether an encoder has such a region at all, and how many lookups fall in it.
+
+    Args:
+        states: Logged states in visit order.
+        logps: Their fresh priors.
+        embeddings: Their unit embeddings under one encoder.
+        edges: Bin edges of the similarity, ascending; a bin is ``[lo, hi)``.
+        max_tv: The label's total-variation limit.
+        min_cov: Candidate coverage below which a neighbour cannot be served.
+
+    Returns:
+        One row per non-empty bin: ``sim_lo``, ``sim_hi``, ``n``, ``share`` (of all lookups),
+        ``correct`` (rate) and its Wilson 95% bounds ``correct_lo``, ``correct_hi``.
+    """
+    pairs = _replay_neighbours(states, logps, embeddings, max_tv=max_tv, min_cov=min_cov)
+    lookups = len(pairs)
+    usable = [p for p in pairs if p is not None]
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        labels = [ok for sim, ok in usable if lo <= sim < hi]
+        if not labels:
+            continue
+        good = sum(labels)
+        c_lo, c_hi = wilson_interval(good, len(labels))
+        rows.append(
+            {
+                "sim_lo": float(lo),
+                "sim_hi": float(min(hi, 1.0)),
+                "n": len(labels),
+                "share": len(labels) / lookups if lookups else 0.0,
+                "correct": good / len(labels),
+                "correct_lo": c_lo,
+                "correct_hi": c_hi,
+            }
+        )
+    return rows

@@ -244,7 +244,7 @@ def test_replays_measure_hit_rate_and_served_error():
     0.7 serves every follower (two thirds of them wrongly); the delta rule learns where reuse is
     right from the replay's own labels and keeps its served error low."""
     from cachellm_rl.cache.client import TextState
-    from cachellm_rl.cache.fidelity import simulate_delta, simulate_tau
+    from cachellm_rl.cache.fidelity import reliability, simulate_delta, simulate_tau
 
     rng = np.random.default_rng(0)
     m, dim = 800, 64
@@ -273,6 +273,10 @@ def test_replays_measure_hit_rate_and_served_error():
     d = simulate_delta(states, logps, emb, CorrectnessConfig(delta=0.05))
     assert d.served > 0.1 * m and d.labels >= 50  # of the m / 3 servable followers
     assert d.served_error_rate < 0.05 and d.served_error_wilson_hi < 0.1
+    bins = {r["sim_lo"]: r for r in reliability(states, logps, emb)}
+    assert bins[0.9]["correct"] == 0.0 and bins[0.9]["correct_hi"] < 0.05
+    assert bins[0.95]["correct"] == 1.0 and bins[0.98]["correct"] == 1.0
+    assert sum(r["n"] for r in bins.values()) == 2 * m - 1
 
 
 def test_a_snapshot_keeps_owner_blobs(tmp_path):
