@@ -332,6 +332,18 @@ class DecisionStateEncoder:
         return cls(DecisionEncoderConfig(**cfg_dict), load_file(d / WEIGHTS_FILE), **kw)
 
 
+def saved_encoder_dim(directory: str | Path) -> int:
+    """Output dimension of the encoder saved in ``directory``, read from its config alone.
+
+    Raises:
+        FileNotFoundError: If ``directory`` holds no saved encoder.
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} holds no {CONFIG_FILE}")
+    return int(json.loads(path.read_text())["dim"])
+
+
 @dataclass(frozen=True, kw_only=True)
 class EncoderTrainConfig:
     """How :func:`train_decision_encoder` trains.

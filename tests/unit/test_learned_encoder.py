@@ -150,3 +150,19 @@ def test_a_new_encoder_version_reembeds_and_rekeys_the_entries():
         old_key = exact_key(t, cands, prior_version="v1", encoder_tag=old.tag)
         stale = CacheQuery(exact_key=old_key, embedding=None, request=q.request)
         assert cache.lookup(stale, update=False).tier is HitTier.MISS
+
+
+def test_adaptive_cache_takes_the_learned_encoders_dimension(tmp_path):
+    """The cache's embedding size follows ``--state-encoder``: with MiniLM's 384 a 32-d
+    learned encoder's queries are refused by the cache (every env runner fails)."""
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings, cache_config_for
+    from cachellm_rl.cache.learned_encoder import saved_encoder_dim
+
+    folder = DecisionStateEncoder(SMALL).save(tmp_path / "enc")
+    assert saved_encoder_dim(folder) == 32
+    s = MethodSettings(state_encoder_dir=str(folder))
+    adaptive = cache_config_for("adaptive", s)
+    assert adaptive.cache.dim == 32 and adaptive.encoder_dir == str(folder)
+    assert cache_config_for("lru", s).cache.dim == 384  # the fixed-tau baselines keep MiniLM
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        saved_encoder_dim(tmp_path)

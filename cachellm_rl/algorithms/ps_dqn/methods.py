@@ -177,8 +177,13 @@ def cache_config_for(
     method: str, s: MethodSettings, *, dim: int = 384, env: str = ""
 ) -> SharedCacheConfig | None:
     """The shared-cache actor settings of ``method`` (None: the method uses no LM); ``env``
-    names the env in the cache's reuse labels."""
+    names the env in the cache's reuse labels. ``dim`` is the callers' embedding size; with a
+    learned state encoder (``adaptive`` only) it is that encoder's."""
     check_methods([method])
+    if method == "adaptive" and s.state_encoder_dir is not None:
+        from cachellm_rl.cache.learned_encoder import saved_encoder_dim
+
+        dim = saved_encoder_dim(s.state_encoder_dir)
     static = MetaConfig(mode="static")
     if method == "no_prior":
         return None
