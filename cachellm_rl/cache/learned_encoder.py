@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cachellm_rl.cache.encoders import TextMemo, default_text_model_dir
+from cachellm_rl.cache.encoders import MemoCounters, TextMemo, default_text_model_dir
 
 _WORD = re.compile(r"[a-z]+|\d+")
 WEIGHTS_FILE = "decision_encoder.safetensors"
@@ -200,7 +200,7 @@ class DecisionEncoderNet(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("static.")}
 
 
-class DecisionStateEncoder:
+class DecisionStateEncoder(MemoCounters):
     """The learned encoder behind the text-encoder interface (``dim``, ``tag``, ``encode``).
 
     Args:
@@ -235,16 +235,6 @@ class DecisionStateEncoder:
         self._memo = TextMemo(self.config.dim, memo_entries)
         self.tag = ""
         self._retag()
-
-    @property
-    def memo_hits(self) -> int:
-        """Texts served from the memo."""
-        return self._memo.hits
-
-    @property
-    def encoded(self) -> int:
-        """Distinct texts run through the network."""
-        return self._memo.computed
 
     def _retag(self) -> None:
         h = hashlib.blake2b(digest_size=6)
@@ -324,12 +314,11 @@ class DecisionStateEncoder:
         """Load an encoder written by :meth:`save`."""
         from safetensors.torch import load_file
 
-        d = Path(directory)
-        if not (d / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{str(d)!r} holds no {CONFIG_FILE}")
-        cfg_dict = json.loads((d / CONFIG_FILE).read_text())
+        cfg_dict = _saved_config(directory)
         cfg_dict.pop("tag", None)
-        return cls(DecisionEncoderConfig(**cfg_dict), load_file(d / WEIGHTS_FILE), **kw)
+        return cls(
+            DecisionEncoderConfig(**cfg_dict), load_file(Path(directory) / WEIGHTS_FILE), **kw
+        )
 
 
 def saved_encoder_dim(directory: str | Path) -> int:
@@ -338,10 +327,15 @@ def saved_encoder_dim(directory: str | Path) -> int:
     Raises:
         FileNotFoundError: If ``directory`` holds no saved encoder.
     """
+    return int(_saved_config(directory)["dim"])
+
+
+def _saved_config(directory: str | Path) -> dict:
+    """The ``decision_encoder.json`` written by :meth:`DecisionStateEncoder.save`."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} holds no {CONFIG_FILE}")
-    return int(json.loads(path.read_text())["dim"])
+    return json.loads(path.read_text())
 
 
 @dataclass(frozen=True, kw_only=True)
