@@ -201,6 +201,14 @@ class SharedPriorCache:
         """Liveness check."""
         return True
 
+    def check_queries(self, queries: list[CacheQuery]) -> int:
+        """Validate ``queries`` as :meth:`get_priors` would (shape and dimension of the
+        embeddings, keys) without looking anything up or calling the LM: a caller's
+        configuration check before it starts sending real queries. Raises ValueError; returns
+        how many queries were checked."""
+        self._validate(queries)
+        return len(queries)
+
     # -- main path ----------------------------------------------------------------------------
     def _validate(self, queries: list[CacheQuery]) -> None:
         if not isinstance(queries, list | tuple):

@@ -17,6 +17,10 @@ from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorResult
 from cachellm_rl.prior.prompts import PromptConfig, build_prompt
 
 
+class CacheActorUnavailable(RuntimeError):
+    """The named cache actor cannot be found (killed, or not created yet)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TextState:
     """The texts of one decision of a text environment.
@@ -82,10 +86,23 @@ class PriorCacheClient:
 
     @property
     def actor(self):
-        """The shared cache actor (looked up lazily by name)."""
+        """The shared cache actor (looked up lazily by name).
+
+        Raises:
+            CacheActorUnavailable: No actor of that name is alive.
+        """
         if self._actor is None:
-            self._actor = ray.get_actor(self.cache_name, namespace=self.namespace)
+            try:
+                self._actor = ray.get_actor(self.cache_name, namespace=self.namespace)
+            except ValueError:
+                raise CacheActorUnavailable(
+                    f"no cache actor named {self.cache_name!r} in namespace {self.namespace!r}"
+                ) from None
         return self._actor
+
+    def forget_actor(self) -> None:
+        """Look the actor up by name again on the next call (after it died or restarted)."""
+        self._actor = None
 
     def prior_version(self) -> str:
         """The prior model version hashed into exact keys (asked once, then kept)."""

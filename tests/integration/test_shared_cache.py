@@ -8,7 +8,12 @@ import uuid
 import numpy as np
 import pytest
 
-from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache, kill_cache
+from cachellm_rl.cache.actor import (
+    DEFAULT_NAMESPACE,
+    SharedCacheConfig,
+    get_or_create_cache,
+    kill_cache,
+)
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.client import PriorCacheClient, TextState
 from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorSource
@@ -298,3 +303,79 @@ def test_encoder_handshake_new_versions_and_audits(ray_session, prior_app, tmp_p
     (r,) = client.get_priors(states[:1])  # re-keyed under the new tag: an exact hit
     assert r.source is PriorSource.CACHE_EXACT
     kill_cache(name)
+
+
+def test_preflight_refuses_a_connector_whose_queries_do_not_fit_the_cache(ray_session, prior_app):
+    """A cache sized for 8-d embeddings and env runners that would send MiniLM's 384-d ones:
+    the run fails before any env runner starts, with one line naming the mismatch."""
+    from cachellm_rl.algorithms.ps_dqn.connectors import (
+        PriorConnectorConfig,
+        preflight_prior_connector,
+    )
+
+    app, _ = prior_app
+    name, _ = make_cache(app)
+    try:
+        with pytest.raises(ValueError, match=r"refuses this run's queries.*expects \(8,\)"):
+            preflight_prior_connector(PriorConnectorConfig(cache_name=name, use_embeddings=True))
+        # without embeddings (an exact-tier-only method) the same cache accepts the queries
+        preflight_prior_connector(PriorConnectorConfig(cache_name=name, use_embeddings=False))
+    finally:
+        kill_cache(name)
+    with pytest.raises(ValueError, match="no cache actor named"):
+        preflight_prior_connector(PriorConnectorConfig(cache_name=name, use_embeddings=False))
+
+
+def test_connector_degrades_to_uniform_priors_while_the_actor_is_gone(ray_session, prior_app):
+    """The connector's actor call fails (the actor was killed): the decisions get uniform rows
+    and are counted as actor failures; once an actor of that name is back, priors flow again."""
+    from cachellm_rl.algorithms.ps_dqn.connectors import (
+        PriorConnectorConfig,
+        PriorObservationConnector,
+    )
+
+    app, _ = prior_app
+    name, _ = make_cache(app)
+    conn = PriorObservationConnector(
+        config=PriorConnectorConfig(cache_name=name, use_embeddings=False)
+    )
+    from cachellm_rl.envs.text_env import (
+        INFO_CANDIDATES,
+        INFO_INVENTORY,
+        INFO_OBJECTIVE,
+        INFO_OBSERVATION,
+    )
+
+    info = {
+        INFO_OBSERVATION: "a kitchen",
+        INFO_CANDIDATES: list(CANDS),
+        INFO_OBJECTIVE: "",
+        INFO_INVENTORY: "",
+    }
+    rows = [None, None]
+    conn._cache_rows([0, 1], [info, info], rows, 8)
+    assert all(r is not None for r in rows) and conn.report.actor_failures == 0
+    kill_cache(name)
+    uniform = [object(), object()]
+    rows = list(uniform)
+    conn._cache_rows([0, 1], [info, info], rows, 8)  # no actor: no exception
+    assert rows == uniform and conn.report.actor_failures == 2
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the name is released once the actor is gone for good
+        try:
+            ray_session.get_actor(name, namespace=DEFAULT_NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    back = make_cache_named(app, name)  # keep the handle: the creator's handle keeps it alive
+    conn._cache_rows([0, 1], [info, info], rows, 8)
+    assert all(isinstance(r, np.ndarray) for r in rows) and conn.report.actor_failures == 2
+    del back
+    kill_cache(name)
+
+
+def make_cache_named(app, name):
+    cfg = SharedCacheConfig(
+        cache=CacheConfig(dim=8, capacity_entries=100, refresh_probability=0.0), prior_app=app
+    )
+    return get_or_create_cache(cfg, name=name)

@@ -12,6 +12,7 @@ rate), computed by the module and the learner.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -19,10 +20,13 @@ from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
 from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_HIT_RATE, OBS_PRIOR_LOGP
 from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
+from cachellm_rl.cache.client import CacheActorUnavailable
 from cachellm_rl.contracts import LatencyHistogram
 from cachellm_rl.envs.text_env import (
     INFO_CANDIDATES,
@@ -90,6 +94,7 @@ class PriorConnectorReport:
     vector_steps: int = 0
     final_observations: int = 0
     hits: int = 0
+    actor_failures: int = 0
     sources: dict[str, int] = field(default_factory=dict)
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -108,6 +113,7 @@ class PriorConnectorReport:
             vector_steps=self.vector_steps + other.vector_steps,
             final_observations=self.final_observations + other.final_observations,
             hits=self.hits + other.hits,
+            actor_failures=self.actor_failures + other.actor_failures,
             sources={
                 k: self.sources.get(k, 0) + other.sources.get(k, 0)
                 for k in set(self.sources) | set(other.sources)
@@ -159,6 +165,69 @@ def prior_row(logp: np.ndarray, num_slots: int) -> np.ndarray:
     return row
 
 
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the cache actor is not there right now" (killed, restarting, or its
+# node gone): the connector degrades to uniform priors and counts them. Anything else the
+# actor raises is a contract error (e.g. an embedding of the wrong size) and fails the run.
+ACTOR_UNAVAILABLE = (RayActorError, GetTimeoutError, CacheActorUnavailable)
+
+
+def make_prior_client(config: PriorConnectorConfig, caller_id: int | None = None):
+    """The cache client a connector with ``config`` uses: the learned encoder the cache actor
+    holds (when it follows the cache's encoder and the cache has one), else MiniLM, or no
+    encoder when the method never does semantic lookups."""
+    from cachellm_rl.cache.client import PriorCacheClient
+
+    follow = config.use_embeddings and config.follow_cache_encoder
+    client = PriorCacheClient(
+        None,
+        cache_name=config.cache_name,
+        namespace=config.namespace,
+        caller_id=caller_id,
+        follow_cache_encoder=follow,
+    )
+    if config.use_embeddings and not (follow and client.sync_encoder()):
+        from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
+
+        client.encoder = TextStateEncoder(
+            TextEncoderConfig(
+                max_threads=config.encoder_threads, max_tokens=config.encoder_max_tokens
+            )
+        )
+    return client
+
+
+def preflight_prior_connector(config: PriorConnectorConfig) -> None:
+    """Check, before any env runner starts, that the queries a connector with ``config`` will
+    send are ones its cache actor accepts (the embedding dimension of the encoder it will use,
+    the keys), so a mismatch fails the run at once with one line instead of crashing every env
+    runner (which RLlib would restart over and over).
+
+    Raises:
+        ValueError: The actor is missing or refuses the connector's queries.
+    """
+    if config.mode != "cache":
+        return
+    from cachellm_rl.cache.client import TextState
+
+    state = TextState(
+        observation="preflight", candidates=("look", "wait"), objective="", inventory=""
+    )
+    try:
+        client = make_prior_client(config)
+        queries = client.build_queries([state])
+        ray.get(client.actor.check_queries.remote(queries))
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        msg = str(cause) if isinstance(cause, ValueError) else str(exc).strip().splitlines()[-1]
+        raise ValueError(
+            f"cache actor {config.cache_name!r} refuses this run's queries: {msg}"
+        ) from None
+    except CacheActorUnavailable as exc:
+        raise ValueError(str(exc)) from None
+
+
 class PriorObservationConnector(ConnectorV2):
     """Adds ``prior_logp`` (A,) and ``cache_hit_rate`` (1,) to each sub-env's latest
     observation, with one call to the shared cache actor for all sub-envs of a vector step.
@@ -194,26 +263,7 @@ class PriorObservationConnector(ConnectorV2):
 
     def _get_client(self):
         if self._client is None:
-            from cachellm_rl.cache.client import PriorCacheClient
-
-            follow = self.config.use_embeddings and self.config.follow_cache_encoder
-            client = PriorCacheClient(
-                None,
-                cache_name=self.config.cache_name,
-                namespace=self.config.namespace,
-                caller_id=os.getpid(),
-                follow_cache_encoder=follow,
-            )
-            if self.config.use_embeddings and not (follow and client.sync_encoder()):
-                from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
-
-                client.encoder = TextStateEncoder(
-                    TextEncoderConfig(
-                        max_threads=self.config.encoder_threads,
-                        max_tokens=self.config.encoder_max_tokens,
-                    )
-                )
-            self._client = client
+            self._client = make_prior_client(self.config, caller_id=os.getpid())
         return self._client
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kwargs):
@@ -238,24 +288,7 @@ class PriorObservationConnector(ConnectorV2):
         if self.config.mode == "uniform":
             rep.decisions += len(ask)
         elif ask:
-            states = [text_state_from_info(infos[k]) for k in ask]
-            client = self._get_client()
-            t0 = time.perf_counter()
-            results = client.get_priors(states)  # the one actor call
-            ms = (time.perf_counter() - t0) * 1e3
-            rep.actor_calls += 1
-            rep.actor_call_s += ms / 1e3 - client.last_encode_s
-            rep.encode_s += client.last_encode_s
-            decay = self.config.hit_rate_ema_decay
-            for k, r in zip(ask, results, strict=True):
-                rows[k] = prior_row(r.logp, num)
-                hit = r.hit
-                self._hit_ema += decay * (float(hit) - self._hit_ema)
-                rep.decisions += 1
-                rep.hits += int(hit)
-                rep.sources[r.source.value] = rep.sources.get(r.source.value, 0) + 1
-                (rep.latency_hit if hit else rep.latency_miss).record(ms)
-            rep.hit_rate_ema = self._hit_ema
+            self._cache_rows(ask, infos, rows, num)
         hit_row = np.array([self._hit_ema], np.float32)
         for e, o, row in zip(eps, obs, rows, strict=True):
             new = dict(o)
@@ -265,6 +298,38 @@ class PriorObservationConnector(ConnectorV2):
             e.observation_space = self.observation_space
         rep.connector_s += time.perf_counter() - t_start
         return batch
+
+    def _cache_rows(self, ask: list[int], infos: list[dict], rows: list, num: int) -> None:
+        """Fill ``rows[k]`` for ``k in ask`` with priors from one cache-actor call."""
+        rep = self.report
+        states = [text_state_from_info(infos[k]) for k in ask]
+        client = self._get_client()
+        t0 = time.perf_counter()
+        try:
+            results = client.get_priors(states)  # the one actor call
+        except ACTOR_UNAVAILABLE as exc:
+            # The cache actor is gone or restarting: act on the uniform rows already in ``rows``
+            # (counted) and look the actor up again next step, instead of crashing the runner.
+            client.forget_actor()
+            if not rep.actor_failures:
+                logger.warning("cache actor unavailable, uniform priors meanwhile: %r", exc)
+            rep.actor_failures += len(ask)
+            rep.decisions += len(ask)
+            return
+        ms = (time.perf_counter() - t0) * 1e3
+        rep.actor_calls += 1
+        rep.actor_call_s += ms / 1e3 - client.last_encode_s
+        rep.encode_s += client.last_encode_s
+        decay = self.config.hit_rate_ema_decay
+        for k, r in zip(ask, results, strict=True):
+            rows[k] = prior_row(r.logp, num)
+            hit = r.hit
+            self._hit_ema += decay * (float(hit) - self._hit_ema)
+            rep.decisions += 1
+            rep.hits += int(hit)
+            rep.sources[r.source.value] = rep.sources.get(r.source.value, 0) + 1
+            (rep.latency_hit if hit else rep.latency_miss).record(ms)
+        rep.hit_rate_ema = self._hit_ema
 
 
 def record_episode_end(*, episode, env_runner=None, prev_episode_chunks=None, **kwargs) -> None:

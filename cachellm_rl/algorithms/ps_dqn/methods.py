@@ -31,6 +31,7 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
     PriorConnectorConfig,
     PriorConnectorReport,
     pop_report,
+    preflight_prior_connector,
     prior_row,
     record_episode_end,
     text_state_from_info,
@@ -340,12 +341,20 @@ def algo_config_for(
 
 def start_cache(method: str, s: MethodSettings, name: str, namespace: str, *, env: str = ""):
     """Create the method's fresh cache actor (None for ``no_prior``); ``env`` names the env in
-    its reuse labels."""
+    its reuse labels.
+
+    Raises:
+        ValueError: The env runners' queries would not fit the cache (e.g. a state encoder of
+            another dimension than the cache's), found before any env runner starts.
+    """
     cfg = cache_config_for(method, s, env=env)
     if cfg is None:
         return None
     handle = get_or_create_cache(cfg, name=name, namespace=namespace)
     ray.get(handle.ping.remote())
+    if method != "direct_lm":  # an RL run: check its env runners' queries fit this cache
+        connector = replace(connector_config_for(method, s, name), namespace=namespace)
+        preflight_prior_connector(connector)
     return handle
 
 

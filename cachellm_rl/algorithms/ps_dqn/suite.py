@@ -511,6 +511,7 @@ def run_rl_method(
             "state_tokens_truncated": sum(e["state_tokens_truncated"] for e in episodes),
             "cache_stats": {k: v for k, v in stats.items() if not k.startswith("latency")},
             "connector_sources": report.sources,
+            "actor_unavailable_decisions": report.actor_failures,
             "checkpoint": str(ckpt),
         },
     )
@@ -850,6 +851,13 @@ def run_text_suite(cfg: TextSuiteConfig, out: Path, *, console: TextIO | None = 
             print(
                 f"warning: {method} s{seed}: {outcome.row['lm_fallbacks']} decisions used a "
                 "fallback prior (the LM failed or was unreachable; see run.log)",
+                file=console or sys.stderr,
+                flush=True,
+            )
+        if outcome.row.get("actor_unavailable_decisions"):
+            print(
+                f"warning: {method} s{seed}: {outcome.row['actor_unavailable_decisions']} "
+                "decisions acted on a uniform prior while the cache actor was unavailable",
                 file=console or sys.stderr,
                 flush=True,
             )
