@@ -15,9 +15,11 @@ app = typer.Typer(no_args_is_help=True, help="cachellm_rl: RL with cached langua
 prior_app = typer.Typer(no_args_is_help=True, help="Language-model priors.")
 cache_app = typer.Typer(no_args_is_help=True, help="The prior cache.")
 games_app = typer.Typer(no_args_is_help=True, help="Generated text games.")
+data_app = typer.Typer(no_args_is_help=True, help="Offline datasets.")
 app.add_typer(prior_app, name="prior")
 app.add_typer(cache_app, name="cache")
 app.add_typer(games_app, name="games")
+app.add_typer(data_app, name="data")
 
 DEFAULT_GAMES_DIR = Path("data/games")
 DEFAULT_PRIOR_DIR = Path("artifacts/priors")
@@ -165,6 +167,65 @@ def games_make(
         )
     n, made = len(manifest["games"]), manifest["generated"]
     print(f"{n} games in {target} ({made} generated, {n - made} kept)")
+
+
+@data_app.command("make")
+@user_errors
+def data_make(
+    env: Annotated[str, typer.Option(help="Text env: textworld, alfworld or babyai.")],
+    policy: Annotated[
+        str, typer.Option(help="Behaviour policy: random, medium or expert.")
+    ] = "random",
+    episodes: Annotated[
+        int | None,
+        typer.Option(help="Episodes (default: 600 for TextWorld and BabyAI, 500 for ALFWorld)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Dataset folder (default data/offline/<env>/<policy>).")
+    ] = None,
+    games: Annotated[
+        Path | None, typer.Option(help="Game suite folder (default: the env's suite).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the behaviour's random choices.")] = 0,
+    max_episode_steps: Annotated[
+        int | None, typer.Option(help="Episode cap (default per env).")
+    ] = None,
+    medium_mix: Annotated[
+        float | None,
+        typer.Option(help="medium: random-step probability (default: calibrated to halfway)."),
+    ] = None,
+    calibration_episodes: Annotated[
+        int, typer.Option(help="medium: episodes per calibration measurement.")
+    ] = 30,
+    progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
+) -> None:
+    """Record a behaviour policy on the train split's games as an RLlib offline dataset
+    (parquet through Ray Data, plus a dataset.json card); idempotent. See docs/offline.md."""
+    import logging
+
+    from cachellm_rl.config import init_ray
+    from cachellm_rl.offline.datasets import DEFAULT_EPISODES, DatasetConfig, make_dataset
+
+    _check_env_option(env)
+    cfg = DatasetConfig(
+        env=env,
+        policy=policy,
+        episodes=episodes or DEFAULT_EPISODES[env],
+        games_dir=str(games) if games else None,
+        seed=seed,
+        max_episode_steps=max_episode_steps,
+        medium_mix=medium_mix,
+        calibration_episodes=calibration_episodes,
+    )
+    init_ray(num_cpus=2, log_to_driver=False)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data"):  # Ray Data's progress and INFO lines are not for this CLI
+        logging.getLogger(name).setLevel(logging.ERROR)
+    card = make_dataset(cfg, out, progress=progress)
+    keys = ("episodes", "transitions", "distinct_states", "behaviour_success", "medium_mix")
+    print(json.dumps({k: card[k] for k in keys}, indent=1))
 
 
 def _check_env_option(env: str) -> None:

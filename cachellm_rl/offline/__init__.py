@@ -1,0 +1,1 @@
+"""Offline RL from generated datasets (see docs/offline.md)."""
