@@ -1,0 +1,1 @@
+"""CQL-Prior: discrete offline RL with an LM prior (see docs/offline.md)."""
