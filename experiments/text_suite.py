@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="Q-network learning rate")
     p.add_argument("--n-step", type=int, default=None, help="n-step returns (default 3)")
     p.add_argument(
+        "--n-step-tail",
+        choices=("skip", "clamp"),
+        default=None,
+        help="an episode's last n-1 transitions: skip (default) or clamp (see docs/algorithms.md)",
+    )
+    p.add_argument(
         "--training-intensity", type=float, default=None, help="replayed / sampled (default 4)"
     )
     p.add_argument(
@@ -186,6 +192,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, lr=args.lr)
         if args.n_step is not None:
             s = replace(s, n_step=args.n_step)
+        if args.n_step_tail is not None:
+            s = replace(s, n_step_tail=args.n_step_tail)
         if args.training_intensity is not None:
             s = replace(s, training_intensity=args.training_intensity)
         if args.delta is not None:

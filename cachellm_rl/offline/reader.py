@@ -55,12 +55,27 @@ def decode_observation_column(column: Any, space: gym.spaces.Dict) -> np.ndarray
     return rows
 
 
+def single_space(space: gym.spaces.Dict) -> gym.spaces.Dict:
+    """The one-env space of a Dict space that may carry a vector env's leading axis of 1
+    (RLlib's offline loop hands the pre-learner its env runner's vectorised spaces)."""
+    boxes = {k: s for k, s in space.spaces.items() if isinstance(s, gym.spaces.Box)}
+    if len(boxes) == len(space.spaces) and all(b.shape[:1] == (1,) for b in boxes.values()):
+        return gym.spaces.Dict(
+            {
+                k: gym.spaces.Box(b.low[0], b.high[0], b.shape[1:], b.dtype)  # type: ignore[arg-type]
+                for k, b in boxes.items()
+            }
+        )
+    return space
+
+
 class TextOfflinePreLearner(OfflinePreLearner):
     """RLlib's offline pre-learner with the stored Dict observations decoded first."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         space = self.observation_space
         if isinstance(space, gym.spaces.Dict):
+            space = single_space(space)
             batch = dict(batch)
             for col in (COL_OBS, COL_NEW_OBS):
                 if col in batch:

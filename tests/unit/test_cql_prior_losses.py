@@ -92,3 +92,15 @@ def test_bad_weights_are_refused():
         CQLPriorLossConfig(temperature=0.0)
     with pytest.raises(ValueError, match="needs the prior"):
         cql_prior_loss(Q, ACTIONS, MASK, TARGET, CQLPriorLossConfig(alpha_prior=0.1), None)
+
+
+def test_a_prior_weight_without_an_annotated_batch_is_refused():
+    from cachellm_rl.algorithms.cql_prior.learner import prior_for_loss
+
+    with_prior = {"prior_logp": PRIOR.double()}
+    assert prior_for_loss({}, CQLPriorLossConfig(alpha_prior=0.0)) is None
+    assert prior_for_loss(with_prior, CQLPriorLossConfig(alpha_prior=0.0)) is None
+    got = prior_for_loss(with_prior, CQLPriorLossConfig(alpha_prior=0.5))
+    assert got is not None and got.dtype == torch.float32
+    with pytest.raises(ValueError, match="annotated with priors"):
+        prior_for_loss({}, CQLPriorLossConfig(alpha_prior=0.5))

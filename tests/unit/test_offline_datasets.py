@@ -92,3 +92,19 @@ def test_stored_observations_decode_to_the_spaces_shapes():
         decode_observation({"mask": [1.0, 0.0, 1.0]}, space)
     with pytest.raises(ValueError, match="shape"):
         decode_observation({"mask": [1.0, 0.0], "tokens": tokens}, space)
+
+
+def test_a_vector_envs_space_is_read_as_one_envs():
+    from cachellm_rl.offline.reader import single_space
+
+    vec = gym.spaces.Dict(
+        {
+            "mask": gym.spaces.Box(0.0, 1.0, (1, 3), np.float32),
+            "tokens": gym.spaces.Box(0, 9, (1, 3, 2), np.int64),
+        }
+    )
+    one = single_space(vec)
+    assert one["mask"].shape == (3,) and one["tokens"].shape == (3, 2)
+    assert one["tokens"].dtype == np.int64
+    plain = gym.spaces.Dict({"mask": gym.spaces.Box(0.0, 1.0, (3,), np.float32)})
+    assert single_space(plain) is plain

@@ -52,8 +52,10 @@ def test_window_helpers():
     assert discounted_sum(np.array([1.0, 0.0, 2.0]), 0.5) == pytest.approx(1.5)
 
 
-def test_tail_transitions_are_sampled_with_short_windows():
-    buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=1000, alpha=0.6)
+def test_clamp_samples_tail_transitions_with_short_windows():
+    buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(
+        capacity=1000, alpha=0.6, n_step_tail="clamp"
+    )
     buffer.add(_episode(6, terminated=True, reward_at_end=1.0))
     seen = _sample_all(buffer, n_step=3)
     # Every transition, the last two included, is drawn.
@@ -68,13 +70,42 @@ def test_tail_transitions_are_sampled_with_short_windows():
         assert item.is_terminated == (t + k == 6)
 
 
-def test_unfinished_chunk_bootstraps_from_its_last_observation():
-    buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=1000, alpha=0.6)
+def test_clamp_bootstraps_an_unfinished_chunk_from_its_last_observation():
+    buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(
+        capacity=1000, alpha=0.6, n_step_tail="clamp"
+    )
     buffer.add(_episode(4, terminated=False, reward_at_end=0.0))
     seen = _sample_all(buffer, n_step=3)
     last = seen[3]
     assert last.get_extra_model_outputs("n_step", 0) == 1
     assert not last.is_terminated and not last.is_truncated
+
+
+def test_skip_never_trains_the_tail_and_never_stalls():
+    """Like RLlib's buffer, tail windows are not returned; unlike it, a finished episode's
+    tail transitions are zeroed once drawn, so full batches keep coming."""
+    buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=1000, alpha=0.6)
+    assert buffer.n_step_tail == "skip"
+    buffer.add(_episode(6, terminated=True))
+    for _ in range(20):
+        batch = buffer.sample(16, n_step=3, gamma=GAMMA, beta=0.4)
+        assert len(batch) == 16 and len(buffer._last_sampled_indices) == 16
+        assert {item.get_extra_model_outputs("n_step", 0) for item in batch} == {3}
+        buffer.update_priorities(np.full(len(batch), 1e-6))  # small TD errors: tails dominate
+    seen = _sample_all(buffer, n_step=3)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert buffer.tail_transitions_zeroed == 2  # t = 4 and 5, each zeroed once
+    assert float(seen[3].get_rewards(0)) == pytest.approx(GAMMA**2)  # the reward still arrives
+    assert seen[3].is_terminated
+
+
+def test_skip_redraws_an_unfinished_chunks_tail_without_zeroing_it():
+    buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=1000, alpha=0.6)
+    buffer.add(_episode(5, terminated=False, reward_at_end=0.0))
+    seen = _sample_all(buffer, n_step=3)
+    assert sorted(seen) == [0, 1, 2] and buffer.tail_transitions_zeroed == 0
+    with pytest.raises(ValueError, match="n_step_tail"):
+        ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=10, n_step_tail="drop")
 
 
 def test_rllib_buffer_never_samples_the_tail():

@@ -37,7 +37,10 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
     text_state_from_info,
 )
 from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
-from cachellm_rl.algorithms.ps_dqn.replay import ClampedNStepPrioritizedEpisodeReplayBuffer
+from cachellm_rl.algorithms.ps_dqn.replay import (
+    N_STEP_TAILS,
+    ClampedNStepPrioritizedEpisodeReplayBuffer,
+)
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.correctness import CorrectnessConfig
@@ -94,6 +97,9 @@ class MethodSettings:
         lr: Learning rate of the Q network (``frozen_q`` always uses 0).
         gamma: Discount.
         n_step: Steps of the bootstrapped return (RLlib's replay buffer sums the rewards).
+        n_step_tail: What an episode's last ``n_step - 1`` transitions are trained with:
+            ``"skip"`` (not trained, as in RLlib's buffer, but never stalling sampling) or
+            ``"clamp"`` (windows cut at the episode's end); see ``replay.py``.
         train_batch_size: Transitions per update.
         replay_capacity: Replay buffer size (transitions).
         learning_starts: Env steps before the first update.
@@ -133,6 +139,7 @@ class MethodSettings:
     lr: float = 1e-3
     gamma: float = 0.9
     n_step: int = 1
+    n_step_tail: str = "skip"
     train_batch_size: int = 32
     replay_capacity: int = 20_000
     learning_starts: int = 200
@@ -172,6 +179,11 @@ class MethodSettings:
                 raise ValueError(f"MethodSettings.{name} must be in (0, 1]")
         if self.encoder not in ("bag", "gru"):
             raise ValueError(f"MethodSettings.encoder must be 'bag' or 'gru', got {self.encoder!r}")
+        if self.n_step_tail not in N_STEP_TAILS:
+            raise ValueError(
+                f"MethodSettings.n_step_tail must be one of {N_STEP_TAILS}, "
+                f"got {self.n_step_tail!r}"
+            )
 
 
 def cache_config_for(
@@ -321,6 +333,7 @@ def algo_config_for(
                 # RLlib wants a string naming an "...EpisodeReplayBuffer".
                 "type": f"{_BUFFER.__module__}.{_BUFFER.__qualname__}",
                 "capacity": s.replay_capacity,
+                "n_step_tail": s.n_step_tail,
                 "alpha": 0.6,
                 "beta": 0.4,
             },
