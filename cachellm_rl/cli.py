@@ -228,6 +228,46 @@ def data_make(
     print(json.dumps({k: card[k] for k in keys}, indent=1))
 
 
+@data_app.command("annotate")
+@user_errors
+def data_annotate(
+    dataset: Annotated[Path, typer.Option(help="Dataset folder (made by `data make`).")],
+    preset: Annotated[
+        str, typer.Option(help="Cache preset: uncached, exact_only, static or adaptive.")
+    ] = "exact_only",
+    prior_model: Annotated[
+        Path | None,
+        typer.Option(help="Prior model folder (default: the env's embedded prior)."),
+    ] = None,
+    prior_temperature: Annotated[float, typer.Option(help="T_prior of the scorer.")] = 1.0,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default <dataset>-prior-<preset>).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+) -> None:
+    """Add the prior's log-probabilities to a dataset through the shared cache actor and the
+    Serve prior, under a cache preset; counts LM queries per preset. See docs/offline.md."""
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
+    from cachellm_rl.config import init_ray
+    from cachellm_rl.envs.registry import default_prior_dir
+    from cachellm_rl.offline.annotate import annotate_dataset
+    from cachellm_rl.offline.datasets import read_card
+    from cachellm_rl.prior.scoring import ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+
+    card = read_card(dataset)
+    if card is None:
+        raise ValueError(f"{dataset} is not a dataset (no dataset.json); make it with `data make`")
+    model = prior_model or default_prior_dir(card["env"])
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"no prior model in {model}; train it with `prior train`")
+    init_ray(num_cpus=2, log_to_driver=False)
+    scorer = ScorerConfig(model_dir=str(Path(model).resolve()), prior_temperature=prior_temperature)
+    deploy_prior_server(PriorServerConfig(scorer=scorer, num_cpus=0))
+    result = annotate_dataset(dataset, preset, MethodSettings(), out=out, progress=progress)
+    print(json.dumps(result["annotation"], indent=1))
+
+
 def _check_env_option(env: str) -> None:
     from cachellm_rl.envs.registry import check_env_id
 

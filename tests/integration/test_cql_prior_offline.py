@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from cachellm_rl.algorithms.cql_prior.config import OfflineLearnerSettings, offline_algo_config
@@ -52,3 +53,50 @@ def test_bad_offline_settings_are_refused():
         OfflineLearnerSettings(iters_per_train=1)
     with pytest.raises(ValueError, match=">= 0"):
         OfflineLearnerSettings(alpha_cql=-1.0)
+
+
+@pytest.fixture(scope="module")
+def annotations(expert_data, tw_prior_app):
+    """The expert dataset annotated under exact_only and uncached, through the real cache
+    actor and the Serve deployment of the briefly trained TextWorld prior."""
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
+    from cachellm_rl.offline.annotate import annotate_dataset
+
+    out, _ = expert_data
+    s = MethodSettings(prior_app=tw_prior_app)
+    return {p: annotate_dataset(out, p, s, log=lambda *_: None) for p in ("exact_only", "uncached")}
+
+
+def test_annotation_counts_lm_queries_per_preset(expert_data, annotations):
+    from cachellm_rl.offline.annotate import annotated_dir
+
+    exact, uncached = annotations["exact_only"]["annotation"], annotations["uncached"]["annotation"]
+    n, distinct = exact["transitions"], exact["distinct_states"]
+    assert 0 < exact["lm_queries"] <= distinct  # at most one LM call per distinct state
+    assert uncached["lm_queries"] == n  # one per transition
+    assert exact["prior_model_version"] == uncached["prior_model_version"] != ""
+    out, _ = expert_data
+    import ray
+
+    rows = ray.data.read_parquet(str(annotated_dir(out, "exact_only"))).take(3)
+    for r in rows:
+        logp = np.asarray(r["prior_logp"])
+        k = len(r["infos"]["candidates"])
+        assert logp.shape == (len(r["obs"]["action_mask"]),)
+        assert np.exp(logp[:k]).sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cql_prior_trains_on_an_annotated_dataset(expert_data, annotations):
+    from cachellm_rl.offline.annotate import annotated_dir
+
+    out, games = expert_data
+    settings = OfflineLearnerSettings(mode="cql", alpha_cql=1.0, alpha_prior=1.0)
+    algo = offline_algo_config(
+        "textworld", games, [str(annotated_dir(out, "exact_only"))], settings
+    ).build_algo()
+    try:
+        logs = [algo.train()["learners"]["default_policy"] for _ in range(2)]
+    finally:
+        algo.stop()
+    kl = float(logs[-1]["kl_to_prior"])
+    assert math.isfinite(kl) and kl > 0
