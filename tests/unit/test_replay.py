@@ -99,11 +99,12 @@ def test_skip_never_trains_the_tail_and_never_stalls():
     assert seen[3].is_terminated
 
 
-def test_skip_redraws_an_unfinished_chunks_tail_without_zeroing_it():
+def test_skip_bootstraps_an_unfinished_chunks_tail_without_zeroing_it():
     buffer = ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=1000, alpha=0.6)
     buffer.add(_episode(5, terminated=False, reward_at_end=0.0))
     seen = _sample_all(buffer, n_step=3)
-    assert sorted(seen) == [0, 1, 2] and buffer.tail_transitions_zeroed == 0
+    assert sorted(seen) == list(range(5)) and buffer.tail_transitions_zeroed == 0
+    assert seen[4].get_extra_model_outputs("n_step", 0) == 1 and not seen[4].is_terminated
     with pytest.raises(ValueError, match="n_step_tail"):
         ClampedNStepPrioritizedEpisodeReplayBuffer(capacity=10, n_step_tail="drop")
 

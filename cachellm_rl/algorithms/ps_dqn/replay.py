@@ -10,7 +10,7 @@ minutes per iteration on BabyAI with ``n_step = 3``).
 prioritized sampler (which never redraws for ``n = 1``) and builds the n-step windows itself.
 What happens to an episode's tail (``t + n > len``) is a setting, ``n_step_tail``:
 
-- ``"skip"`` (default): like RLlib, tail windows are not trained, but a finished episode's
+- ``"skip"`` (default): like RLlib, a finished episode's tail windows are not trained, but its
   tail transitions get zero priority the first time they are drawn (as RLlib does for evicted
   ones), so they are never drawn again and sampling never stalls. The final reward still
   reaches the decisions ``n`` steps before it.
@@ -25,9 +25,10 @@ and ``skip`` matched RLlib's (see docs/algorithms.md, "RLlib notes"). Training t
 decision of every episode directly seems to teach the bag-of-words Q-network that its action
 words (``eat ...``) are worth the whole return in any state.
 
-A window cut at the end of an unfinished chunk (the episode goes on) is redrawn under
-``skip`` (its steps become trainable when the episode continues) and bootstraps from the
-chunk's last observation under ``clamp``.
+A window cut at the end of an unfinished chunk (the episode goes on) bootstraps from the
+chunk's last observation under both settings: a valid ``k``-step target. Redrawing those
+instead (RLlib's way) made sampling crawl: new transitions enter with the maximum priority,
+so once the trained ones' TD errors are small most draws land on the newest, unfinished tails.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from ray.rllib.utils.replay_buffers.prioritized_episode_buffer import (
 N_STEP_KEY = "n_step"
 WEIGHTS_KEY = "weights"
 N_STEP_TAILS = ("skip", "clamp")
-# Rounds of redraws for a batch under ``skip`` before giving up on filling it (only unfinished
-# chunks' tails are redrawn; finished episodes' tails are zeroed the first time).
+# Rounds of redraws for a batch under ``skip`` (a finished episode's tail transition is redrawn
+# only the first time it is drawn, then zeroed), a guard that is never reached in practice.
 _MAX_DRAW_ROUNDS = 50
 
 
@@ -160,9 +161,8 @@ class ClampedNStepPrioritizedEpisodeReplayBuffer(PrioritizedEpisodeReplayBuffer)
                     if isinstance(n_step, tuple)
                     else int(n_step)
                 )
-                if self.n_step_tail == "skip" and t + wanted > len(episode):
-                    if episode.is_done:
-                        self._exclude(tree_idx)
+                if self.n_step_tail == "skip" and t + wanted > len(episode) and episode.is_done:
+                    self._exclude(tree_idx)
                     continue
                 window = self._window(
                     episode, t, wanted, gamma, item, include_infos, include_extra_model_outputs
