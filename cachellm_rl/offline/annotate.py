@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cachellm_rl.offline.datasets import CARD_FILE, COL_INFOS, COL_OBS, read_card
+from cachellm_rl.offline.datasets import CARD_FILE, COL_INFOS, COL_OBS, json_default, read_card
 
 ANNOTATION_PRESETS = ("uncached", "exact_only", "static", "adaptive")
 PRIOR_LOGP_COLUMN = "prior_logp"
@@ -36,20 +34,6 @@ def annotated_dir(dataset_dir: str | Path, preset: str) -> Path:
     """Where a dataset annotated under ``preset`` goes: ``<dataset>-prior-<preset>``."""
     d = Path(dataset_dir)
     return d.with_name(f"{d.name}-prior-{preset}")
-
-
-def _states(infos: list[dict]):
-    from cachellm_rl.cache.client import TextState
-
-    return [
-        TextState(
-            observation=i["observation"],
-            candidates=tuple(i["candidates"]),
-            objective=i["objective"],
-            inventory=i["inventory"],
-        )
-        for i in infos
-    ]
 
 
 def annotate_dataset(
@@ -104,7 +88,11 @@ def annotate_dataset(
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from cachellm_rl.algorithms.ps_dqn.connectors import make_prior_client, prior_row
+    from cachellm_rl.algorithms.ps_dqn.connectors import (
+        make_prior_client,
+        prior_row,
+        text_state_from_info,
+    )
 
     files = sorted(src.glob("*.parquet"))
     kill_cache(cache_name)
@@ -123,7 +111,8 @@ def annotate_dataset(
             num_slots = len(table.column(COL_OBS)[0].as_py()["action_mask"]) if len(table) else 0
             rows: list[list[float]] = []
             for i in range(0, len(infos), batch_states):
-                results = client.get_priors(_states(infos[i : i + batch_states]))
+                batch = infos[i : i + batch_states]  # the texts are stored under the info keys
+                results = client.get_priors([text_state_from_info(x) for x in batch])
                 rows += [prior_row(r.logp, num_slots).tolist() for r in results]
                 bar.update(len(results))
             table = table.append_column(
@@ -154,16 +143,10 @@ def annotate_dataset(
         "seconds": time.perf_counter() - t0,
     }
     out_card = {**card, "annotation": annotation}
-    (tmp / CARD_FILE).write_text(json.dumps(out_card, indent=1, default=_plain))
+    (tmp / CARD_FILE).write_text(json.dumps(out_card, indent=1, default=json_default))
     tmp.rename(dst)
     log(
         f"{dst}: {preset}, {lm} LM queries for {card['transitions']} transitions "
         f"({card['distinct_states']} distinct states)"
     )
     return out_card
-
-
-def _plain(obj: Any):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from cachellm_rl.envs.text_env import INFO_CANDIDATES, INFO_EXPERT_ACTION, INFO_WON
+from cachellm_rl.envs.text_env import (
+    INFO_CANDIDATES,
+    INFO_EXPERT_ACTION,
+    INFO_INVENTORY,
+    INFO_OBJECTIVE,
+    INFO_OBSERVATION,
+    INFO_WON,
+)
 
 POLICIES = ("random", "medium", "expert")
 CARD_FILE = "dataset.json"
@@ -126,11 +133,11 @@ def behaviour_action(policy: str, mix: float, info: dict, rng: np.random.Generat
 
 def _state_info(env, game: str) -> dict:
     d = env.decision
-    return {
-        "observation": d.observation,
-        "candidates": list(d.candidates),
-        "objective": d.objective,
-        "inventory": d.inventory,
+    return {  # the env's info keys, so a stored row reads back with text_state_from_info
+        INFO_OBSERVATION: d.observation,
+        INFO_CANDIDATES: list(d.candidates),
+        INFO_OBJECTIVE: d.objective,
+        INFO_INVENTORY: d.inventory,
         "game": Path(game).name,
     }
 
@@ -344,12 +351,13 @@ def write_dataset(folder: str | Path, logs: Sequence[EpisodeLog], card: dict) ->
     ray.data.from_items(rows).repartition(blocks).write_parquet(
         str(tmp.resolve()), compression="zstd"
     )
-    (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, default=_json_default))
+    (tmp / CARD_FILE).write_text(json.dumps(card, indent=1, default=json_default))
     tmp.rename(folder)
     return folder
 
 
-def _json_default(obj: Any):
+def json_default(obj: Any):
+    """``json.dumps`` default for numpy scalars in cards."""
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -161,6 +161,15 @@ class TextSuiteConfig:
         return self.max_episode_steps
 
 
+# Run-row counters of decisions that did not get the served prior, and what to tell the user.
+DEGRADED_DECISIONS = {
+    "lm_fallbacks": "used a fallback prior (the LM failed or was unreachable; see run.log)",
+    "actor_unavailable_decisions": (
+        "acted on a uniform prior while the cache actor was unavailable"
+    ),
+}
+
+
 def preset(name: str, **overrides) -> TextSuiteConfig:
     """The ``quick`` (minutes on 2 cores) or ``full`` suite (see docs/results.md)."""
     if name == "quick":
@@ -847,20 +856,13 @@ def run_text_suite(cfg: TextSuiteConfig, out: Path, *, console: TextIO | None = 
             finally:
                 tb.close()
         append_jsonl(out / "runs.jsonl", outcome.row)
-        if outcome.row.get("lm_fallbacks"):
-            print(
-                f"warning: {method} s{seed}: {outcome.row['lm_fallbacks']} decisions used a "
-                "fallback prior (the LM failed or was unreachable; see run.log)",
-                file=console or sys.stderr,
-                flush=True,
-            )
-        if outcome.row.get("actor_unavailable_decisions"):
-            print(
-                f"warning: {method} s{seed}: {outcome.row['actor_unavailable_decisions']} "
-                "decisions acted on a uniform prior while the cache actor was unavailable",
-                file=console or sys.stderr,
-                flush=True,
-            )
+        for key, what in DEGRADED_DECISIONS.items():
+            if outcome.row.get(key):
+                print(
+                    f"warning: {method} s{seed}: {outcome.row[key]} decisions {what}",
+                    file=console or sys.stderr,
+                    flush=True,
+                )
         for c in outcome.curve:
             append_jsonl(out / "curves.jsonl", c)
         h = hists.get(method, (LatencyHistogram(), LatencyHistogram()))
