@@ -39,9 +39,14 @@ from cachellm_rl.algorithms.ps_dqn.suite import (
     run_text_suite,
     write_env_summary,
 )
-from cachellm_rl.argparsing import ArgumentParser, user_error
-from cachellm_rl.config import init_ray
-from cachellm_rl.envs.registry import TEXT_ENVS, check_env_id
+from cachellm_rl.argparsing import (
+    ArgumentParser,
+    add_suite_arguments,
+    check_suite_envs,
+    suite_ray,
+    user_error,
+)
+from cachellm_rl.envs.registry import TEXT_ENVS
 from cachellm_rl.logs import run_log
 from cachellm_rl.results import new_results_dir
 
@@ -53,14 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--envs", default="textworld", help=f"comma-separated text envs ({','.join(TEXT_ENVS)})"
     )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     p.add_argument("--env-steps", type=int, default=None, help="env steps per RL run")
-    p.add_argument("--num-games", type=int, default=None, help="games of the split (0 = all)")
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: per env")
     p.add_argument("--num-env-runners", type=int, default=None, help="remote env runners")
-    p.add_argument("--games", type=Path, default=None, help="game suite (one env only)")
-    p.add_argument("--prior-model", type=Path, default=None, help="HF model dir (one env only)")
-    p.add_argument("--prior-temperature", type=float, default=None, help="T_prior")
     p.add_argument("--soft-q-prior", action="store_true", help="KL-regularised soft-Q target")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: same_games")
     p.add_argument(
@@ -93,23 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta", type=float, default=None, help="adaptive's error budget (0.05)")
     p.add_argument("--split", default=None, help="evaluation split (default: test)")
     p.add_argument("--eval-every", type=int, default=None, help="greedy eval every N env steps")
-    p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default 2)")
-    p.add_argument("--out", type=Path, default=None, help="results folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_suite_arguments(p)
     args = p.parse_args(argv)
-    args.envs = [e.strip() for e in args.envs.split(",") if e.strip()]
-    try:
-        for env in args.envs:
-            check_env_id(env)
-    except ValueError as e:
-        p.error(str(e))
-    if not args.envs:
-        p.error("--envs is empty")
-    if len(set(args.envs)) != len(args.envs):
-        p.error(f"--envs lists an env twice: {args.envs}")
-    if len(args.envs) > 1 and (args.games or args.prior_model):
-        p.error("--games and --prior-model apply to one env; each env uses its defaults")
+    check_suite_envs(p, args)
     return args
 
 
@@ -234,27 +220,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, console) -> int:
-    import ray
-    from ray import serve
-
-    from cachellm_rl.contracts import DEFAULT_PRIOR_APP
-
     t0 = time.perf_counter()
-    owns_ray = not ray.is_initialized()  # a caller's Ray (e.g. a test session) is left running
-    init_ray(log_to_driver=args.verbose, **({"num_cpus": args.num_cpus} if args.num_cpus else {}))
     summaries: dict[str, dict] = {}
-    try:
+    with suite_ray(verbose=args.verbose, num_cpus=args.num_cpus):
         for cfg in cfgs:
             env_out = out if len(cfgs) == 1 else out / cfg.env
             env_out.mkdir(parents=True, exist_ok=True)
             summaries[cfg.env] = run_env(cfg, env_out, console)
             print((env_out / "table.md").read_text(), file=console, flush=True)
-    finally:
-        if owns_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(DEFAULT_PRIOR_APP)
     if len(cfgs) > 1:
         print(write_env_summary(out, summaries), file=console)
     print(f"wall {time.perf_counter() - t0:.0f} s; results in {out}", file=console, flush=True)

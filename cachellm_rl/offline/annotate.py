@@ -140,6 +140,9 @@ def annotate_dataset(
         "hits_exact": int(getattr(stats, "hits_exact", 0)),
         "hits_semantic": int(getattr(stats, "hits_semantic", 0)),
         "coalesced": int(getattr(stats, "coalesced_misses", 0)),
+        # served semantic reuses checked against a fresh LM call (``audit_probability``)
+        "audits": int(getattr(stats, "audits", 0)),
+        "audits_wrong": int(getattr(stats, "audits_wrong", 0)),
         "seconds": time.perf_counter() - t0,
     }
     out_card = {**card, "annotation": annotation}

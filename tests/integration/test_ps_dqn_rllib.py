@@ -154,6 +154,23 @@ def test_every_method_builds_trains_and_acts(suite_run):
             assert (meta["prior_version"] is None) == (r["method"] == "no_prior")
 
 
+def test_the_suite_layer_keeps_the_text_suites_files_and_keys(suite_run):
+    """The files and keys the text suite wrote before its loop, aggregation and tables moved
+    into the shared suite layer (recorded from the old code in tests/data)."""
+    tmp_path, _, _ = suite_run
+    golden = json.loads((Path(__file__).parents[1] / "data" / "text_suite_keys.json").read_text())
+    files = {f.name for f in tmp_path.iterdir()} - {"checkpoints", "tb"}
+    assert files == set(golden["files"]) - {"run.log"}  # run.log is the CLI's
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(summary) == golden["summary"]
+    rows = {r["method"]: r for r in summary["runs"]}
+    for m, keys in golden["run_row"].items():
+        assert sorted(rows[m]) == keys, m
+        agg, want = set(summary["methods"][m]), set(golden["method_aggregate"][m])
+        # the golden suite had no ``uncached`` run to relate LM queries to
+        assert want <= agg and agg - want <= {"train_lm_queries_vs_uncached"}, m
+
+
 def test_an_interrupted_suite_resumes(suite_run):
     """Rerunning a finished results folder does no run twice."""
     from cachellm_rl.algorithms.ps_dqn.suite import run_text_suite

@@ -47,6 +47,7 @@ from cachellm_rl.cache.correctness import CorrectnessConfig
 from cachellm_rl.cache.meta import MetaConfig
 from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
+from cachellm_rl.suite import SuiteMethod
 
 METHODS = (
     "no_prior",
@@ -59,6 +60,21 @@ METHODS = (
     "adaptive",
 )
 RL_METHODS = ("no_prior", "uncached", "frozen_q", "exact_only", "lru", "static", "adaptive")
+# Each method as an algorithm with a cache preset: ``ps_dqn`` is posterior-sampling DQN,
+# ``ps_dqn_frozen`` the same agent with no Q updates (lr = 0), ``prior_argmax`` the prior alone.
+SUITE_METHODS = {
+    m.name: m
+    for m in (
+        SuiteMethod("no_prior", "ps_dqn", "none"),
+        SuiteMethod("direct_lm", "prior_argmax", "uncached", deterministic=True),
+        SuiteMethod("uncached", "ps_dqn", "uncached"),
+        SuiteMethod("frozen_q", "ps_dqn_frozen", "uncached"),
+        SuiteMethod("exact_only", "ps_dqn", "exact_only"),
+        SuiteMethod("lru", "ps_dqn", "lru"),
+        SuiteMethod("static", "ps_dqn", "static"),
+        SuiteMethod("adaptive", "ps_dqn", "adaptive"),
+    )
+}
 # Methods whose every decision is answered by the LM (no cache).
 UNCACHED_METHODS = ("direct_lm", "uncached", "frozen_q")
 # Replay buffer of every RL method (see replay.py for why not RLlib's own).

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -28,14 +27,15 @@ from typing import TextIO
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from cachellm_rl import stats as rstats
+from cachellm_rl import suite as suite_layer
 from cachellm_rl.algorithms.ps_dqn.checkpoints import code_revision, save_checkpoint
 from cachellm_rl.algorithms.ps_dqn.connectors import PriorConnectorReport
 from cachellm_rl.algorithms.ps_dqn.methods import (
     METHODS,
     RL_METHODS,
+    SUITE_METHODS,
     UNCACHED_METHODS,
     MethodSettings,
     algo_config_for,
@@ -47,7 +47,6 @@ from cachellm_rl.algorithms.ps_dqn.methods import (
     start_cache,
 )
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
-from cachellm_rl.contracts import LatencyHistogram
 from cachellm_rl.envs.evaluate import GreedyResult, greedy_evaluate, short_game_names
 from cachellm_rl.envs.registry import (
     DEFAULT_MAX_EPISODE_STEPS,
@@ -55,12 +54,18 @@ from cachellm_rl.envs.registry import (
     default_games_dir,
     default_prior_dir,
 )
-from cachellm_rl.results import (
-    TensorBoardLogger,
-    append_jsonl,
-    markdown_table,
-    read_jsonl,
-    write_json,
+from cachellm_rl.results import TensorBoardLogger, write_json
+from cachellm_rl.suite import (
+    RunOutcome,
+    best_of,
+    method_aggregates,
+    paired_comparisons,
+    planned_runs,
+    queries_relative_to,
+    read_rows,
+    run_suite,
+    success_matrices,
+    write_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -221,16 +226,6 @@ def _cache_stats(handle) -> dict:
     if handle is None:
         return {}
     return ray.get(handle.stats.remote()).as_flat_dict()
-
-
-@dataclass
-class RunOutcome:
-    """Everything measured in one (method, seed) run."""
-
-    row: dict
-    curve: list[dict]
-    latency_hit: LatencyHistogram
-    latency_miss: LatencyHistogram
 
 
 def _eval_row(method: str, seed: int, res: GreedyResult, stats: dict, extra: dict) -> dict:
@@ -563,30 +558,20 @@ def _driver_encoder():
 
 
 # -- aggregation ------------------------------------------------------------------------------
-def _reuse_audit(rs: Sequence[dict]) -> dict:
-    """Semantic reuse share and the audited error of served semantic reuses, pooled over runs
-    (Wilson 95% interval); empty for methods without a semantic tier."""
-    decisions = sum(int(r.get("decisions", 0)) for r in rs)
-    semantic = sum(int(r.get("hits_semantic", 0)) for r in rs)
-    audits = sum(int(r.get("audits", 0)) for r in rs)
-    wrong = sum(int(r.get("audits_wrong", 0)) for r in rs)
-    if not decisions or not semantic:
-        return {}
-    out: dict = {"semantic_share": semantic / decisions, "audits": audits}
-    if audits:
-        lo, hi = rstats.wilson_interval(wrong, audits)
-        out.update(
-            audited_error=wrong / audits,
-            audited_error_ci=[lo, hi],
-            audited_error_wilson_hi=hi,
-            audited_error_per_lookup=wrong / audits * semantic / decisions,
-        )
-    return out
-
-
-def _avg(rs: Sequence[dict], key: str) -> float | None:
-    vals = [r[key] for r in rs if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
-    return float(np.mean(vals)) if vals else None
+AVERAGED_KEYS = (
+    "return_mean",
+    "lm_queries",
+    "train_lm_queries",
+    "eval_lm_queries",
+    "hit_rate",
+    "latency_hit_p50_ms",
+    "latency_miss_p50_ms",
+    "latency_hit_p95_ms",
+    "latency_miss_p95_ms",
+    "env_steps_per_s",
+    "train_success_all",
+    "wall_s",
+)
 
 
 def aggregate(
@@ -603,48 +588,9 @@ def aggregate(
     comparisons as paired differences with CIs and probabilities of improvement. Methods
     missing a seed (a run still going) get means but no CI.
     """
-    names = short_game_names(list(games))
-    keys = [names[str(g)] for g in games]
-    mats = {m: rstats.score_matrix(rows, m, keys, seeds) for m in methods}
-    out: dict[str, dict] = {}
-    for m in methods:
-        rs = [r for r in rows if r["method"] == m]
-        if not rs:
-            continue
-        agg: dict = {
-            "success_mean": float(np.mean([r["success"] for r in rs])),
-            "seeds": len(rs),
-            "success_per_seed": [r["success"] for r in rs],
-            "return_mean": _avg(rs, "return_mean"),
-            "lm_queries": _avg(rs, "lm_queries"),
-            "train_lm_queries": _avg(rs, "train_lm_queries"),
-            "eval_lm_queries": _avg(rs, "eval_lm_queries"),
-            "hit_rate": _avg(rs, "hit_rate"),
-            "latency_hit_p50_ms": _avg(rs, "latency_hit_p50_ms"),
-            "latency_miss_p50_ms": _avg(rs, "latency_miss_p50_ms"),
-            "latency_hit_p95_ms": _avg(rs, "latency_hit_p95_ms"),
-            "latency_miss_p95_ms": _avg(rs, "latency_miss_p95_ms"),
-            "env_steps_per_s": _avg(rs, "env_steps_per_s"),
-            "train_success_all": _avg(rs, "train_success_all"),
-            "wall_s": _avg(rs, "wall_s"),
-            **_reuse_audit(rs),
-        }
-        mat = mats[m]
-        if mat is not None:
-            ci = rstats.mean_interval(mat, reps=reps)
-            agg.update(
-                success_mean=ci.value,
-                success_ci95=[ci.low, ci.high],
-                success_iqm=rstats.iqm_interval(mat, reps=reps).value,
-            )
-        out[m] = agg
-    base = out.get("uncached")
-    if base and base.get("train_lm_queries"):
-        for agg in out.values():
-            if agg.get("train_lm_queries") is not None:
-                agg["train_lm_queries_vs_uncached"] = (
-                    agg["train_lm_queries"] / base["train_lm_queries"]
-                )
+    mats = success_matrices(rows, methods, games, seeds)
+    out = method_aggregates(rows, mats, methods, AVERAGED_KEYS, reps=reps)
+    queries_relative_to(out, "uncached")
     return {"methods": out, "comparisons": comparisons(mats, out, reps=reps)}
 
 
@@ -658,23 +604,18 @@ def comparisons(mats: dict, agg: dict, *, reps: int = rstats.DEFAULT_REPS) -> di
     - ``<cached> vs uncached``: what a cache costs (or gains) in success;
     - ``adaptive vs exact_only``: what the semantic tier costs in success.
     """
-    out: dict[str, dict] = {}
-
-    def add(a: str, b: str, label: str | None = None) -> None:
-        if mats.get(a) is not None and mats.get(b) is not None and a != b:
-            out[label or f"{a} vs {b}"] = rstats.compare(mats[a], mats[b], reps=reps)
-
-    for m in ("uncached", "frozen_q", "exact_only", "lru", "static", "adaptive", "no_prior"):
-        add(m, "direct_lm")
-    add("uncached", "frozen_q")
+    pairs: list = [
+        (m, "direct_lm")
+        for m in ("uncached", "frozen_q", "exact_only", "lru", "static", "adaptive", "no_prior")
+    ]
+    pairs.append(("uncached", "frozen_q"))
     controls = [c for c in ("direct_lm", "frozen_q") if mats.get(c) is not None]
-    if controls and mats.get("uncached") is not None:
-        best = max(controls, key=lambda c: agg[c]["success_mean"])
-        add("uncached", best, f"uncached vs best of ({', '.join(controls)}) = {best}")
-    for m in ("exact_only", "lru", "static", "adaptive"):
-        add(m, "uncached")
-    add("adaptive", "exact_only")
-    return out
+    best = best_of(controls, mats, agg)
+    if best is not None:
+        pairs.append(("uncached", best, f"uncached vs best of ({', '.join(controls)}) = {best}"))
+    pairs += [(m, "uncached") for m in ("exact_only", "lru", "static", "adaptive")]
+    pairs.append(("adaptive", "exact_only"))
+    return paired_comparisons(mats, pairs, reps=reps)
 
 
 TABLE_COLUMNS = (
@@ -696,19 +637,6 @@ TABLE_COLUMNS = (
     ("env_steps_per_s", "env steps/s"),
     ("wall_s", "wall s"),
 )
-COMPARISON_COLUMNS = (
-    ("comparison", "paired comparison"),
-    ("diff", "success difference"),
-    ("diff_ci", "95% CI"),
-    ("poi", "P(improvement)"),
-    ("poi_ci", "95% CI"),
-)
-
-
-def _ci_text(lo_hi) -> str | None:
-    if not lo_hi:
-        return None
-    return f"[{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]"
 
 
 def protocol_note(cfg: TextSuiteConfig, games: Sequence[str], train_games: int) -> str:
@@ -731,8 +659,7 @@ def write_outputs(out: Path, cfg: TextSuiteConfig, hists: dict, games: Sequence[
     """Summary, table and plots from the rows written so far."""
     from cachellm_rl.plots import plot_curves, plot_latency_histogram
 
-    rows = read_jsonl(out / "runs.jsonl")
-    curves = read_jsonl(out / "curves.jsonl")
+    rows, curves = read_rows(out)
     methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
     result = aggregate(rows, methods, games, cfg.seeds)
     agg = result["methods"]
@@ -749,24 +676,7 @@ def write_outputs(out: Path, cfg: TextSuiteConfig, hists: dict, games: Sequence[
         "config": asdict(cfg),
     }
     write_json(out / "summary.json", summary)
-    table = markdown_table(
-        [{"method": m, **a, "success_ci": _ci_text(a.get("success_ci95"))} for m, a in agg.items()],
-        TABLE_COLUMNS,
-    )
-    comp_rows = [
-        {
-            "comparison": k,
-            "diff": v["difference"]["value"],
-            "diff_ci": _ci_text([v["difference"]["low"], v["difference"]["high"]]),
-            "poi": v["probability_of_improvement"]["value"],
-            "poi_ci": _ci_text(
-                [v["probability_of_improvement"]["low"], v["probability_of_improvement"]["high"]]
-            ),
-        }
-        for k, v in result["comparisons"].items()
-    ]
-    comp = markdown_table(comp_rows, COMPARISON_COLUMNS) if comp_rows else ""
-    (out / "table.md").write_text(f"# {cfg.env}\n\n{note}\n\n{table}\n{comp}")
+    write_table(out, cfg.env, note, agg, TABLE_COLUMNS, result["comparisons"])
     direct = agg.get("direct_lm", {}).get("success_mean")
     refs = {"direct_lm (greedy)": direct} if direct is not None else {}
     if curves:
@@ -833,42 +743,29 @@ def run_text_suite(cfg: TextSuiteConfig, out: Path, *, console: TextIO | None = 
         out / "config.json",
         {"suite": asdict(cfg), "games": games, "train_games": train, "protocol": cfg.protocol},
     )
-    done = {(r["method"], int(r["seed"])) for r in read_jsonl(out / "runs.jsonl")}
-    runs = [(m, s) for s in cfg.seeds for m in cfg.methods if m != "direct_lm"]
-    if "direct_lm" in cfg.methods:
-        runs.insert(0, ("direct_lm", 0))
-    todo = [r for r in runs if r not in done]
-    if done:
-        logger.warning(
-            "resuming %s: %d of %d runs already done", out, len(runs) - len(todo), len(runs)
-        )
-    hists: dict[str, tuple[LatencyHistogram, LatencyHistogram]] = {}
-    bar = tqdm(todo, desc=f"{cfg.env} suite", disable=not cfg.progress, unit="run", file=console)
-    for method, seed in bar:
+    plan = planned_runs([SUITE_METHODS[m] for m in cfg.methods], cfg.seeds)
+
+    def run_one(method: str, seed: int, bar) -> RunOutcome:
         name = f"text-suite-{method}-s{seed}"
         if method == "direct_lm":
-            outcome = run_direct_lm(cfg, games, name)
-        else:
-            assert method in RL_METHODS
-            tb = TensorBoardLogger(out / "tb" / f"{method}-s{seed}")
-            try:
-                outcome = run_rl_method(cfg, method, seed, games, name, tb, out, bar)
-            finally:
-                tb.close()
-        append_jsonl(out / "runs.jsonl", outcome.row)
-        for key, what in DEGRADED_DECISIONS.items():
-            if outcome.row.get(key):
-                print(
-                    f"warning: {method} s{seed}: {outcome.row[key]} decisions {what}",
-                    file=console or sys.stderr,
-                    flush=True,
-                )
-        for c in outcome.curve:
-            append_jsonl(out / "curves.jsonl", c)
-        h = hists.get(method, (LatencyHistogram(), LatencyHistogram()))
-        hists[method] = (h[0].merged(outcome.latency_hit), h[1].merged(outcome.latency_miss))
-        write_outputs(out, cfg, hists, games)
-    return write_outputs(out, cfg, hists, games)
+            return run_direct_lm(cfg, games, name)
+        assert method in RL_METHODS
+        tb = TensorBoardLogger(out / "tb" / f"{method}-s{seed}")
+        try:
+            return run_rl_method(cfg, method, seed, games, name, tb, out, bar)
+        finally:
+            tb.close()
+
+    return run_suite(
+        out,
+        plan,
+        run_one,
+        lambda hists: write_outputs(out, cfg, hists, games),
+        desc=f"{cfg.env} suite",
+        progress=cfg.progress,
+        console=console,
+        degraded=DEGRADED_DECISIONS,
+    )
 
 
 ENV_TABLE_COLUMNS = (
@@ -893,25 +790,4 @@ def write_env_summary(out: Path, summaries: dict[str, dict]) -> str:
     Returns:
         The markdown table.
     """
-    rows = [
-        {"env": env, "method": m, **a, "success_ci": _ci_text(a.get("success_ci95"))}
-        for env, s in summaries.items()
-        for m, a in s["methods"].items()
-    ]
-    write_json(
-        out / "summary.json",
-        {
-            "envs": {
-                env: {
-                    "methods": s["methods"],
-                    "comparisons": s["comparisons"],
-                    "protocol_note": s["protocol_note"],
-                }
-                for env, s in summaries.items()
-            }
-        },
-    )
-    notes = "\n".join(f"- {env}: {s['protocol_note']}" for env, s in summaries.items())
-    table = "# text suite, all envs\n\n" + notes + "\n\n" + markdown_table(rows, ENV_TABLE_COLUMNS)
-    (out / "table.md").write_text(table)
-    return table
+    return suite_layer.write_env_summary(out, summaries, ENV_TABLE_COLUMNS, "text suite, all envs")
