@@ -353,6 +353,8 @@ def train_learner(
     algo = offline_algo_config(
         cfg.env, train_games, [data_dir(cfg, cache)], replace(settings), seed=seed
     ).build_algo()
+    # Ray Data logs every streaming-executor step at DEBUG (megabytes per run in run.log)
+    logging.getLogger("ray.data").setLevel(logging.INFO)
     train_s, updates, curve, hit = 0.0, 0, [], None
     try:
         for it in range(1, cfg.train_iters + 1):
@@ -522,6 +524,12 @@ def aggregate(rows, methods, games, seeds, *, reps: int = rstats.DEFAULT_REPS) -
     mats = suite_layer.success_matrices(rows, methods, games, seeds)
     agg = suite_layer.method_aggregates(rows, mats, methods, AVERAGED_KEYS, reps=reps)
     suite_layer.queries_relative_to(agg, "cql_prior_uncached")
+    for m, a in agg.items():  # the annotation's audited reuse error (one annotation per preset)
+        first = next(r for r in rows if r["method"] == m)
+        audits, wrong = first.get("annotation_audits") or 0, first.get("annotation_audits_wrong")
+        if audits and wrong is not None:
+            lo, hi = rstats.wilson_interval(int(wrong), int(audits))
+            a.update(audits=audits, audited_error=wrong / audits, audited_error_ci=[lo, hi])
     comps = offline_comparisons(mats, agg, reps=reps)
     norm = normaliser(agg)
     if norm is not None:
@@ -547,6 +555,7 @@ TABLE_COLUMNS = (
     ("train_lm_queries", "train LM queries"),
     ("train_lm_queries_vs_cql_prior_uncached", "vs uncached prior"),
     ("annotation_hit_rate", "hit rate"),
+    ("audited_error", "served error (audited)"),
     ("eval_lm_queries", "eval LM queries"),
     ("train_s", "train s"),
     ("time_to_target_s", "s to target"),
