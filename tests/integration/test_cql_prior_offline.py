@@ -39,6 +39,28 @@ def test_behaviour_cloning_learns_the_experts_actions(expert_data):
     assert last < 0.8 * first
 
 
+def test_the_evaluated_module_is_the_trained_one(expert_data):
+    """An offline algorithm never syncs its env runner's module: ``learned_module`` must
+    return the learner's weights (with ``algo.get_module()`` they never change)."""
+    import torch
+
+    from cachellm_rl.algorithms.cql_prior.config import learned_module
+
+    out, games = expert_data
+    settings = OfflineLearnerSettings(mode="bc", lr=3e-3, iters_per_train=2)
+    algo = offline_algo_config("textworld", games, [str(out)], settings).build_algo()
+    try:
+        before = {k: v.clone() for k, v in learned_module(algo).state_dict().items()}
+        algo.train()
+        after = learned_module(algo).state_dict()
+        learner = algo.learner_group._learner.module["default_policy"].state_dict()
+    finally:
+        algo.stop()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for k, v in after.items():
+        assert torch.equal(v, learner[k]), k
+
+
 def test_discrete_cql_runs_on_the_offline_loop(expert_data):
     logs = _train(expert_data, OfflineLearnerSettings(mode="cql", alpha_cql=1.0), iters=2)
     for key in ("td_loss", "cql_loss", "qf_loss"):

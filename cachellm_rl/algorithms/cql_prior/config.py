@@ -125,3 +125,16 @@ def offline_algo_config(
         .learners(num_learners=0)
         .debugging(seed=seed, log_level="ERROR")
     )
+
+
+def learned_module(algo):
+    """The module as the learner has trained it.
+
+    An offline algorithm never samples, so RLlib never copies the learner's weights to its env
+    runners, and ``algo.get_module()`` (the local env runner's module) keeps its initial
+    weights. This syncs them first, then returns that module.
+    """
+    algo.env_runner_group.sync_weights(
+        from_worker_or_learner_group=algo.learner_group, inference_only=True
+    )
+    return algo.get_module()

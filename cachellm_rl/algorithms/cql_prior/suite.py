@@ -25,7 +25,11 @@ import ray
 
 from cachellm_rl import stats as rstats
 from cachellm_rl import suite as suite_layer
-from cachellm_rl.algorithms.cql_prior.config import OfflineLearnerSettings, offline_algo_config
+from cachellm_rl.algorithms.cql_prior.config import (
+    OfflineLearnerSettings,
+    learned_module,
+    offline_algo_config,
+)
 from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings, prior_chooser, start_cache
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
 from cachellm_rl.envs.evaluate import GreedyResult, greedy_evaluate, short_game_names
@@ -363,7 +367,7 @@ def train_learner(
             train_s += time.perf_counter() - t0
             updates += settings.iters_per_train
             if curve_games and (it % cfg.eval_every_iters == 0 or it == cfg.train_iters):
-                ev = play(cfg, curve_games, prior_chooser(None, module=algo.get_module()))
+                ev = play(cfg, curve_games, prior_chooser(None, module=learned_module(algo)))
                 learn = res.get("learners", {}).get("default_policy", {})
                 point = {
                     "method": method,
@@ -379,7 +383,7 @@ def train_learner(
                     tb.scalars(updates, {k: v for k, v in point.items() if k not in ("method",)})
                 if hit is None and ev.success_rate >= cfg.target_success:
                     hit = train_s
-        module = algo.get_module()
+        module = learned_module(algo)
     finally:
         algo.stop()
     return TrainedLearner(module, train_s, updates, curve, hit)
