@@ -51,6 +51,9 @@ def test_every_offline_method_runs_through_the_quick_preset(offline_run):
     assert by["cql_prior_uncached"]["train_lm_queries"] == card["transitions"]
     assert by["cql"]["train_lm_queries"] == 0 and by["bc"]["eval_lm_queries"] == 0
     assert by["direct_lm"]["eval_lm_queries"] > 0
+    # CQL-Prior acts on the posterior: the prior is asked at play time, as evaluation traffic
+    assert by["cql_prior_uncached"]["policy"] == "posterior" and by["cql"]["policy"] == "q"
+    assert by["cql_prior_uncached"]["eval_lm_queries"] > 0
     # every learner trained the updates asked for, and its settings are the chosen ones
     for m in ("bc", "cql", "cql_prior_uncached", "cql_prior_static", "cql_prior_adaptive"):
         assert by[m]["updates"] == cfg.train_iters * cfg.learner.iters_per_train, m

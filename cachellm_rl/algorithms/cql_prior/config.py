@@ -28,6 +28,9 @@ class OfflineLearnerSettings:
             learners).
         hidden: Q-network width.
         encoder: Q-network text encoder (``bag`` or ``gru``).
+        policy: How the trained agent acts: ``"q"`` (argmax of Q: no LM at play time) or
+            ``"posterior"`` (argmax of ``log p(a|s) + Q(s, a) / T``, the policy the KL-
+            regularised objective is optimal for; it asks the prior at every decision).
     """
 
     mode: str = "cql"
@@ -41,8 +44,11 @@ class OfflineLearnerSettings:
     iters_per_train: int = 10
     hidden: int = 128
     encoder: str = "bag"
+    policy: str = "q"
 
     def __post_init__(self) -> None:
+        if self.policy not in ("q", "posterior"):
+            raise ValueError(f"policy must be 'q' or 'posterior', got {self.policy!r}")
         if self.mode not in LEARNER_MODES:
             raise ValueError(f"mode must be one of {LEARNER_MODES}, got {self.mode!r}")
         if self.iters_per_train < 2:
@@ -94,8 +100,9 @@ def offline_algo_config(
         "hidden": s.hidden,
         "encoder": s.encoder,
         "exploration": "epsilon",
-        "inference": "q",
+        "inference": s.policy,
         "epsilon": [[0, 0.0]],
+        "posterior": {"prior_weight": 1.0, "schedule": "fixed", "temperature": s.temperature},
     }
     return (
         CQLConfig()

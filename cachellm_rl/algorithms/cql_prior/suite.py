@@ -107,6 +107,9 @@ class OfflineSuiteConfig:
             the uncached prior, and shared by the cache presets).
         target_success: The score of "training time to a stated score": the first learning-
             curve point with curve-game success at least this.
+        cql_prior_policy: How CQL-Prior acts: ``posterior`` (argmax of ``log p + Q / T``, the
+            prior asked through a fresh cache of the method's preset; its LM queries are
+            evaluation traffic) or ``q`` (argmax of Q, no LM at play time).
         max_episode_steps: Episode cap of evaluation (None: the env's default).
         progress: Progress bars.
     """
@@ -129,6 +132,7 @@ class OfflineSuiteConfig:
     cql_grid: tuple[dict, ...] = DEFAULT_CQL_GRID
     cql_prior_grid: tuple[dict, ...] = DEFAULT_CQL_PRIOR_GRID
     target_success: float = 0.5
+    cql_prior_policy: str = "posterior"
     max_episode_steps: int | None = None
     progress: bool = True
 
@@ -146,6 +150,8 @@ class OfflineSuiteConfig:
         for name in ("num_games", "curve_games", "num_valid_games", "dataset_episodes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OfflineSuiteConfig.{name} must be >= 0")
+        if self.cql_prior_policy not in ("q", "posterior"):
+            raise ValueError("cql_prior_policy must be 'q' or 'posterior'")
         for grid in (self.cql_grid, self.cql_prior_grid):
             if not grid:
                 raise ValueError("a hyper-parameter grid is empty")
@@ -320,6 +326,44 @@ def run_direct_lm(cfg: OfflineSuiteConfig, settings: MethodSettings, games) -> R
     return RunOutcome(_row("direct_lm", 0, res, extra), latency_miss=res.latency_miss)
 
 
+class PriorPlayer:
+    """Greedy play of a trained module, with the prior asked through a fresh cache actor of
+    ``preset`` when the module acts on the posterior (else a uniform prior: argmax of Q). Its
+    LM queries are evaluation traffic."""
+
+    def __init__(self, preset: str | None, settings: MethodSettings, name: str) -> None:
+        self.name, self.handle, self.client = name, None, None
+        if preset is not None:
+            from cachellm_rl.algorithms.ps_dqn.connectors import make_prior_client
+            from cachellm_rl.algorithms.ps_dqn.methods import connector_config_for
+
+            kill_cache(name, DEFAULT_NAMESPACE)
+            self.handle = start_cache(preset, settings, name, DEFAULT_NAMESPACE)
+            self.client = make_prior_client(connector_config_for(preset, settings, name))
+
+    def play(self, cfg: OfflineSuiteConfig, games: Sequence[str], module) -> GreedyResult:
+        """One greedy episode per game."""
+        return play(cfg, games, prior_chooser(self.client, module=module))
+
+    def lm_queries(self) -> int:
+        """LM queries of the plays so far."""
+        if self.handle is None:
+            return 0
+        return int(ray.get(self.handle.stats.remote()).as_flat_dict().get("lm_queries", 0))
+
+    def close(self) -> None:
+        """Removes the cache actor."""
+        if self.handle is not None:
+            self.handle = None
+            kill_cache(self.name, DEFAULT_NAMESPACE)
+
+
+def player_for(method: str, settings_l: OfflineLearnerSettings, settings: MethodSettings):
+    """The player of ``method``: through its preset's cache when it acts on the posterior."""
+    preset = OFFLINE_METHODS[method].cache if settings_l.policy == "posterior" else None
+    return PriorPlayer(preset, settings, f"offline-eval-{method}")
+
+
 def learner_settings(cfg: OfflineSuiteConfig, method: str, chosen: dict) -> OfflineLearnerSettings:
     """The learner settings of ``method``: the base, its mode and its chosen weights."""
     algo = OFFLINE_METHODS[method].algorithm
@@ -327,7 +371,9 @@ def learner_settings(cfg: OfflineSuiteConfig, method: str, chosen: dict) -> Offl
         return replace(cfg.learner, mode="bc", alpha_prior=0.0)
     point = chosen.get(algo, {})
     s = replace(cfg.learner, mode="cql", **point)
-    return s if algo == "cql_prior" else replace(s, alpha_prior=0.0)
+    if algo == "cql_prior":
+        return replace(s, policy=cfg.cql_prior_policy)
+    return replace(s, alpha_prior=0.0)
 
 
 @dataclass
@@ -350,6 +396,7 @@ def train_learner(
     *,
     curve_games: Sequence[str] = (),
     tb: TensorBoardLogger | None = None,
+    player: PriorPlayer | None = None,
 ) -> TrainedLearner:
     """Train one learner on its dataset, with greedy learning-curve points on ``curve_games``
     (their play is not counted in the training time)."""
@@ -367,9 +414,14 @@ def train_learner(
             train_s += time.perf_counter() - t0
             updates += settings.iters_per_train
             if curve_games and (it % cfg.eval_every_iters == 0 or it == cfg.train_iters):
-                ev = play(cfg, curve_games, prior_chooser(None, module=learned_module(algo)))
+                module = learned_module(algo)
+                ev = (
+                    player.play(cfg, curve_games, module)
+                    if player is not None
+                    else play(cfg, curve_games, prior_chooser(None, module=module))
+                )
                 learn = res.get("learners", {}).get("default_policy", {})
-                point = {
+                point: dict[str, Any] = {
                     "method": method,
                     "seed": seed,
                     "updates": updates,
@@ -380,7 +432,8 @@ def train_learner(
                 }
                 curve.append(point)
                 if tb is not None:
-                    tb.scalars(updates, {k: v for k, v in point.items() if k not in ("method",)})
+                    keys = ("train_s", "curve_success", "loss", "kl_to_prior")
+                    tb.scalars(updates, {k: point[k] for k in keys})
                 if hit is None and ev.success_rate >= cfg.target_success:
                     hit = train_s
         module = learned_module(algo)
@@ -405,12 +458,14 @@ def run_learner(
     games: Sequence[str],
     train_games: Sequence[str],
     out: Path,
+    method_settings: MethodSettings,
 ) -> RunOutcome:
     """Train ``method`` with seed ``seed`` and play it greedily on the test games."""
     settings = learner_settings(cfg, method, chosen)
     cache = OFFLINE_METHODS[method].cache
     t0 = time.perf_counter()
     tb = TensorBoardLogger(out / "tb" / f"{method}-s{seed}")
+    player = player_for(method, settings, method_settings)
     try:
         trained = train_learner(
             cfg,
@@ -420,10 +475,14 @@ def run_learner(
             train_games,
             curve_games=games[: cfg.curve_games],
             tb=tb,
+            player=player,
         )
+        curve_lm = player.lm_queries()
+        res = player.play(cfg, games, trained.module)
+        eval_lm = player.lm_queries() - curve_lm
     finally:
         tb.close()
-    res = play(cfg, games, prior_chooser(None, module=trained.module))
+        player.close()
     ann = cards.get(cache, {}).get("annotation", {})
     extra = {
         "dataset": cfg.dataset,
@@ -440,7 +499,11 @@ def run_learner(
         ),
         "annotation_audits": ann.get("audits"),
         "annotation_audits_wrong": ann.get("audits_wrong"),
-        "eval_lm_queries": 0,  # the learned policy is the argmax of Q: no LM at play time
+        # the final evaluation's LM queries (0 when the policy is the argmax of Q); the
+        # learning curves' are apart
+        "eval_lm_queries": eval_lm,
+        "curve_lm_queries": curve_lm,
+        "policy": settings.policy,
         "wall_s": time.perf_counter() - t0,
     }
     return RunOutcome(_row(method, seed, res, extra), curve=trained.curve)
@@ -448,7 +511,12 @@ def run_learner(
 
 # -- hyper-parameter selection ----------------------------------------------------------------
 def select_hyperparameters(
-    cfg: OfflineSuiteConfig, out: Path, train_games: Sequence[str], *, log=print
+    cfg: OfflineSuiteConfig,
+    out: Path,
+    train_games: Sequence[str],
+    settings: MethodSettings,
+    *,
+    log=print,
 ) -> dict:
     """Choose ``cql``'s and CQL-Prior's weights on the valid games (seed 0, greedy success,
     ties to the earlier grid point); resumable through ``out/selection.json``."""
@@ -473,9 +541,13 @@ def select_hyperparameters(
             sel["chosen"].pop(family, None)
         scores = sel["scores"][family]
         for point in grid_l[len(scores) :]:
-            settings = learner_settings(cfg, proxy, {family: point})
-            trained = train_learner(cfg, proxy, 0, settings, train_games)
-            res = play(cfg, valid, prior_chooser(None, module=trained.module))
+            learner = learner_settings(cfg, proxy, {family: point})
+            trained = train_learner(cfg, proxy, 0, learner, train_games)
+            player = player_for(proxy, learner, settings)
+            try:
+                res = player.play(cfg, valid, trained.module)
+            finally:
+                player.close()
             scores.append({"point": point, "valid_success": res.success_rate})
             log(f"selection {family} {point}: valid success {res.success_rate:.2f}")
             write_json(path, sel)
@@ -490,6 +562,7 @@ AVERAGED_KEYS = (
     "return_mean",
     "train_lm_queries",
     "eval_lm_queries",
+    "curve_lm_queries",
     "annotation_hit_rate",
     "train_s",
     "updates",
@@ -676,7 +749,7 @@ def run_offline_suite(
     train_games = split_games(cfg, "train", 0)
     write_json(out / "config.json", {"suite": asdict(cfg), "games": games, "protocol": "offline"})
     cards = prepare_data(cfg, settings, log=log)
-    chosen = select_hyperparameters(cfg, out, train_games, log=log)
+    chosen = select_hyperparameters(cfg, out, train_games, settings, log=log)
     methods = [*REFERENCE_METHODS.values(), *(OFFLINE_METHODS[m] for m in cfg.methods)]
     plan = suite_layer.planned_runs(methods, cfg.seeds)
 
@@ -685,7 +758,7 @@ def run_offline_suite(
             return run_reference(cfg, method, seed, games)
         if method == "direct_lm":
             return run_direct_lm(cfg, settings, games)
-        return run_learner(cfg, method, seed, chosen, cards, games, train_games, out)
+        return run_learner(cfg, method, seed, chosen, cards, games, train_games, out, settings)
 
     return suite_layer.run_suite(
         out,
