@@ -335,6 +335,9 @@ def test_epsilon_and_annealing_follow_the_runs_budget_in_global_steps():
     # depend on how many env runners sample.
     assert cfg.model_config["epsilon"] == [[0, 1.0], [4000, s.epsilon_final]]
     assert cfg.model_config["posterior"]["anneal_env_steps"] == 2000
+    # A sample() call that outlasts RLlib's timeout is dropped after the runner stepped: the
+    # episode chunk is lost and the replay buffer asserts on the next chunk (seen on ALFWorld).
+    assert cfg.sample_timeout_s is None
 
 
 def test_frozen_q_is_uncached_with_learning_rate_zero():

@@ -329,6 +329,11 @@ def algo_config_for(
             rollout_fragment_length=s.rollout_fragment_length,
             # RLlib's annotation says int; fractions are what small machines need, and work.
             num_cpus_per_env_runner=s.num_cpus_per_env_runner,  # type: ignore[arg-type]
+            # RLlib drops a sample() result that outlasts sample_timeout_s (60 s by default);
+            # the runner has already stepped, so the episode chunk is lost and the replay
+            # buffer later fails to concatenate the episode's next chunk (an AssertionError in
+            # concat_episode). Slow engines (ALFWorld resets, a loaded machine) get there.
+            sample_timeout_s=None,
         )
         .prior(connector)
         .training(
