@@ -20,12 +20,12 @@ $(VENV)/.installed: $(PY) pyproject.toml
 venv install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests cachellm_rl --doctest-modules $(TEST_ARGS)
+	$(PY) -m pytest tests cachellm_rl tune_spaces --doctest-modules $(TEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy cachellm_rl
+	$(PY) -m mypy cachellm_rl tune_spaces
 
 # The install is timed apart from the demo itself.
 demo:

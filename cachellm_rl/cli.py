@@ -508,5 +508,57 @@ def evaluate(
         json_out.write_text(json.dumps(res, indent=1))
 
 
+@app.command("tune")
+@user_errors
+def tune_command(
+    space: Annotated[
+        str, typer.Option(help="Search space in tune_spaces: cache_meta, posterior, ...")
+    ] = "cache_meta",
+    env: Annotated[str, typer.Option(help="Environment the trials train on.")] = "textworld",
+    method: Annotated[str, typer.Option(help="Cached method to tune.")] = "adaptive",
+    num_samples: Annotated[int, typer.Option(help="Trials.")] = 8,
+    trial_env_steps: Annotated[int, typer.Option(help="Env steps per trial.")] = 3000,
+    num_games: Annotated[int, typer.Option(help="Valid-split games (0 = all).")] = 10,
+    lambda_q: Annotated[
+        float, typer.Option(help="Objective: success - lambda_q * LM queries per decision.")
+    ] = 0.2,
+    searcher: Annotated[str, typer.Option(help="optuna or random.")] = "optuna",
+    max_concurrent: Annotated[int, typer.Option(help="Trials at once.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of every trial.")] = 0,
+    games: Annotated[Path | None, typer.Option(help="Game suite folder.")] = None,
+    prior_model: Annotated[Path | None, typer.Option(help="Prior model folder.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results folder (resumes if there).")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Library logs.")] = False,
+) -> None:
+    """Ray Tune sweep of a cached method's settings on the valid games (writes best.json,
+    which `experiments/text_suite.py --settings` reads). See docs/tuning.md."""
+    from cachellm_rl.results import new_results_dir
+    from cachellm_rl.tuning import SweepConfig, sweep_main
+
+    _check_env_option(env)
+    if prior_model is not None and not (prior_model / "config.json").is_file():
+        raise ValueError(f"--prior-model {prior_model} holds no model")
+    cfg = SweepConfig(
+        env=env,
+        space=space,
+        method=method,
+        num_samples=num_samples,
+        trial_env_steps=trial_env_steps,
+        num_games=num_games,
+        seed=seed,
+        lambda_q=lambda_q,
+        searcher=searcher,
+        max_concurrent_trials=max_concurrent,
+        games_dir=str(games) if games else None,
+        prior_model=str(prior_model) if prior_model else None,
+    )
+    folder = new_results_dir(f"tune-{space}", out)
+    code = sweep_main(cfg, folder, verbose=verbose, num_cpus=num_cpus, progress=progress)
+    if code:
+        raise typer.Exit(code=code)
+
+
 if __name__ == "__main__":
     app()

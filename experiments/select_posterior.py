@@ -110,8 +110,9 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
     import ray
     from ray import serve
 
+    from cachellm_rl.algorithms.ps_dqn.suite import ensure_inputs
     from cachellm_rl.config import init_ray
-    from experiments.text_suite import ensure_inputs, run_env
+    from experiments.text_suite import run_env
 
     base = preset(
         "full",

@@ -19,7 +19,6 @@ run. See docs/results.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -29,12 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / job dir
 
-from cachellm_rl.algorithms.ps_dqn.methods import METHODS
+from cachellm_rl.algorithms.ps_dqn.methods import METHODS, settings_with
 from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES, PosteriorConfig
 from cachellm_rl.algorithms.ps_dqn.suite import (
     PRESETS,
     PROTOCOLS,
     TextSuiteConfig,
+    ensure_inputs,
     preset,
     run_text_suite,
     write_env_summary,
@@ -49,6 +49,8 @@ from cachellm_rl.argparsing import (
 from cachellm_rl.envs.registry import TEXT_ENVS
 from cachellm_rl.logs import run_log
 from cachellm_rl.results import new_results_dir
+from cachellm_rl.tuning import read_settings_file
+from tune_spaces import PRIOR_TEMPERATURE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="selection.json of experiments/select_posterior.py (beta, T, n-step chosen on valid)",
+    )
+    p.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="best.json of a Tune sweep (experiments/tune_cache.py): its settings, applied to "
+        "every method of the run before the explicit options below",
     )
     p.add_argument("--prior-weight", type=float, default=None, help="beta of the posterior")
     p.add_argument("--schedule", choices=TEMPERATURE_SCHEDULES, default=None, help="T schedule")
@@ -97,25 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_suite_envs(p, args)
     return args
-
-
-def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool, console=None) -> None:
-    """Generate the env's games and train its default prior when they are missing (their
-    progress bars go to ``console``)."""
-    from cachellm_rl.envs.registry import has_games, make_games
-
-    games, prior = Path(str(cfg.games_dir)), Path(str(cfg.prior_model))
-    with contextlib.redirect_stderr(console or sys.stderr):
-        if not has_games(cfg.env, games):
-            print(f"generating the {cfg.env} game suite into {games} ...", file=sys.stderr)
-            make_games(cfg.env, games, progress=progress)
-        if not (prior / "config.json").is_file():
-            print(f"training the {cfg.env} default prior into {prior} ...", file=sys.stderr)
-            from cachellm_rl.prior.embedded import train_embedded_prior
-
-            train_embedded_prior(
-                cfg.env, games_dir=games, out_dir=prior, evaluate=False, progress=progress
-            )
 
 
 def run_env(cfg: TextSuiteConfig, out: Path, console=None) -> dict:
@@ -163,6 +153,12 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, posterior=PosteriorConfig.from_dict(selection["chosen"]))
             if "chosen_n_step" in selection:
                 s = replace(s, n_step=int(selection["chosen_n_step"]))
+        if args.settings is not None:
+            overrides = read_settings_file(args.settings)
+            t_prior = overrides.pop(PRIOR_TEMPERATURE, None)
+            s = settings_with(s, overrides)
+            if t_prior is not None and args.prior_temperature is None:
+                cfg = replace(cfg, prior_temperature=float(t_prior))
         post = {
             "prior_weight": args.prior_weight,
             "schedule": args.schedule,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import ray
@@ -280,6 +280,69 @@ def connector_config_for(method: str, s: MethodSettings, cache_name: str) -> Pri
         use_embeddings=method not in UNCACHED_METHODS and method != "exact_only",
         follow_cache_encoder=method == "adaptive" and s.state_encoder_dir is not None,
     )
+
+
+NESTED_SETTINGS = ("meta", "correctness", "posterior")
+
+
+def settings_with(s: MethodSettings, overrides: dict) -> MethodSettings:
+    """``s`` with dotted-key overrides, as Tune spaces and ``best.json`` files write them.
+
+    ``"lr"`` sets a field of :class:`MethodSettings`; ``"meta.rho_min"``,
+    ``"correctness.explore_probability"``, ``"posterior.prior_weight"`` set a field of the
+    nested config. Integer fields take integers (Tune samples floats for some of them).
+
+    Raises:
+        ValueError: An unknown key, or a value the settings refuse.
+
+    Example:
+        >>> settings_with(MethodSettings(), {"meta.rho_min": 0.03}).meta.rho_min
+        0.03
+    """
+    top: dict = {}
+    nested: dict[str, dict] = {}
+    for key, value in overrides.items():
+        head, _, leaf = key.partition(".")
+        if leaf:
+            if head not in NESTED_SETTINGS or "." in leaf:
+                raise ValueError(f"unknown setting {key!r} (nested: {', '.join(NESTED_SETTINGS)})")
+            nested.setdefault(head, {})[leaf] = value
+        else:
+            top[key] = value
+    names = {f.name: f for f in fields(MethodSettings)}
+    for key, value in top.items():
+        if key not in names or key in NESTED_SETTINGS:
+            raise ValueError(f"unknown setting {key!r}")
+        top[key] = _cast_like(getattr(s, key), value, key)
+    for head, values in nested.items():
+        sub = getattr(s, head)
+        sub_names = {f.name for f in fields(sub)}
+        for leaf, value in values.items():
+            if leaf not in sub_names:
+                raise ValueError(f"unknown setting '{head}.{leaf}'")
+            values[leaf] = _cast_like(getattr(sub, leaf), value, f"{head}.{leaf}")
+        top[head] = replace(sub, **values)
+    return replace(s, **top)
+
+
+def _cast_like(current, value, key: str):
+    """``value`` in the type of ``current`` (ints stay ints; bools and strings are not cast).
+
+    Raises:
+        ValueError: ``value`` is not a number where ``current`` is one.
+    """
+    if isinstance(current, int | float) and not isinstance(current, bool):
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {key} takes a number, got {value!r}") from None
+    if isinstance(current, bool | str) or current is None:
+        return value
+    if isinstance(current, int):
+        return round(float(value))
+    if isinstance(current, float):
+        return float(value)
+    return value
 
 
 def posterior_for_run(s: MethodSettings, total_env_steps: int) -> PosteriorConfig:

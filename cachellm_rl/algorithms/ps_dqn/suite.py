@@ -16,9 +16,11 @@ stratified-bootstrap 95% CIs over (game, seed) from rliable (:mod:`cachellm_rl.s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -210,6 +212,25 @@ def training_games(cfg: TextSuiteConfig, eval_games: Sequence[str]) -> list[str]
 
     games = env_split_games(cfg.env, str(cfg.games_dir), cfg.train_split)
     return games[: cfg.num_train_games] if cfg.num_train_games else games
+
+
+def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool, console=None) -> None:
+    """Generate the env's games and train its default prior when they are missing (their
+    progress bars go to ``console``)."""
+    from cachellm_rl.envs.registry import has_games, make_games
+
+    games, prior = Path(str(cfg.games_dir)), Path(str(cfg.prior_model))
+    with contextlib.redirect_stderr(console or sys.stderr):
+        if not has_games(cfg.env, games):
+            print(f"generating the {cfg.env} game suite into {games} ...", file=sys.stderr)
+            make_games(cfg.env, games, progress=progress)
+        if not (prior / "config.json").is_file():
+            print(f"training the {cfg.env} default prior into {prior} ...", file=sys.stderr)
+            from cachellm_rl.prior.embedded import train_embedded_prior
+
+            train_embedded_prior(
+                cfg.env, games_dir=games, out_dir=prior, evaluate=False, progress=progress
+            )
 
 
 def env_config_for(cfg: TextSuiteConfig, games: Sequence[str], seed: int) -> dict:
