@@ -46,6 +46,56 @@ def add_suite_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default 2)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--prior-device", default="auto", help="the prior's device: auto, cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--prior-num-gpus",
+        type=float,
+        default=0.0,
+        help="GPUs each Serve replica of the prior reserves (0.25: four replicas share one GPU)",
+    )
+    p.add_argument("--prior-replicas", type=int, default=1, help="Serve replicas of the prior")
+
+
+def check_prior_deployment(p: ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks ``--prior-device``, ``--prior-num-gpus`` and ``--prior-replicas``."""
+    try:
+        prior_server_config(args, model_dir="x", prior_temperature=1.0)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def prior_server_config(args: argparse.Namespace, *, model_dir: str, prior_temperature: float):
+    """The Serve deployment of the prior a suite script asks for.
+
+    Raises:
+        ValueError: A device other than auto/cpu/cuda[:N], a negative GPU share, no replica, or
+            ``cuda`` without a GPU share (a replica sees a GPU only when it reserves one).
+    """
+    from cachellm_rl.prior.scoring import ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig
+
+    device = args.prior_device
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ValueError(f"--prior-device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if args.prior_num_gpus < 0:
+        raise ValueError(f"--prior-num-gpus must be >= 0, got {args.prior_num_gpus}")
+    if args.prior_replicas < 1:
+        raise ValueError(f"--prior-replicas must be >= 1, got {args.prior_replicas}")
+    if device.startswith("cuda") and args.prior_num_gpus <= 0:
+        raise ValueError(
+            "--prior-device cuda needs --prior-num-gpus > 0 (a Serve replica sees a GPU only "
+            "when it reserves a share of one)"
+        )
+    return PriorServerConfig(
+        scorer=ScorerConfig(
+            model_dir=model_dir, device=device, prior_temperature=prior_temperature
+        ),
+        num_cpus=0,
+        num_gpus=args.prior_num_gpus,
+        num_replicas=args.prior_replicas,
+    )
 
 
 def check_suite_envs(p: ArgumentParser, args: argparse.Namespace) -> None:
@@ -64,6 +114,7 @@ def check_suite_envs(p: ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--envs lists an env twice: {args.envs}")
     if len(args.envs) > 1 and (args.games or args.prior_model):
         p.error("--games and --prior-model apply to one env; each env uses its defaults")
+    check_prior_deployment(p, args)
 
 
 @contextlib.contextmanager

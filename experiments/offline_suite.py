@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(cfgs: list[OfflineSuiteConfig], args, out: Path, console) -> int:
     from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
-    from cachellm_rl.prior.scoring import ScorerConfig
-    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+    from cachellm_rl.argparsing import prior_server_config
+    from cachellm_rl.prior.server import deploy_prior_server
     from cachellm_rl.suite import write_env_summary
 
     t0 = time.perf_counter()
@@ -154,12 +154,13 @@ def run_all(cfgs: list[OfflineSuiteConfig], args, out: Path, console) -> int:
         deployed = None
         for cfg in cfgs:
             if deployed != (cfg.prior_model, cfg.prior_temperature):
-                scorer = ScorerConfig(
-                    model_dir=str(cfg.prior_model),
-                    device="auto",
-                    prior_temperature=cfg.prior_temperature,
+                deploy_prior_server(
+                    prior_server_config(
+                        args,
+                        model_dir=str(cfg.prior_model),
+                        prior_temperature=cfg.prior_temperature,
+                    )
                 )
-                deploy_prior_server(PriorServerConfig(scorer=scorer, num_cpus=0))
                 deployed = (cfg.prior_model, cfg.prior_temperature)
             key = f"{cfg.env}-{cfg.dataset}"
             sub = out if len(cfgs) == 1 else out / key

@@ -43,6 +43,7 @@ from cachellm_rl.argparsing import (
     ArgumentParser,
     add_suite_arguments,
     check_suite_envs,
+    prior_server_config,
     suite_ray,
     user_error,
 )
@@ -100,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "experiments/cache_fidelity.py) or a learned-encoder folder",
     )
     p.add_argument("--delta", type=float, default=None, help="adaptive's error budget (0.05)")
+    p.add_argument(
+        "--env-runner-resource",
+        default=None,
+        help="custom Ray resource each env runner reserves one unit of (pins env runners to "
+        "the nodes that advertise it, e.g. `rollout` in cluster.yaml)",
+    )
     p.add_argument("--split", default=None, help="evaluation split (default: test)")
     p.add_argument("--eval-every", type=int, default=None, help="greedy eval every N env steps")
     add_suite_arguments(p)
@@ -108,19 +115,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_env(cfg: TextSuiteConfig, out: Path, console=None) -> dict:
+def run_env(cfg: TextSuiteConfig, out: Path, console=None, args=None) -> dict:
     """Deploy the env's prior behind Serve (replacing the previous env's) and run the suite."""
-    from cachellm_rl.prior.scoring import ScorerConfig
-    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+    from cachellm_rl.prior.server import deploy_prior_server
 
+    deploy = argparse.Namespace(prior_device="auto", prior_num_gpus=0.0, prior_replicas=1)
     deploy_prior_server(
-        PriorServerConfig(
-            scorer=ScorerConfig(
-                model_dir=str(cfg.prior_model),
-                device="auto",
-                prior_temperature=cfg.prior_temperature,
-            ),
-            num_cpus=0,
+        prior_server_config(
+            args or deploy,
+            model_dir=str(cfg.prior_model),
+            prior_temperature=cfg.prior_temperature,
         )
     )
     return run_text_suite(cfg, out, console=console)
@@ -178,6 +182,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, n_step_tail=args.n_step_tail)
         if args.training_intensity is not None:
             s = replace(s, training_intensity=args.training_intensity)
+        if args.env_runner_resource:
+            s = replace(s, env_runner_resource=args.env_runner_resource)
         if args.delta is not None:
             s = replace(s, correctness=replace(s.correctness, delta=args.delta))
         if args.state_encoder != "minilm":
@@ -222,7 +228,7 @@ def run_all(cfgs: list[TextSuiteConfig], args: argparse.Namespace, out: Path, co
         for cfg in cfgs:
             env_out = out if len(cfgs) == 1 else out / cfg.env
             env_out.mkdir(parents=True, exist_ok=True)
-            summaries[cfg.env] = run_env(cfg, env_out, console)
+            summaries[cfg.env] = run_env(cfg, env_out, console, args)
             print((env_out / "table.md").read_text(), file=console, flush=True)
     if len(cfgs) > 1:
         print(write_env_summary(out, summaries), file=console)

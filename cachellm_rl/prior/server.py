@@ -134,6 +134,20 @@ class PriorServer:
         }
 
 
+def prior_application(config: PriorServerConfig):
+    """The bound Serve application of :class:`PriorServer`: ``num_replicas`` replicas, each
+    reserving ``num_cpus`` and ``num_gpus`` (a fraction lets replicas share one GPU)."""
+    actor_options = {"num_cpus": config.num_cpus, **config.extra_actor_options}
+    if config.num_gpus:
+        actor_options["num_gpus"] = config.num_gpus
+    # mypy does not apply class decorators: @serve.deployment made PriorServer a Deployment.
+    return PriorServer.options(  # type: ignore[attr-defined]
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options=actor_options,
+    ).bind(config)
+
+
 def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_PRIOR_APP):
     """Start Serve (proxy off unless ``config.http``) and deploy :class:`PriorServer`.
 
@@ -148,17 +162,8 @@ def deploy_prior_server(config: PriorServerConfig, *, app_name: str = DEFAULT_PR
         serve.start(http_options={"host": "127.0.0.1"})
     else:
         serve.start(proxy_location="Disabled")
-    actor_options = {"num_cpus": config.num_cpus, **config.extra_actor_options}
-    if config.num_gpus:
-        actor_options["num_gpus"] = config.num_gpus
-    # mypy does not apply class decorators: @serve.deployment made PriorServer a Deployment.
-    app = PriorServer.options(  # type: ignore[attr-defined]
-        num_replicas=config.num_replicas,
-        max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options=actor_options,
-    ).bind(config)
     return serve.run(
-        app,
+        prior_application(config),
         name=app_name,
         route_prefix="/prior" if config.http else None,
         logging_config={"enable_access_log": False},

@@ -129,6 +129,9 @@ class MethodSettings:
         num_envs_per_env_runner: Sub-envs per env runner (rows of one actor call).
         rollout_fragment_length: Env steps per sub-env per sample call.
         num_cpus_per_env_runner: CPUs reserved per env runner.
+        env_runner_resource: A custom Ray resource each remote env runner reserves one unit
+            of, to pin env runners to the nodes that advertise it (e.g. ``rollout`` on the
+            CPU workers of ``cluster.yaml``); None: anywhere.
         env_steps_per_iteration: Env steps per ``algo.train()`` (one learning-curve point).
         prior_app: Name of the ``PriorServer`` Serve application the cache actors ask.
     """
@@ -168,6 +171,7 @@ class MethodSettings:
     num_envs_per_env_runner: int = 4
     rollout_fragment_length: int = 8
     num_cpus_per_env_runner: float = 0.5
+    env_runner_resource: str | None = None
     env_steps_per_iteration: int = 250
     prior_app: str = DEFAULT_PRIOR_APP
 
@@ -397,6 +401,9 @@ def algo_config_for(
             # buffer later fails to concatenate the episode's next chunk (an AssertionError in
             # concat_episode). Slow engines (ALFWorld resets, a loaded machine) get there.
             sample_timeout_s=None,
+            custom_resources_per_env_runner=(
+                {s.env_runner_resource: 1} if s.env_runner_resource else {}
+            ),
         )
         .prior(connector)
         .training(
