@@ -35,9 +35,34 @@ def user_error(prog: str, message: str) -> int:
     return 2
 
 
+def suite_seeds(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The seeds ``--seeds N --first-seed F`` name (``F..F+N-1``); None: the preset's.
+
+    Raises:
+        ValueError: A negative first seed, or ``--first-seed`` without ``--seeds``.
+
+    Example:
+        >>> suite_seeds(argparse.Namespace(seeds=3, first_seed=100))
+        (100, 101, 102)
+    """
+    first = int(getattr(args, "first_seed", 0) or 0)
+    if first < 0:
+        raise ValueError(f"--first-seed must be >= 0, got {first}")
+    if not args.seeds:
+        if first:
+            raise ValueError("--first-seed needs --seeds N")
+        return None
+    if args.seeds < 0:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    return tuple(range(first, first + args.seeds))
+
+
 def add_suite_arguments(p: argparse.ArgumentParser) -> None:
     """The options every suite script shares: seeds, games, prior, logs, Ray and output."""
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are FIRST..FIRST+N-1 (fresh seeds)"
+    )
     p.add_argument("--num-games", type=int, default=None, help="evaluation games (0 = all)")
     p.add_argument("--games", type=Path, default=None, help="game suite (one env only)")
     p.add_argument("--prior-model", type=Path, default=None, help="HF model dir (one env only)")

@@ -267,6 +267,75 @@ def space_temperatures(param_space: Mapping[str, Any]) -> list[float]:
     return [float(v) for v in getattr(dom, "categories", [dom])]
 
 
+def meta_reward_matrix(
+    rows: Sequence[Mapping[str, Any]],
+    method: str,
+    games: Sequence[str],
+    seeds: Sequence[int],
+    lambda_q: float,
+) -> np.ndarray | None:
+    """``(len(seeds), len(games))`` meta-rewards of a text-suite run: each cell the greedy
+    success on the game minus ``lambda_q`` times the seed's training LM queries per training
+    decision (one decision per env step). None while a seed is missing.
+
+    Example:
+        >>> rows = [{"method": "adaptive", "seed": 7, "train_lm_queries": 50,
+        ...          "train_env_steps": 100, "per_game_success": {"g1": 1.0, "g2": 0.0}}]
+        >>> meta_reward_matrix(rows, "adaptive", ["g1", "g2"], [7], 0.2).tolist()
+        [[0.9, -0.1]]
+    """
+    from cachellm_rl.stats import score_matrix
+
+    success = score_matrix(rows, method, games, seeds)
+    if success is None:
+        return None
+    by_seed = {int(r["seed"]): r for r in rows if r["method"] == method}
+    qpd = np.array(
+        [by_seed[s]["train_lm_queries"] / max(1, by_seed[s]["train_env_steps"]) for s in seeds]
+    )
+    return np.round(success - lambda_q * qpd[:, None], 12)
+
+
+def confirmation_report(
+    default_rows: Sequence[Mapping[str, Any]],
+    tuned_rows: Sequence[Mapping[str, Any]],
+    *,
+    method: str,
+    games: Sequence[str],
+    seeds: Sequence[int],
+    lambda_q: float,
+    reps: int = 5000,
+) -> dict[str, Any]:
+    """Paired comparison of a tuned run against the default settings on the same games and
+    seeds: meta-reward and success differences (tuned - default) with 95% stratified-bootstrap
+    CIs over (game, seed), probability of improvement, and each side's means.
+
+    Raises:
+        ValueError: A run misses a seed or a game.
+    """
+    from cachellm_rl.stats import compare, score_matrix
+
+    out: dict[str, Any] = {"method": method, "games": len(games), "seeds": list(seeds)}
+    for name, fn in (
+        (METRIC, lambda rows: meta_reward_matrix(rows, method, games, seeds, lambda_q)),
+        ("success", lambda rows: score_matrix(rows, method, games, seeds)),
+    ):
+        tuned, default = fn(tuned_rows), fn(default_rows)
+        if tuned is None or default is None:
+            raise ValueError(f"the {method} runs do not cover every seed {list(seeds)} and game")
+        out[name] = {
+            "tuned": float(tuned.mean()),
+            "default": float(default.mean()),
+            **compare(tuned, default, reps=reps),
+        }
+    for side, rows in (("tuned", tuned_rows), ("default", default_rows)):
+        mine = [r for r in rows if r["method"] == method and int(r["seed"]) in set(seeds)]
+        q = sum(int(r["train_lm_queries"]) for r in mine)
+        n = sum(int(r["train_env_steps"]) for r in mine)
+        out[f"{side}_queries_per_decision"] = q / n if n else None
+    return out
+
+
 # --------------------------------------------------------------------------- Ray shell
 
 

@@ -41,6 +41,7 @@ from cachellm_rl.argparsing import (
     add_suite_arguments,
     check_suite_envs,
     suite_ray,
+    suite_seeds,
     user_error,
 )
 from cachellm_rl.envs.registry import TEXT_ENVS, has_games
@@ -99,7 +100,7 @@ def build_configs(args: argparse.Namespace) -> list[OfflineSuiteConfig]:
                 env=env,
                 dataset=dataset,
                 methods=tuple(_csv(args.methods)),
-                seeds=tuple(range(args.seeds)) if args.seeds else None,
+                seeds=suite_seeds(args),
                 train_iters=args.train_iters,
                 num_games=args.num_games,
                 num_valid_games=args.num_valid_games,

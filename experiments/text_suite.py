@@ -45,6 +45,7 @@ from cachellm_rl.argparsing import (
     check_suite_envs,
     prior_server_config,
     suite_ray,
+    suite_seeds,
     user_error,
 )
 from cachellm_rl.envs.registry import TEXT_ENVS
@@ -138,7 +139,7 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             args.preset,
             env=env,
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-            seeds=tuple(range(args.seeds)) if args.seeds else None,
+            seeds=suite_seeds(args),
             env_steps=args.env_steps,
             num_games=args.num_games,
             split=args.split,

@@ -82,6 +82,7 @@ class PriorCacheClient:
         self._actor = None
         self._prior_version: str | None = None
         self.calls = 0
+        self.owned_actor = None  # a handle that keeps a runner-owned cache actor alive
         self.last_encode_s = 0.0  # seconds the last build_queries spent encoding
 
     @property

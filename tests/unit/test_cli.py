@@ -162,3 +162,21 @@ def test_prior_finetune_saves_an_adapter_beside_the_model(tiny_model_dir, tw_sui
         with_adapter.model_version
         != CandidateScorer(ScorerConfig(model_dir=str(base))).model_version
     )
+
+
+def test_fresh_seeds_flags_name_the_seeds_or_refuse_in_one_line(capsys):
+    import argparse
+
+    import pytest
+
+    from cachellm_rl.argparsing import suite_seeds
+
+    assert suite_seeds(argparse.Namespace(seeds=2, first_seed=100)) == (100, 101)
+    assert suite_seeds(argparse.Namespace(seeds=None, first_seed=0)) is None
+    with pytest.raises(ValueError, match="--first-seed needs --seeds"):
+        suite_seeds(argparse.Namespace(seeds=None, first_seed=5))
+    from experiments.text_suite import main
+
+    assert main(["--first-seed", "3", "--envs", "textworld"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["text_suite.py: error: --first-seed needs --seeds N"]

@@ -15,7 +15,9 @@ from cachellm_rl.tuning import (
     METRIC,
     SweepConfig,
     best_record,
+    confirmation_report,
     meta_reward,
+    meta_reward_matrix,
     objective_plot,
     read_settings_file,
     space_temperatures,
@@ -142,3 +144,47 @@ def test_settings_file_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps({"best": 1}))
     with pytest.raises(ValueError, match="no 'settings'"):
         read_settings_file(bad)
+
+
+def _suite_rows(method, seeds, success_by_seed, queries):
+    return [
+        {
+            "method": method,
+            "seed": s,
+            "train_lm_queries": queries,
+            "train_env_steps": 1000,
+            "per_game_success": dict(zip(["g1", "g2", "g3"], success_by_seed[i], strict=True)),
+        }
+        for i, s in enumerate(seeds)
+    ]
+
+
+def test_confirmation_compares_tuned_and_default_paired_on_meta_reward():
+    seeds = [100, 101]
+    default = _suite_rows("adaptive", seeds, [[1, 0, 0], [0, 1, 0]], 500)
+    tuned = _suite_rows("adaptive", seeds, [[1, 0, 0], [0, 1, 0]], 100)  # same wins, fewer calls
+    rep = confirmation_report(
+        default, tuned, method="adaptive", games=["g1", "g2", "g3"], seeds=seeds, lambda_q=0.2,
+        reps=200,
+    )  # fmt: skip
+    # same success; meta-reward better by 0.2 * (0.5 - 0.1) = 0.08 in every cell
+    assert rep["success"]["difference"]["value"] == pytest.approx(0.0)
+    diff = rep[METRIC]["difference"]
+    assert diff["value"] == pytest.approx(0.08) and diff["low"] == pytest.approx(0.08)
+    assert rep["tuned_queries_per_decision"] == pytest.approx(0.1)
+    assert rep["default_queries_per_decision"] == pytest.approx(0.5)
+    worse = _suite_rows("adaptive", seeds, [[0, 0, 0], [0, 0, 0]], 100)
+    rep = confirmation_report(
+        default, worse, method="adaptive", games=["g1", "g2", "g3"], seeds=seeds, lambda_q=0.2,
+        reps=200,
+    )  # fmt: skip
+    assert rep[METRIC]["difference"]["value"] < 0
+
+
+def test_confirmation_refuses_runs_that_miss_a_seed():
+    default = _suite_rows("adaptive", [100], [[1, 0, 0]], 500)
+    with pytest.raises(ValueError, match="do not cover"):
+        confirmation_report(
+            default, default, method="adaptive", games=["g1"], seeds=[100, 101], lambda_q=0.2
+        )
+    assert meta_reward_matrix(default, "adaptive", ["g1"], [101], 0.2) is None

@@ -25,7 +25,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
 from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_HIT_RATE, OBS_PRIOR_LOGP
-from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
+from cachellm_rl.cache.actor import (
+    DEFAULT_CACHE_NAME,
+    DEFAULT_NAMESPACE,
+    SharedCacheConfig,
+    get_or_create_cache,
+)
 from cachellm_rl.cache.client import CacheActorUnavailable
 from cachellm_rl.contracts import LatencyHistogram
 from cachellm_rl.envs.text_env import (
@@ -64,6 +69,10 @@ class PriorConnectorConfig:
             Terminal observations never need one: every target multiplies it by 0.
         follow_cache_encoder: Embed states with the learned encoder the cache actor holds (and
             follow its versions); MiniLM when the cache holds none.
+        own_cache: Isolated caches, a scaling baseline: each env runner creates and uses its
+            own cache actor with these settings, named ``<cache_name>-<pid>`` (see
+            :func:`own_cache_name`), instead of the shared one. None (the default): the shared
+            cache.
     """
 
     mode: str = "cache"
@@ -75,6 +84,7 @@ class PriorConnectorConfig:
     encoder_max_tokens: int | None = 128
     query_final_observations: bool = False
     follow_cache_encoder: bool = False
+    own_cache: SharedCacheConfig | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in PRIOR_MODES:
@@ -98,6 +108,7 @@ class PriorConnectorReport:
     sources: dict[str, int] = field(default_factory=dict)
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency_call: LatencyHistogram = field(default_factory=LatencyHistogram)
     hit_rate_ema: float = 0.0
     connector_s: float = 0.0
     actor_call_s: float = 0.0
@@ -120,6 +131,7 @@ class PriorConnectorReport:
             },
             latency_hit=self.latency_hit.merged(other.latency_hit),
             latency_miss=self.latency_miss.merged(other.latency_miss),
+            latency_call=self.latency_call.merged(other.latency_call),
             hit_rate_ema=_weighted(self, other, "hit_rate_ema"),
             connector_s=self.connector_s + other.connector_s,
             actor_call_s=self.actor_call_s + other.actor_call_s,
@@ -173,20 +185,37 @@ logger = logging.getLogger(__name__)
 ACTOR_UNAVAILABLE = (RayActorError, GetTimeoutError, CacheActorUnavailable)
 
 
+def own_cache_name(cache_name: str, pid: int) -> str:
+    """Name of the isolated cache of the env runner in process ``pid``.
+
+    Example:
+        >>> own_cache_name("bench", 4242)
+        'bench-4242'
+    """
+    return f"{cache_name}-{pid}"
+
+
 def make_prior_client(config: PriorConnectorConfig, caller_id: int | None = None):
     """The cache client a connector with ``config`` uses: the learned encoder the cache actor
     holds (when it follows the cache's encoder and the cache has one), else MiniLM, or no
-    encoder when the method never does semantic lookups."""
+    encoder when the method never does semantic lookups. With ``config.own_cache`` the client
+    talks to this process's own cache actor, created here (the client keeps its handle, which
+    keeps the actor alive)."""
     from cachellm_rl.cache.client import PriorCacheClient
 
     follow = config.use_embeddings and config.follow_cache_encoder
+    name, own = config.cache_name, None
+    if config.own_cache is not None:
+        name = own_cache_name(config.cache_name, os.getpid())
+        own = get_or_create_cache(config.own_cache, name=name, namespace=config.namespace)
     client = PriorCacheClient(
         None,
-        cache_name=config.cache_name,
+        cache_name=name,
         namespace=config.namespace,
         caller_id=caller_id,
         follow_cache_encoder=follow,
     )
+    client.owned_actor = own
     if config.use_embeddings and not (follow and client.sync_encoder()):
         from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
 
@@ -319,6 +348,7 @@ class PriorObservationConnector(ConnectorV2):
         ms = (time.perf_counter() - t0) * 1e3
         rep.actor_calls += 1
         rep.actor_call_s += ms / 1e3 - client.last_encode_s
+        rep.latency_call.record(ms - client.last_encode_s * 1e3)  # one actor round trip
         rep.encode_s += client.last_encode_s
         decay = self.config.hit_rate_ema_decay
         for k, r in zip(ask, results, strict=True):
