@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,12 @@ def add_suite_arguments(p: argparse.ArgumentParser) -> None:
         help="GPUs each Serve replica of the prior reserves (0.25: four replicas share one GPU)",
     )
     p.add_argument("--prior-replicas", type=int, default=1, help="Serve replicas of the prior")
+    p.add_argument(
+        "--prior-resource",
+        default=None,
+        help="custom Ray resource each Serve replica of the prior reserves one unit of (pins "
+        "the replicas to the nodes that advertise it, e.g. the head of a CPU-only cluster)",
+    )
 
 
 def check_prior_deployment(p: ArgumentParser, args: argparse.Namespace) -> None:
@@ -97,6 +104,13 @@ def prior_server_config(args: argparse.Namespace, *, model_dir: str, prior_tempe
     Raises:
         ValueError: A device other than auto/cpu/cuda[:N], a negative GPU share, no replica, or
             ``cuda`` without a GPU share (a replica sees a GPU only when it reserves one).
+
+    Example:
+        >>> flags = argparse.Namespace(
+        ...     prior_device="cpu", prior_num_gpus=0.0, prior_replicas=2, prior_resource="prior"
+        ... )
+        >>> prior_server_config(flags, model_dir="m", prior_temperature=1.0).extra_actor_options
+        {'resources': {'prior': 1}}
     """
     from cachellm_rl.prior.scoring import ScorerConfig
     from cachellm_rl.prior.server import PriorServerConfig
@@ -113,6 +127,7 @@ def prior_server_config(args: argparse.Namespace, *, model_dir: str, prior_tempe
             "--prior-device cuda needs --prior-num-gpus > 0 (a Serve replica sees a GPU only "
             "when it reserves a share of one)"
         )
+    resource = getattr(args, "prior_resource", None)
     return PriorServerConfig(
         scorer=ScorerConfig(
             model_dir=model_dir, device=device, prior_temperature=prior_temperature
@@ -120,6 +135,7 @@ def prior_server_config(args: argparse.Namespace, *, model_dir: str, prior_tempe
         num_cpus=0,
         num_gpus=args.prior_num_gpus,
         num_replicas=args.prior_replicas,
+        extra_actor_options={"resources": {resource: 1}} if resource else {},
     )
 
 
@@ -145,15 +161,17 @@ def check_suite_envs(p: ArgumentParser, args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def suite_ray(*, verbose: bool, num_cpus: int | None) -> Iterator[None]:
     """Ray for a suite script: a local Ray it starts (and stops, with Serve, at the end), or a
-    caller's running Ray (e.g. a job's cluster or a test session), left running with only the
-    prior's Serve application deleted."""
+    running Ray it joins (``RAY_ADDRESS``: a job's or a ``ray start`` cluster; or the caller's
+    own, e.g. a test session), left running with only the prior's Serve application deleted."""
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from cachellm_rl.config import init_ray
     from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 
-    owns_ray = not ray.is_initialized()
+    connects = not ray.is_initialized()
+    joins = not connects or bool(os.environ.get("RAY_ADDRESS"))
     overrides: dict[str, Any] = {"log_to_driver": verbose}
     if num_cpus:
         overrides["num_cpus"] = num_cpus
@@ -161,8 +179,10 @@ def suite_ray(*, verbose: bool, num_cpus: int | None) -> Iterator[None]:
     try:
         yield
     finally:
-        if owns_ray:
-            serve.shutdown()
-            ray.shutdown()
+        if joins:
+            with contextlib.suppress(RayServeException):  # Serve never started
+                serve.delete(DEFAULT_PRIOR_APP)
         else:
-            serve.delete(DEFAULT_PRIOR_APP)
+            serve.shutdown()
+        if connects:
+            ray.shutdown()

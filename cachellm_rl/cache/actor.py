@@ -98,6 +98,14 @@ def _retrieve_exception(fut: asyncio.Future) -> None:
         fut.exception()
 
 
+def _reconstructed() -> bool:
+    """Whether this process is a Ray actor restarted after its first instance died."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor (unit tests of the class itself)
+        return False
+
+
 def uniform_logp(n: int) -> np.ndarray:
     """Uniform log-prior over ``n`` candidates."""
     return np.full(n, -math.log(n), dtype=np.float32)
@@ -117,6 +125,8 @@ class SharedPriorCache:
         self._encoder_blob: bytes | None = None
         self._audit_rng = np.random.default_rng(config.cache.seed + 1)
         self._cache = self._restore_or_new()
+        if _reconstructed():  # Ray restarted this actor after a crash or a kill
+            self._cache.stats.actor_restarts += 1
         self._handle = None
         self._inflight: dict[bytes, asyncio.Future] = {}
         self._inflight_near: dict[bytes, tuple[np.ndarray, frozenset[str]]] = {}

@@ -329,6 +329,7 @@ class CacheStats:
     meta_updates: int = 0
     snapshots_written: int = 0
     restored_entries: int = 0
+    actor_restarts: int = 0
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
 
