@@ -190,10 +190,11 @@ def train_prior(
             opt.step()
             sched.step()
             step += 1
-            epoch_loss += float(loss) * len(idx)
+            loss_value = loss.detach().item()
+            epoch_loss += loss_value * len(idx)
             n += len(idx)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             if time.perf_counter() > deadline:
                 stopped_early = True
                 break
