@@ -193,6 +193,7 @@ def run_fault_drill(
         seed=drill.seed,
     ).build_algo()
     out: dict[str, Any] = {"fault": drill.fault, "num_env_runners": n, "kills": 0}
+    episodes: list[dict] = []
     report = merge_reports([])
     steps, raised, finished = 0, 0, False
     t0 = time.perf_counter()
@@ -205,7 +206,7 @@ def run_fault_drill(
                 out["error"] = repr(exc)
                 break
             steps = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
-            report = report.merge(collect_reports(algo))
+            episodes += collect_reports(algo).episodes  # counters are cumulative, episodes not
             if progress is not None:
                 progress(steps)
             if drill.fault != "none" and out["kills"] == 0 and steps >= drill.kill_at_env_steps:
@@ -213,6 +214,7 @@ def run_fault_drill(
                 out["kill_at_env_steps"] = steps
         else:
             finished = True
+        report = collect_reports(algo)  # each runner's counters since it started
         out["env_runner_restarts"] = int(
             getattr(algo.env_runner_group, "num_remote_worker_restarts", lambda: 0)()
         )
@@ -225,7 +227,7 @@ def run_fault_drill(
             logger.warning("cache stats unavailable after the drill: %r", exc)
         algo.stop()
         kill_cache(cache_name, DEFAULT_NAMESPACE)
-    episodes = report.episodes
+    episodes += report.episodes
     out.update(
         finished=finished,
         env_steps=steps,

@@ -197,7 +197,6 @@ def measure_rollouts(n: int, mode: str, cfg, games: list[str], args) -> dict:
         algo_config_for,
         cache_config_for,
         collect_reports,
-        merge_reports,
         start_cache,
     )
     from cachellm_rl.algorithms.ps_dqn.suite import env_config_for
@@ -233,13 +232,12 @@ def measure_rollouts(n: int, mode: str, cfg, games: list[str], args) -> dict:
         algo_cfg = algo_cfg.prior(replace(algo_cfg.prior_connector, own_cache=own))
     sizes0 = len(_serve_batch_sizes())
     algo = algo_cfg.build_algo()
-    report = merge_reports([])
     try:
         steps, t0 = 0, time.perf_counter()
         while steps < total:
             steps = int(algo.train()["env_runners"]["num_env_steps_sampled_lifetime"])
-            report = report.merge(collect_reports(algo))
         wall = time.perf_counter() - t0
+        report = collect_reports(algo)  # each runner's counters and latencies since it started
         # isolated caches belong to their runners: read them before the runners stop
         names = [name] if mode == "shared" else _named_caches(name + "-", DEFAULT_NAMESPACE)
         stats = [

@@ -185,6 +185,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, training_intensity=args.training_intensity)
         if args.env_runner_resource:
             s = replace(s, env_runner_resource=args.env_runner_resource)
+        if args.prior_resource:  # the cache actor lives beside the prior
+            s = replace(s, cache_resource=args.prior_resource)
         if args.delta is not None:
             s = replace(s, correctness=replace(s.correctness, delta=args.delta))
         if args.state_encoder != "minilm":

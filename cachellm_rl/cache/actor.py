@@ -65,6 +65,9 @@ class SharedCacheConfig:
             in-flight answer) is audited: a fresh LM call in the background, compared with
             what was served, that changes nothing the caller got. Counted apart
             (``audit_queries``), never in ``lm_queries``.
+        resources: Custom Ray resources the actor reserves (e.g. ``{"prior": 0.001}`` puts it
+            on the node that advertises ``prior``, beside the Serve replica); empty: the
+            creator's node is preferred.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -79,6 +82,7 @@ class SharedCacheConfig:
     bypass: bool = False
     encoder_dir: str | None = None
     audit_probability: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.lm_timeout_s > 0:
@@ -627,7 +631,14 @@ def get_or_create_cache(
     """
     cfg = config or SharedCacheConfig()
     cls = ray.remote(SharedPriorCache)
+    # The actor reserves no CPU, and Ray places such an actor on any node. Prefer the
+    # creator's node (the driver's: the head, beside Serve, on a cluster; a runner's own node
+    # for a runner-owned cache); soft, so a restart may go elsewhere if that node is gone.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return cls.options(
+        scheduling_strategy=here,
         name=name,
         namespace=namespace,
         get_if_exists=True,
@@ -635,6 +646,7 @@ def get_or_create_cache(
         max_restarts=cfg.max_restarts,
         max_task_retries=0,
         num_cpus=cfg.num_cpus,
+        resources=dict(cfg.resources),
         max_concurrency=1000,
     ).remote(cfg)
 

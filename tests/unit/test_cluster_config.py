@@ -31,6 +31,7 @@ def test_gpu_head_cpu_rollout_workers_and_the_readme_install(cluster):
     nodes = cluster["available_node_types"]
     head = nodes[cluster["head_node_type"]]
     assert head["resources"].get("GPU", 0) >= 1
+    assert head["resources"].get("prior", 0) >= 1  # --prior-resource prior: Serve + cache here
     workers = [n for k, n in nodes.items() if k != cluster["head_node_type"]]
     assert workers and all(w["resources"].get("rollout", 0) > 0 for w in workers)
     assert all(w["resources"].get("GPU", 0) == 0 for w in workers)

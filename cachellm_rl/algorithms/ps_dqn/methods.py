@@ -132,6 +132,9 @@ class MethodSettings:
         env_runner_resource: A custom Ray resource each remote env runner reserves one unit
             of, to pin env runners to the nodes that advertise it (e.g. ``rollout`` on the
             CPU workers of ``cluster.yaml``); None: anywhere.
+        cache_resource: A custom Ray resource the run's cache actor reserves a sliver of
+            (0.001), which places it on the nodes that advertise it (the prior's node, with
+            ``--prior-resource``); None: the creator's node is preferred.
         env_steps_per_iteration: Env steps per ``algo.train()`` (one learning-curve point).
         prior_app: Name of the ``PriorServer`` Serve application the cache actors ask.
     """
@@ -172,6 +175,7 @@ class MethodSettings:
     rollout_fragment_length: int = 8
     num_cpus_per_env_runner: float = 0.5
     env_runner_resource: str | None = None
+    cache_resource: str | None = None
     env_steps_per_iteration: int = 250
     prior_app: str = DEFAULT_PRIOR_APP
 
@@ -454,6 +458,8 @@ def start_cache(method: str, s: MethodSettings, name: str, namespace: str, *, en
     cfg = cache_config_for(method, s, env=env)
     if cfg is None:
         return None
+    if s.cache_resource:
+        cfg = replace(cfg, resources={s.cache_resource: 0.001})
     handle = get_or_create_cache(cfg, name=name, namespace=namespace)
     ray.get(handle.ping.remote())
     if method != "direct_lm":  # an RL run: check its env runners' queries fit this cache
