@@ -95,12 +95,15 @@ def _params(stats: dict) -> dict[str, Any]:
 
 
 def _serve_replicas(app: str) -> list[dict]:
-    from ray.util.state import list_actors
+    """Live replicas of Serve application ``app``, from Ray's named actors (Serve names each
+    replica ``SERVE_REPLICA::<app>#<deployment>#<id>``; no dashboard needed)."""
+    import ray
 
+    prefix = f"SERVE_REPLICA::{app}#"
     return [
-        {"name": a.name, "namespace": a.ray_namespace, "actor_id": a.actor_id}
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if (a.class_name or "").startswith(f"ServeReplica:{app}:")
+        {"name": a["name"], "namespace": a["namespace"], "actor_id": a["name"]}
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
     ]
 
 
