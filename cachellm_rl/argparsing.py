@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cachellm_rl.config import PLACEMENT_SLIVER
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors print ``prog: error: message`` only.
@@ -85,7 +87,8 @@ def add_suite_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prior-resource",
         default=None,
-        help="custom Ray resource each Serve replica of the prior reserves one unit of (pins "
+        help="custom Ray resource each Serve replica of the prior (and the cache actor) reserves "
+        "a sliver (0.001) of (pins "
         "the replicas to the nodes that advertise it, e.g. the head of a CPU-only cluster)",
     )
 
@@ -110,7 +113,7 @@ def prior_server_config(args: argparse.Namespace, *, model_dir: str, prior_tempe
         ...     prior_device="cpu", prior_num_gpus=0.0, prior_replicas=2, prior_resource="prior"
         ... )
         >>> prior_server_config(flags, model_dir="m", prior_temperature=1.0).extra_actor_options
-        {'resources': {'prior': 1}}
+        {'resources': {'prior': 0.001}}
     """
     from cachellm_rl.prior.scoring import ScorerConfig
     from cachellm_rl.prior.server import PriorServerConfig
@@ -135,7 +138,7 @@ def prior_server_config(args: argparse.Namespace, *, model_dir: str, prior_tempe
         num_cpus=0,
         num_gpus=args.prior_num_gpus,
         num_replicas=args.prior_replicas,
-        extra_actor_options={"resources": {resource: 1}} if resource else {},
+        extra_actor_options={"resources": {resource: PLACEMENT_SLIVER}} if resource else {},
     )
 
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Unix socket paths are limited to ~107 bytes; Ray appends ~60 characters to its temp dir.
+PLACEMENT_SLIVER = 0.001
+"""Units of a custom resource an actor reserves to be placed on the nodes advertising it (a
+label, not a quota: any number of such actors fit on a node that advertises one unit)."""
+
 _MAX_TEMP_DIR_CHARS = 45
 
 

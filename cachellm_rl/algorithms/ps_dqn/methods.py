@@ -45,6 +45,7 @@ from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.correctness import CorrectnessConfig
 from cachellm_rl.cache.meta import MetaConfig
+from cachellm_rl.config import PLACEMENT_SLIVER
 from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 from cachellm_rl.suite import SuiteMethod
@@ -459,7 +460,7 @@ def start_cache(method: str, s: MethodSettings, name: str, namespace: str, *, en
     if cfg is None:
         return None
     if s.cache_resource:
-        cfg = replace(cfg, resources={s.cache_resource: 0.001})
+        cfg = replace(cfg, resources={s.cache_resource: PLACEMENT_SLIVER})
     handle = get_or_create_cache(cfg, name=name, namespace=namespace)
     ray.get(handle.ping.remote())
     if method != "direct_lm":  # an RL run: check its env runners' queries fit this cache
