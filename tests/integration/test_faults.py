@@ -59,17 +59,16 @@ def test_a_killed_cache_actor_comes_back_with_its_snapshot_and_training_goes_on(
     assert snap["entries"] <= r["entries_before_kill"]
 
 
-def test_a_killed_serve_replica_is_replaced_and_misses_fall_back_meanwhile(
-    tw_prior_app, tw_suite, tmp_path
-):
+def test_a_killed_serve_replica_is_replaced_and_training_goes_on(tw_prior_app, tw_suite, tmp_path):
     r = _drill("serve_replica", tw_suite, tmp_path, "test-fault-serve")
     assert r["finished"] and r["decisions_raised"] == 0, r.get("error")
-    assert r["kills"] == 1 and r["recovery_s"] > 0
-    # the LM's outage was absorbed by counted fallback priors ...
-    assert r["lm_failures"] + r["lm_timeouts"] > 0
-    assert r["fallback_decisions_cache"] > 0
-    # ... and the replacement replica answered again afterwards
+    # a new replica (another actor) took the killed one's place
+    assert r["kills"] == 1 and r["killed_replica"].startswith("SERVE_REPLICA::")
+    assert r["recovery_s"] > 0
+    # the LM answered again after the kill (Serve queues calls while no replica is up; a call
+    # that fails or times out meanwhile is answered by a counted fallback prior)
     assert r["lm_queries"] > r["lm_queries_before_kill"] + r["lm_failures"] + r["lm_timeouts"]
+    assert r["fallback_decisions_cache"] >= r["lm_failures"] + r["lm_timeouts"]
 
 
 def test_drill_settings_are_checked_and_snapshots_summarised(tmp_path):
