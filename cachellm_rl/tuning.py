@@ -115,8 +115,9 @@ class SweepConfig:
 
 
 def trial_rows(results: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """One flat row per trial (its last report and its config), best meta-reward first; trials
-    without a report are left out."""
+    """One flat row per trial (its last report and its config), best meta-reward first (ties
+    broken by trial id, so a restored sweep names the same best trial); trials without a report
+    are left out."""
     rows: list[dict[str, Any]] = []
     for r in results:
         metrics, config = r.get("metrics") or {}, r.get("config") or {}
@@ -134,7 +135,7 @@ def trial_rows(results: Sequence[Mapping[str, Any]]) -> list[dict]:
                 "settings": dict(config),
             }
         )
-    rows.sort(key=lambda row: -float(row[METRIC]))
+    rows.sort(key=lambda row: (-float(row[METRIC]), str(row["trial_id"])))
     return rows
 
 
