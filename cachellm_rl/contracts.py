@@ -123,7 +123,8 @@ class LookupResult:
 
     Attributes:
         tier: Exact hit, semantic hit or miss.
-        logp: Prior aligned to the caller's candidates (None on a miss).
+        logp: Prior aligned to the caller's candidates (None on a miss; on an exploration
+            miss, the prior the hit would have served).
         similarity: Cosine similarity of the matched entry (1.0 for exact, None on a miss).
         coverage: Fraction of the caller's candidates present in the matched entry.
         entry_id: Id of the matched entry, or -1.

@@ -10,6 +10,7 @@ atomically (no pickle) and a restarted actor restores the latest one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,8 +22,17 @@ from typing import Any
 import numpy as np
 import ray
 
-from cachellm_rl.cache.adaptive import AdaptiveCache, CacheConfig, CacheStats, align_prior
+from cachellm_rl.cache.adaptive import (
+    AdaptiveCache,
+    CacheConfig,
+    CacheStats,
+    Neighbour,
+    WindowCounters,
+    align_prior,
+)
+from cachellm_rl.cache.correctness import CorrectnessModel
 from cachellm_rl.cache.meta import CacheParams, MetaConfig, MetaOptimizer, WindowSignals
+from cachellm_rl.cache.sharding import merge_stats, merge_window, shard_name
 from cachellm_rl.contracts import (
     DEFAULT_PRIOR_APP,
     CacheQuery,
@@ -68,6 +78,17 @@ class SharedCacheConfig:
         resources: Custom Ray resources the actor reserves (e.g. ``{"prior": 0.001}`` puts it
             on the node that advertises ``prior``, beside the Serve replica); empty: the
             creator's node is preferred.
+        num_shards: Cache actors sharing the load (see docs/cluster.md, "A sharded cache"):
+            a state's exact key picks the shard that owns it, semantic search fans out to all
+            shards, shard 0 keeps the meta-optimiser and the correctness model.
+            ``capacity_entries`` is per shard. 1: one actor.
+        shard_index: This actor's shard (set by :func:`get_or_create_cache`).
+        shard_group: Name of shard 0 (the cache's name; set by :func:`get_or_create_cache`).
+        shard_namespace: Ray namespace of the shards.
+        shard_sync_interval_s: Seconds between a shard's exchanges with shard 0 (its decision
+            window and labels go up; parameters and the correctness model come back).
+        fanout_timeout_s: How long a shard waits for its peers' nearest entries; then it
+            decides on its own entries (counted in ``shard_fanout_failures``).
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -83,8 +104,27 @@ class SharedCacheConfig:
     encoder_dir: str | None = None
     audit_probability: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
+    num_shards: int = 1
+    shard_index: int = 0
+    shard_group: str = ""
+    shard_namespace: str = "cachellm_rl"
+    shard_sync_interval_s: float = 1.0
+    fanout_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"SharedCacheConfig.num_shards must be >= 1, got {self.num_shards}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(
+                f"SharedCacheConfig.shard_index {self.shard_index} is not in [0, {self.num_shards})"
+            )
+        if self.num_shards > 1 and self.meta.mode == "spsa":
+            raise ValueError(
+                "the spsa meta mode runs on a single cache actor; use num_shards=1 or the "
+                "heuristic/static meta mode"
+            )
+        if self.shard_sync_interval_s <= 0 or self.fanout_timeout_s <= 0:
+            raise ValueError("shard_sync_interval_s and fanout_timeout_s must be > 0")
         if not self.lm_timeout_s > 0:
             raise ValueError(f"SharedCacheConfig.lm_timeout_s must be > 0, got {self.lm_timeout_s}")
         if self.snapshot_interval_s < 0:
@@ -100,6 +140,11 @@ def _retrieve_exception(fut: asyncio.Future) -> None:
     """Mark a future's exception as seen (its waiter may have timed out already)."""
     if not fut.cancelled():
         fut.exception()
+
+
+async def _failed(exc: BaseException):
+    """An awaitable that raises ``exc`` (a peer call that could not even be sent)."""
+    raise exc
 
 
 def _reconstructed() -> bool:
@@ -128,9 +173,18 @@ class SharedPriorCache:
         self._encoder: Any = None  # a learned DecisionStateEncoder, when the cache holds one
         self._encoder_blob: bytes | None = None
         self._audit_rng = np.random.default_rng(config.cache.seed + 1)
+        self._snapshot_dir = (
+            None if config.snapshot_dir is None else self._shard_dir(config.snapshot_dir)
+        )
         self._cache = self._restore_or_new()
+        self._cache.set_id_space(config.shard_index, config.num_shards)
+        if config.shard_index > 0:
+            self._cache.forward = []  # labels and evictions go to shard 0
         if _reconstructed():  # Ray restarted this actor after a crash or a kill
             self._cache.stats.actor_restarts += 1
+        self._peer_handles: dict[int, Any] = {}
+        self._last_sync = -math.inf
+        self._syncing = False
         self._handle = None
         self._inflight: dict[bytes, asyncio.Future] = {}
         self._inflight_near: dict[bytes, tuple[np.ndarray, frozenset[str]]] = {}
@@ -151,18 +205,50 @@ class SharedPriorCache:
 
             self._install_encoder(DecisionStateEncoder.load(cfg.encoder_dir).to_bytes())
             tag = self._encoder.tag
-        if cfg.snapshot_dir and AdaptiveCache.latest_snapshot(cfg.snapshot_dir) is not None:
-            cache = AdaptiveCache.restore(cfg.snapshot_dir, cfg.cache)
-            self._meta.load_state(AdaptiveCache.read_extra(cfg.snapshot_dir).get("meta", {}))
-            blob = AdaptiveCache.read_blob(cfg.snapshot_dir, ENCODER_BLOB)
+        snap = self._snapshot_dir
+        if snap and AdaptiveCache.latest_snapshot(snap) is not None:
+            cache = AdaptiveCache.restore(snap, cfg.cache)
+            self._meta.load_state(AdaptiveCache.read_extra(snap).get("meta", {}))
+            blob = AdaptiveCache.read_blob(snap, ENCODER_BLOB)
             if blob is not None:
                 self._install_encoder(blob)
                 tag = self._encoder.tag
-            logger.info("restored %d cache entries from %s", len(cache), cfg.snapshot_dir)
+            logger.info("restored %d cache entries from %s", len(cache), snap)
             if cache.encoder_tag != tag:
                 cache.encoder_tag = tag  # entries of the old encoder become misses
             return cache
         return AdaptiveCache(cfg.cache, encoder_tag=tag)
+
+    def _shard_dir(self, root: str | Path) -> str:
+        """This shard's snapshot folder under ``root`` (``root`` itself for one actor)."""
+        if self.config.num_shards == 1:
+            return str(root)
+        return str(Path(root) / f"shard-{self.config.shard_index}")
+
+    def _peer(self, index: int):
+        """Handle of shard ``index`` of this cache (looked up by name, kept)."""
+        if index not in self._peer_handles:
+            self._peer_handles[index] = ray.get_actor(
+                shard_name(self.config.shard_group, index), namespace=self.config.shard_namespace
+            )
+        return self._peer_handles[index]
+
+    def _others(self) -> list[int]:
+        return [i for i in range(self.config.num_shards) if i != self.config.shard_index]
+
+    async def _on_peers(self, method: str, *args) -> list[Any]:
+        """Call ``method`` on every other shard (results or exceptions, in shard order)."""
+        refs = []
+        for i in self._others():
+            try:
+                refs.append(getattr(self._peer(i), method).remote(*args))
+            except Exception as exc:  # the peer is gone (being restarted)
+                refs.append(_failed(exc))
+        return list(await asyncio.gather(*refs, return_exceptions=True))
+
+    def topology(self) -> tuple[int, str, str]:
+        """``(num_shards, name of shard 0, namespace)``: what a caller needs to route."""
+        return self.config.num_shards, self.config.shard_group, self.config.shard_namespace
 
     def _install_encoder(self, blob: bytes):
         from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
@@ -176,17 +262,23 @@ class SharedPriorCache:
         own encoder is used: what a caller fetches when its tag differs from the cache's."""
         return self._encoder_blob
 
-    def set_encoder(self, blob: bytes) -> dict[str, object]:
+    async def set_encoder(self, blob: bytes, _fan_out: bool = True) -> dict[str, object]:
         """Switch the cache to a new learned encoder version: the stored entry texts are
         re-embedded with it (in the actor: the learned encoder is cheap), the exact tier is
         re-keyed and the correctness model restarts. Callers see the new tag in their next
-        results and fetch the encoder; until then their embeddings are ignored.
+        results and fetch the encoder; until then their embeddings are ignored. A sharded
+        cache switches every shard (one encoder version across shards).
 
         Returns:
-            ``{"tag": new tag, "entries": entries kept}``.
+            ``{"tag": new tag, "entries": entries kept}`` (over all shards).
         """
         enc = self._install_encoder(blob)
         kept = self._cache.reembed(enc.tag, enc.encode)
+        if _fan_out and self.config.num_shards > 1:
+            for out in await self._on_peers("set_encoder", blob, False):
+                if isinstance(out, BaseException):
+                    raise RuntimeError(f"a shard could not switch encoders: {out!r}")
+                kept += int(out["entries"])
         return {"tag": enc.tag, "entries": kept}
 
     def _lm(self):
@@ -261,6 +353,8 @@ class SharedPriorCache:
         """
         t0 = time.perf_counter()
         self._validate(queries)
+        if self.config.num_shards > 1 and not self._version_checked:
+            await self.versions()  # callers ask shard 0 only; peers' entries must match ours
         queries = [self._same_encoder(q) for q in queries]
         calls = self._calls.setdefault(str(caller_id), [0, 0])
         calls[0] += 1
@@ -269,8 +363,15 @@ class SharedPriorCache:
         results: list[PriorResult | None] = [None] * len(queries)
         misses: list[tuple[int, LookupResult]] = []
         lm_before = self._cache.stats.lm_queries
+        remote = await self._fan_out(queries)
+        touched: dict[int, list[int]] = {}
         for i, q in enumerate(queries):
-            r = self._cache.lookup(q, min_cosine_similarity=tau, explore_probability=explore)
+            r = self._cache.lookup(
+                q, min_cosine_similarity=tau, explore_probability=explore, remote=remote[i]
+            )
+            if r.hit and not self._cache.is_local_id(r.entry_id):
+                self._cache.stats.hits_remote += 1
+                touched.setdefault(r.entry_id % self.config.num_shards, []).append(r.entry_id)
             if r.hit:
                 assert r.logp is not None, "a cache hit always carries its prior"
                 ms = (time.perf_counter() - t0) * 1e3
@@ -293,14 +394,56 @@ class SharedPriorCache:
                     self._maybe_audit(q, r.logp, r.similarity, r.entry_id)
             else:
                 misses.append((i, r))
+        for shard, ids in touched.items():  # the serving shards keep their recency right
+            self._peer(shard).touch.remote(ids)
         if misses:
             resolved = await asyncio.gather(
-                *[self._resolve_miss(queries[i], t0, r) for i, r in misses]
+                *[self._resolve_miss(queries[i], t0, r, remote[i]) for i, r in misses]
             )
             for (i, _), res in zip(misses, resolved, strict=True):
                 results[i] = res
         self._after_decisions(len(queries), sign, self._cache.stats.lm_queries - lm_before)
         return results  # type: ignore[return-value]
+
+    async def _fan_out(self, queries: list[CacheQuery]) -> list[list[Neighbour]]:
+        """The other shards' nearest entries for each query this shard does not hold exactly
+        (one call per peer, in parallel); empty lists for one actor."""
+        out: list[list[Neighbour]] = [[] for _ in queries]
+        cfg = self.config
+        if cfg.num_shards == 1 or cfg.bypass or not self._cache.config.semantic_tier:
+            return out
+        need = [
+            i
+            for i, q in enumerate(queries)
+            if q.embedding is not None and not self._cache.holds(q.exact_key)
+        ]
+        if not need:
+            return out
+        self._cache.stats.shard_fanouts += 1
+        sub = [queries[i] for i in need]
+        refs = []
+        for j in self._others():
+            try:
+                ref = self._peer(j).neighbours.remote(sub)
+                refs.append(asyncio.wait_for(ref, cfg.fanout_timeout_s))
+            except Exception as exc:
+                refs.append(_failed(exc))
+        for answer in await asyncio.gather(*refs, return_exceptions=True):
+            if isinstance(answer, BaseException):
+                self._cache.stats.shard_fanout_failures += 1
+                continue
+            for i, found in zip(need, answer, strict=True):
+                out[i].extend(found)
+        return out
+
+    def neighbours(self, queries: list[CacheQuery]) -> list[list[Neighbour]]:
+        """This shard's nearest current entries for another shard's queries (nothing
+        recorded: the asking shard decides and tells the serving shard with :meth:`touch`)."""
+        return [self._cache.neighbours(q) for q in queries]
+
+    def touch(self, entry_ids: list[int]) -> None:
+        """Another shard served these entries of this shard."""
+        self._cache.touch(entry_ids)
 
     def _same_encoder(self, q: CacheQuery) -> CacheQuery:
         """``q`` without its embedding when another encoder computed it: versions never mix.
@@ -390,7 +533,11 @@ class SharedPriorCache:
         return None
 
     async def _resolve_miss(
-        self, q: CacheQuery, t0: float, lookup: LookupResult | None = None
+        self,
+        q: CacheQuery,
+        t0: float,
+        lookup: LookupResult | None = None,
+        remote: list[Neighbour] | None = None,
     ) -> PriorResult:
         if self.config.bypass:
             try:
@@ -433,9 +580,11 @@ class SharedPriorCache:
                     source="explore",
                     entry_id=lookup.entry_id,
                     similarity=lookup.similarity,
+                    reused_logp=lookup.logp,
+                    remote=remote or (),
                 )
             else:
-                self._cache.record_label(q, resp.logp, source="miss")
+                self._cache.record_label(q, resp.logp, source="miss", remote=remote or ())
             self._cache.insert(q, resp)
             fut.set_result((q.request, resp))
             return self._miss_result(resp.logp, PriorSource.LM, t0, resp.model_version)
@@ -513,7 +662,9 @@ class SharedPriorCache:
 
     def _after_decisions(self, n: int, sign: int, lm_queries: int) -> None:
         cache, meta = self._cache, self._meta
-        if meta.spsa is not None:
+        if self.config.shard_index > 0:  # shard 0 runs the meta-optimiser for all shards
+            self._maybe_sync()
+        elif meta.spsa is not None:
             meta.spsa.record(sign, decisions=n, lm_queries=lm_queries)
             delta_rule = cache.config.reuse_rule == "delta"
             old = cache.explore_probability if delta_rule else cache.min_cosine_similarity
@@ -542,11 +693,77 @@ class SharedPriorCache:
         elif meta.cfg.mode == "static" and cache.window.decisions >= meta.cfg.window_decisions:
             cache.take_window()
         if (
-            self.config.snapshot_dir
+            self._snapshot_dir
             and self.config.snapshot_interval_s > 0
             and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
         ):
-            self.save()
+            self._save_local(self._snapshot_dir)
+
+    # -- shards -------------------------------------------------------------------------------
+    def _maybe_sync(self) -> None:
+        if (
+            not self._syncing
+            and time.monotonic() - self._last_sync >= self.config.shard_sync_interval_s
+        ):
+            self._syncing = True
+            self._spawn(self.sync_now())
+
+    async def sync_now(self) -> bool:
+        """Exchange with shard 0 now: send this shard's decision window, labels and evicted
+        entry ids; adopt the parameters in force and the correctness model. Returns whether
+        shard 0 answered (on failure what was to be sent is kept for the next exchange)."""
+        cache = self._cache
+        window = cache.take_window()
+        labels, cache.forward = cache.forward or [], []
+        forgets, cache.forward_forgets = cache.forward_forgets, []
+        try:
+            state = await asyncio.wait_for(
+                self._peer(0).shard_sync.remote(self.config.shard_index, window, labels, forgets),
+                self.config.fanout_timeout_s,
+            )
+        except Exception as exc:
+            logger.debug("shard sync failed: %r", exc)
+            cache.forward = labels + (cache.forward or [])
+            cache.forward_forgets = forgets + cache.forward_forgets
+            merge_window(cache.window, window)
+            self._peer_handles.pop(0, None)
+            cache.stats.shard_sync_failures += 1
+            return False
+        finally:
+            self._syncing = False
+            self._last_sync = time.monotonic()
+        p: CacheParams = state["params"]
+        cache.set_params(
+            p.capacity_entries,
+            p.min_cosine_similarity,
+            p.refresh_probability,
+            p.explore_probability if cache.config.reuse_rule == "delta" else None,
+        )
+        cache.correctness = CorrectnessModel.from_state(
+            state["correctness"], cache.config.correctness
+        )
+        cache.stats.shard_syncs += 1
+        return True
+
+    def shard_sync(
+        self,
+        shard_index: int,
+        window: WindowCounters,
+        labels: list[tuple[float, bool, int]],
+        forgets: list[int],
+    ) -> dict[str, Any]:
+        """Shard 0's side of :meth:`sync_now`: fold another shard's window into the
+        meta-optimiser's, its labels into the correctness model; return both."""
+        if self.config.shard_index != 0:
+            raise RuntimeError("shard_sync goes to shard 0")
+        cache = self._cache
+        merge_window(cache.window, window)
+        for sim, correct, eid in labels:
+            cache.correctness.record(sim, correct, eid)
+        for eid in forgets:
+            cache.correctness.forget_entry(eid)
+        self._after_decisions(0, 0, 0)
+        return {"params": self._params(), "correctness": cache.correctness.state_dict()}
 
     def report_episode_returns(self, returns: list[float], caller_id: int | None = None) -> None:
         """Episode returns for the meta-reward (return trend; SPSA groups)."""
@@ -555,23 +772,39 @@ class SharedPriorCache:
         if self._meta.spsa is not None:
             self._meta.spsa.record_returns(self._meta.spsa.sign_for(caller_id), returns)
 
-    def set_params(
+    async def set_params(
         self,
         capacity_entries: int | None = None,
         min_cosine_similarity: float | None = None,
         refresh_probability: float | None = None,
         explore_probability: float | None = None,
+        _fan_out: bool = True,
     ) -> CacheParams:
-        """Set (K, tau, rho, exploration rate); None keeps a value. Returns the parameters in
-        force."""
-        self._cache.set_params(
-            capacity_entries, min_cosine_similarity, refresh_probability, explore_probability
-        )
+        """Set (K per shard, tau, rho, exploration rate) on every shard; None keeps a value.
+        Returns the parameters in force."""
+        args = (capacity_entries, min_cosine_similarity, refresh_probability, explore_probability)
+        self._cache.set_params(*args)
+        if _fan_out and self.config.num_shards > 1:
+            await self._on_peers("set_params", *args, False)
         return self._params()
 
-    def stats(self) -> CacheStats:
-        """Counters, gauges and latency histograms."""
+    def local_stats(self) -> CacheStats:
+        """This actor's counters, gauges and latency histograms (one shard's)."""
         return self._cache.snapshot_stats()
+
+    async def stats(self) -> CacheStats:
+        """Counters, gauges and latency histograms; a sharded cache's summed over the shards
+        that answer (``shards_reporting`` says how many)."""
+        own = self._cache.snapshot_stats()
+        own.shards_reporting = 1
+        if self.config.num_shards == 1:
+            return own
+        parts = [own]
+        for out in await self._on_peers("local_stats"):
+            if not isinstance(out, BaseException):
+                out.shards_reporting = 1
+                parts.append(out)
+        return merge_stats(parts)
 
     def call_counts(self) -> dict[str, tuple[int, int]]:
         """``caller_id -> (get_priors calls, queries)`` since the actor started."""
@@ -581,30 +814,63 @@ class SharedPriorCache:
         """Every heuristic meta-update so far."""
         return list(self._meta.history)
 
-    def save(self, path: str | None = None) -> str:
-        """Write a snapshot (atomically) to ``path`` or the configured ``snapshot_dir``."""
-        target = path or self.config.snapshot_dir
-        if target is None:
-            raise ValueError("save() needs a path: no snapshot_dir is configured")
+    def _save_local(self, target: str) -> str:
         blobs = {ENCODER_BLOB: self._encoder_blob} if self._encoder_blob is not None else {}
         out = self._cache.save(target, extra={"meta": self._meta.state_dict()}, blobs=blobs)
         self._last_snapshot = time.monotonic()
         return str(out)
 
-    def restore(self, path: str) -> int:
-        """Replace the cache with the latest snapshot under ``path``; returns its entry count."""
-        self._cache = AdaptiveCache.restore(Path(path), self.config.cache)
-        self._meta.load_state(AdaptiveCache.read_extra(path).get("meta", {}))
-        blob = AdaptiveCache.read_blob(path, ENCODER_BLOB)
+    async def save(self, path: str | None = None, _fan_out: bool = True) -> str:
+        """Write a snapshot (atomically) to ``path`` or the configured ``snapshot_dir``; a
+        sharded cache writes one per shard (``<path>/shard-<i>``). Returns this shard's."""
+        root = path or self.config.snapshot_dir
+        if root is None:
+            raise ValueError("save() needs a path: no snapshot_dir is configured")
+        out = self._save_local(self._shard_dir(root))
+        if _fan_out and self.config.num_shards > 1:
+            for res in await self._on_peers("save", path, False):
+                if isinstance(res, BaseException):
+                    raise RuntimeError(f"a shard could not save its snapshot: {res!r}")
+        return out
+
+    async def restore(self, path: str, _fan_out: bool = True) -> int:
+        """Replace the cache with the latest snapshot under ``path`` (each shard its own);
+        returns the entry count (over all shards)."""
+        own = self._shard_dir(path)
+        self._cache = AdaptiveCache.restore(Path(own), self.config.cache)
+        self._cache.set_id_space(self.config.shard_index, self.config.num_shards)
+        if self.config.shard_index > 0:
+            self._cache.forward = []
+        self._meta.load_state(AdaptiveCache.read_extra(own).get("meta", {}))
+        blob = AdaptiveCache.read_blob(own, ENCODER_BLOB)
         if blob is not None:
             self._install_encoder(blob)
         tag = self._encoder.tag if self._encoder is not None else self.config.encoder_tag
         self._cache.encoder_tag = tag
+        n = len(self._cache)
+        if _fan_out and self.config.num_shards > 1:
+            for res in await self._on_peers("restore", path, False):
+                if isinstance(res, BaseException):
+                    raise RuntimeError(f"a shard could not restore its snapshot: {res!r}")
+                n += int(res)
+        return n
+
+    async def size(self) -> int:
+        """Number of entries (over all shards)."""
+        n = len(self._cache)
+        if self.config.num_shards > 1:
+            sizes = await self._on_peers("local_size")
+            n += sum(int(r) for r in sizes if not isinstance(r, BaseException))
+        return n
+
+    def local_size(self) -> int:
+        """Entries of this shard."""
         return len(self._cache)
 
-    def size(self) -> int:
-        """Number of entries."""
-        return len(self._cache)
+
+# Handles of the shards 1..N-1 a process created: a named actor dies with its creator's last
+# handle, and callers keep only shard 0's (see get_or_create_cache).
+_SHARD_HANDLES: dict[tuple[str, str], list[Any]] = {}
 
 
 def get_or_create_cache(
@@ -618,7 +884,9 @@ def get_or_create_cache(
 
     A non-detached named actor dies when its creator's handle is garbage-collected, so the
     creator (the driver) keeps the returned handle; env runners call this with the same name and
-    namespace and get the same actor.
+    namespace and get the same actor. With ``config.num_shards > 1`` the other shards are created
+    beside it (named ``<name>.shard<i>``, kept alive by this process) and the returned handle is
+    shard 0's; :class:`~cachellm_rl.cache.client.PriorCacheClient` routes to all of them.
 
     Args:
         config: Settings used only when the actor is created.
@@ -627,7 +895,7 @@ def get_or_create_cache(
         detached: Survive the creating driver (remove it with :func:`kill_cache`).
 
     Returns:
-        The actor handle.
+        The actor handle (shard 0's).
     """
     cfg = config or SharedCacheConfig()
     cls = ray.remote(SharedPriorCache)
@@ -637,27 +905,47 @@ def get_or_create_cache(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return cls.options(
-        scheduling_strategy=here,
-        name=name,
-        namespace=namespace,
-        get_if_exists=True,
-        lifetime="detached" if detached else None,
-        max_restarts=cfg.max_restarts,
-        max_task_retries=0,
-        num_cpus=cfg.num_cpus,
-        resources=dict(cfg.resources),
-        max_concurrency=1000,
-    ).remote(cfg)
+    handles = []
+    for i in range(cfg.num_shards):
+        shard_cfg = dataclasses.replace(
+            cfg, shard_index=i, shard_group=name, shard_namespace=namespace
+        )
+        handles.append(
+            cls.options(
+                scheduling_strategy=here,
+                name=shard_name(name, i),
+                namespace=namespace,
+                get_if_exists=True,
+                lifetime="detached" if detached else None,
+                max_restarts=cfg.max_restarts,
+                max_task_retries=0,
+                num_cpus=cfg.num_cpus,
+                resources=dict(cfg.resources),
+                max_concurrency=1000,
+            ).remote(shard_cfg)
+        )
+    if cfg.num_shards > 1:
+        _SHARD_HANDLES[(name, namespace)] = handles[1:]
+    return handles[0]
 
 
 def kill_cache(
     name: str = DEFAULT_CACHE_NAME, namespace: str = DEFAULT_NAMESPACE, *, no_restart: bool = True
 ) -> bool:
-    """Kill the named cache actor; returns False when there was none."""
+    """Kill the named cache actor (every shard of a sharded one); returns False when there was
+    none."""
     try:
         handle = ray.get_actor(name, namespace=namespace)
     except ValueError:
         return False
+    try:
+        num_shards = int(ray.get(handle.topology.remote(), timeout=10)[0])
+    except Exception:  # dead or not answering: kill what the names say
+        num_shards = 1 + len(_SHARD_HANDLES.get((name, namespace), []))
+    for i in range(1, num_shards):
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(shard_name(name, i), namespace=namespace), no_restart=no_restart)
     ray.kill(handle, no_restart=no_restart)
+    if no_restart:
+        _SHARD_HANDLES.pop((name, namespace), None)
     return True

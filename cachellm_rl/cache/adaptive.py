@@ -285,7 +285,11 @@ class CacheStats:
     ``explore_calls`` servable hits sent to the LM anyway; ``labels`` / ``labels_wrong`` the
     reuse labels measured. ``audits`` / ``audits_wrong`` count served semantic reuses checked
     against a fresh LM answer that changed nothing the caller got; their LM calls are
-    ``audit_queries``, never part of ``lm_queries``.
+    ``audit_queries``, never part of ``lm_queries``. A sharded cache (its stats summed over
+    ``shards_reporting`` shards) also counts ``hits_remote`` (semantic hits served from another
+    shard's entry), ``shard_fanouts`` / ``shard_fanout_failures`` (semantic searches sent to
+    the other shards, and peers that did not answer in time) and ``shard_syncs`` /
+    ``shard_sync_failures`` (exchanges with shard 0).
     """
 
     decisions: int = 0
@@ -330,6 +334,12 @@ class CacheStats:
     snapshots_written: int = 0
     restored_entries: int = 0
     actor_restarts: int = 0
+    hits_remote: int = 0
+    shard_fanouts: int = 0
+    shard_fanout_failures: int = 0
+    shard_syncs: int = 0
+    shard_sync_failures: int = 0
+    shards_reporting: int = 0
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
 
@@ -372,6 +382,32 @@ class WindowCounters:
     semantic_refused: int = 0
     served_labels: int = 0
     served_wrong: int = 0
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A cached entry offered to another shard's lookup: its prior aligned to the query's
+    candidates, with what the owner's reuse rule needs (see :mod:`cachellm_rl.cache.sharding`).
+
+    Attributes:
+        entry_id: The entry's id (unique across shards).
+        similarity: Cosine similarity to the query.
+        logp: The entry's prior aligned to the query's candidates.
+        coverage: Fraction of the query's candidates the entry has.
+        min_similarity: The entry's own similarity floor (``tau`` rule).
+        model_version: Prior version of the entry.
+        encoder_tag: Encoder of the entry's embedding.
+        text: The entry's state text (for labels).
+    """
+
+    entry_id: int
+    similarity: float
+    logp: np.ndarray
+    coverage: float
+    min_similarity: float
+    model_version: str
+    encoder_tag: str
+    text: str = ""
 
 
 @dataclass
@@ -422,6 +458,10 @@ class AdaptiveCache:
         self._by_key: dict[bytes, int] = {}
         self._ghost: OrderedDict[bytes, None] = OrderedDict()
         self._next_id = 0
+        self._id_offset, self._id_stride = 0, 1
+        # Labels and evictions another process must hear about (a shard's primary); None: none.
+        self.forward: list[tuple[float, bool, int]] | None = None
+        self.forward_forgets: list[int] = []
         self._rng = np.random.default_rng(config.seed)
         # Eviction priority inputs kept in slot arrays so that a victim is one numpy argmin.
         self._slot_ids = np.full(16, -1, dtype=np.int64)
@@ -455,6 +495,23 @@ class AdaptiveCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def set_id_space(self, offset: int, stride: int) -> None:
+        """Number new entries ``offset, offset + stride, ...`` (shard ``offset`` of ``stride``),
+        so entry ids are unique across the shards of one cache."""
+        if stride < 1 or not 0 <= offset < stride:
+            raise ValueError(f"bad id space: offset {offset}, stride {stride}")
+        self._id_offset, self._id_stride = offset, stride
+        self._next_id += (offset - self._next_id) % stride
+
+    def holds(self, key: bytes) -> bool:
+        """Whether a current entry has this exact key (an exact hit, without recording it)."""
+        eid = self._by_key.get(key)
+        return eid is not None and self._current(self._entries[eid])
+
+    def is_local_id(self, entry_id: int) -> bool:
+        """Whether an entry id belongs to this cache's id space (not another shard's)."""
+        return entry_id >= 0 and entry_id % self._id_stride == self._id_offset
+
     # -- validation ---------------------------------------------------------------------------
     def _check_query(self, query: CacheQuery) -> None:
         if not isinstance(query, CacheQuery):
@@ -482,6 +539,7 @@ class AdaptiveCache:
         min_cosine_similarity: float | None = None,
         explore_probability: float | None = None,
         update: bool = True,
+        remote: tuple[Neighbour, ...] | list[Neighbour] = (),
     ) -> LookupResult:
         """Look a state up without any LM call.
 
@@ -493,6 +551,8 @@ class AdaptiveCache:
                 perturbations of the ``delta`` rule).
             update: Record the decision (stats, recency, refresh and exploration draws). False
                 is a pure peek.
+            remote: Other shards' nearest entries for this query (:meth:`neighbours`), merged
+                with this cache's own by similarity.
 
         Returns:
             A hit with its prior aligned to ``query.request.candidates``, or a miss (flagged
@@ -519,17 +579,12 @@ class AdaptiveCache:
             not result.hit
             and self.config.semantic_tier
             and query.embedding is not None
-            and len(self.index)
+            and (len(self.index) or remote)
         ):
-            sims, ids = self.index.search(query.embedding, self.config.neighbours)
             refused = False
-            for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
-                if i < 0 or (not delta_rule and sim < tau):
-                    break
-                e = self._entries[i]
-                if not self._current(e) or (not delta_rule and sim < e.min_similarity):
+            for sim, i, logp, cov, floor in self._semantic_candidates(query, remote):
+                if not delta_rule and (sim < tau or sim < floor):
                     continue
-                logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
                 if cov < self.config.min_candidate_coverage:
                     continue
                 if delta_rule and not self.correctness.allows(sim, i):
@@ -537,7 +592,12 @@ class AdaptiveCache:
                     continue
                 if delta_rule and update and self._rng.random() < explore:
                     result = LookupResult(
-                        tier=HitTier.MISS, similarity=sim, coverage=cov, entry_id=i, explore=True
+                        tier=HitTier.MISS,
+                        logp=logp,
+                        similarity=sim,
+                        coverage=cov,
+                        entry_id=i,
+                        explore=True,
                     )
                     self.stats.explore_calls += 1
                 else:
@@ -566,6 +626,75 @@ class AdaptiveCache:
                 )
         return result
 
+    def _semantic_candidates(self, query: CacheQuery, remote):
+        """``(similarity, entry id, aligned logp, coverage, entry floor)`` of the current
+        entries near ``query``, this cache's and ``remote``'s, most similar first (aligned
+        lazily: the first acceptable candidate ends the scan)."""
+        cands = query.request.candidates
+        found: list[tuple[float, int, Neighbour | None]] = []
+        if len(self.index) and query.embedding is not None:
+            sims, ids = self.index.search(query.embedding, self.config.neighbours)
+            for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
+                if i >= 0 and self._current(self._entries[i]):
+                    found.append((float(sim), int(i), None))
+        for n in remote:
+            if n.model_version == self.model_version and n.encoder_tag == self.encoder_tag:
+                found.append((float(n.similarity), n.entry_id, n))
+        found.sort(key=lambda t: -t[0])
+        for sim, i, n in found:
+            if n is not None:
+                yield sim, i, n.logp, n.coverage, n.min_similarity
+            else:
+                e = self._entries[i]
+                logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
+                yield sim, i, logp, cov, e.min_similarity
+
+    def neighbours(self, query: CacheQuery) -> list[Neighbour]:
+        """This cache's nearest current entries for another shard's query, aligned to its
+        candidates (no reuse rule applied, nothing recorded)."""
+        self._check_query(query)
+        if not self.config.semantic_tier:
+            return []
+        return list(self._near_entries(query))
+
+    def _near_entries(self, query: CacheQuery):
+        """The current entries nearest ``query`` (its own state excluded), most similar first,
+        as :class:`Neighbour` records aligned to its candidates."""
+        if query.embedding is None or not len(self.index):
+            return
+        sims, ids = self.index.search(query.embedding, self.config.neighbours)
+        for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
+            if i < 0:
+                break
+            e = self._entries[i]
+            if not self._current(e) or e.exact_key == query.exact_key:
+                continue
+            logp, cov = align_prior(
+                e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
+            )
+            yield Neighbour(
+                entry_id=e.entry_id,
+                similarity=float(sim),
+                logp=logp,
+                coverage=float(cov),
+                min_similarity=e.min_similarity,
+                model_version=e.model_version,
+                encoder_tag=e.encoder_tag,
+                text=e.text,
+            )
+
+    def touch(self, entry_ids: list[int]) -> None:
+        """Record that another shard served these entries (recency and visits for eviction)."""
+        self.step += 1
+        for eid in entry_ids:
+            e = self._entries.get(eid)
+            if e is not None:
+                e.hits += 1
+                e.visits += 1
+                e.last_used_step = self.step
+                self._slot_last[e.slot] = self.step
+                self._slot_visits[e.slot] = e.visits
+
     def _record_decision(self, query: CacheQuery, result: LookupResult) -> None:
         self.step += 1
         s, w = self.stats, self.window
@@ -580,12 +709,13 @@ class AdaptiveCache:
                 s.hits_exact += 1
             else:
                 s.hits_semantic += 1
-            e = self._entries[result.entry_id]
-            e.hits += 1
-            e.visits += 1
-            e.last_used_step = self.step
-            self._slot_last[e.slot] = self.step
-            self._slot_visits[e.slot] = e.visits
+            local = self._entries.get(result.entry_id)
+            if local is not None:  # else another shard's entry (it is told apart)
+                local.hits += 1
+                local.visits += 1
+                local.last_used_step = self.step
+                self._slot_last[local.slot] = self.step
+                self._slot_visits[local.slot] = local.visits
         else:
             s.misses += 1
             w.misses += 1
@@ -615,24 +745,11 @@ class AdaptiveCache:
                 return logp, float(sim)
         return None
 
-    def _usable_neighbour(self, query: CacheQuery) -> tuple[_Entry, float, np.ndarray] | None:
+    def _usable_neighbour(self, query: CacheQuery) -> Neighbour | None:
         """Nearest current entry other than the query's own state whose candidates cover the
-        query's (the neighbour a semantic hit could serve), with its similarity and prior."""
-        if query.embedding is None or not len(self.index):
-            return None
-        sims, ids = self.index.search(query.embedding, self.config.neighbours)
-        for sim, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True):
-            if i < 0:
-                break
-            e = self._entries[i]
-            if not self._current(e) or e.exact_key == query.exact_key:
-                continue
-            logp, cov = align_prior(
-                e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
-            )
-            if cov >= self.config.min_candidate_coverage:
-                return e, float(sim), logp
-        return None
+        query's (the neighbour a semantic hit could serve)."""
+        cover = self.config.min_candidate_coverage
+        return next((n for n in self._near_entries(query) if n.coverage >= cover), None)
 
     def record_label(
         self,
@@ -642,12 +759,14 @@ class AdaptiveCache:
         source: str,
         entry_id: int | None = None,
         similarity: float | None = None,
+        reused_logp: np.ndarray | None = None,
+        remote: tuple[Neighbour, ...] | list[Neighbour] = (),
     ) -> ReuseLabel | None:
         """Label the reuse of a cached neighbour for a state the LM has just answered.
 
         Call it before inserting the fresh prior. The neighbour is ``entry_id`` at
         ``similarity`` when given (the entry an exploration call or a refresh stood in for),
-        else the nearest usable neighbour (none: no label).
+        else the nearest usable neighbour, this cache's or ``remote``'s (none: no label).
 
         Args:
             query: The state the LM answered.
@@ -655,22 +774,42 @@ class AdaptiveCache:
             source: ``"miss"``, ``"explore"``, ``"refresh"`` or ``"audit"``.
             entry_id: The neighbour, when known.
             similarity: Its similarity, when known.
+            reused_logp: The prior reusing ``entry_id`` gives (needed when the entry is
+                another shard's).
+            remote: Other shards' nearest entries for this query.
 
         Returns:
             The label, or None when the state had no usable neighbour.
         """
-        found: tuple[_Entry, float, np.ndarray] | None = None
+        found: tuple[int, float, np.ndarray, str] | None = None
         e = self._entries.get(entry_id) if entry_id is not None else None
         if e is not None and similarity is not None and self._current(e):
             logp, _ = align_prior(
                 e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
             )
-            found = (e, float(similarity), logp)
+            found = (e.entry_id, float(similarity), logp, e.text)
+        elif (
+            entry_id is not None
+            and not self.is_local_id(entry_id)
+            and similarity is not None
+            and reused_logp is not None
+        ):
+            text = next((n.text for n in remote if n.entry_id == entry_id), "")
+            found = (entry_id, float(similarity), np.asarray(reused_logp), text)
         elif entry_id is None:
-            found = self._usable_neighbour(query)
+            own = self._usable_neighbour(query)
+            if own is not None:
+                found = (own.entry_id, own.similarity, own.logp, own.text)
+            cover = self.config.min_candidate_coverage
+            for n in remote:
+                current = n.model_version == self.model_version and (
+                    n.encoder_tag == self.encoder_tag
+                )
+                if current and n.coverage >= cover and (found is None or n.similarity > found[1]):
+                    found = (n.entry_id, n.similarity, n.logp, n.text)
         if found is None:
             return None
-        e, sim, reused = found
+        neighbour_id, sim, reused, neighbour_text = found
         label = make_label(
             np.asarray(fresh_logp, np.float64),
             reused,
@@ -680,12 +819,14 @@ class AdaptiveCache:
             env=self.config.env,
             encoder_tag=self.encoder_tag,
             query_text=query.text,
-            neighbour_text=e.text,
-            entry_id=e.entry_id,
+            neighbour_text=neighbour_text,
+            entry_id=neighbour_id,
             step=self.step,
         )
         if source != "audit":  # audits measure the cache; they never change what it does
-            self.correctness.record(sim, label.correct, e.entry_id)
+            self.correctness.record(sim, label.correct, neighbour_id)
+            if self.forward is not None:
+                self.forward.append((float(sim), bool(label.correct), int(neighbour_id)))
         if source in ("explore", "refresh"):
             self.window.served_labels += 1
             self.window.served_wrong += 0 if label.correct else 1
@@ -799,7 +940,7 @@ class AdaptiveCache:
         while len(self._entries) >= self.capacity_entries:
             self._evict_one()
         eid = self._next_id
-        self._next_id += 1
+        self._next_id += self._id_stride
         e = _Entry(
             entry_id=eid,
             exact_key=query.exact_key,
@@ -837,6 +978,8 @@ class AdaptiveCache:
             del self._by_key[e.exact_key]
         self.index.remove(np.array([eid]))
         self.correctness.forget_entry(eid)
+        if self.forward is not None:
+            self.forward_forgets.append(eid)
         self._slot_ids[e.slot] = -1
         self._free_slots.append(e.slot)
         self.stats.size = len(self._entries)
@@ -903,9 +1046,17 @@ class AdaptiveCache:
             s.refresh_errors += 1
             self.window.refresh_errors += 1
         old = self._entries.get(entry_id)
-        if old is not None and similarity is not None and old.exact_key != query.exact_key:
+        if similarity is not None and (
+            (old is not None and old.exact_key != query.exact_key)
+            or (old is None and not self.is_local_id(entry_id))  # another shard's entry
+        ):
             self.record_label(
-                query, fresh_logp, source="refresh", entry_id=entry_id, similarity=similarity
+                query,
+                fresh_logp,
+                source="refresh",
+                entry_id=entry_id,
+                similarity=similarity,
+                reused_logp=cached_logp,
             )
         if (
             m.error

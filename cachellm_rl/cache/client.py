@@ -13,6 +13,7 @@ import ray
 
 from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
 from cachellm_rl.cache.keys import canonical_text, exact_key
+from cachellm_rl.cache.sharding import shard_name, split_by_shard
 from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorResult
 from cachellm_rl.prior.prompts import PromptConfig, build_prompt
 
@@ -80,6 +81,7 @@ class PriorCacheClient:
         self.prompt_config = prompt_config or PromptConfig()
         self.caller_id = caller_id
         self._actor = None
+        self._shards: list | None = None
         self._prior_version: str | None = None
         self.calls = 0
         self.owned_actor = None  # a handle that keeps a runner-owned cache actor alive
@@ -104,6 +106,17 @@ class PriorCacheClient:
     def forget_actor(self) -> None:
         """Look the actor up by name again on the next call (after it died or restarted)."""
         self._actor = None
+        self._shards = None
+
+    def shards(self) -> list:
+        """Handles of every shard of the cache, shard 0 first (just the actor when unsharded;
+        the topology is asked once)."""
+        if self._shards is None:
+            n, group, ns = ray.get(self.actor.topology.remote())
+            self._shards = [self.actor] + [
+                ray.get_actor(shard_name(group, i), namespace=ns) for i in range(1, int(n))
+            ]
+        return self._shards
 
     def prior_version(self) -> str:
         """The prior model version hashed into exact keys (asked once, then kept)."""
@@ -161,7 +174,20 @@ class PriorCacheClient:
             return []
         queries = self.build_queries(states)
         self.calls += 1
-        results = ray.get(self.actor.get_priors.remote(queries, self.caller_id))
+        shards = self.shards()
+        if len(shards) == 1:
+            results = ray.get(self.actor.get_priors.remote(queries, self.caller_id))
+        else:  # each query to the shard that owns its exact key, all shards at once
+            groups = split_by_shard([q.exact_key for q in queries], len(shards))
+            refs = [
+                (idx, shards[j].get_priors.remote([queries[i] for i in idx], self.caller_id))
+                for j, idx in enumerate(groups)
+                if idx
+            ]
+            results = [None] * len(queries)
+            for idx, ref in refs:
+                for i, r in zip(idx, ray.get(ref), strict=True):
+                    results[i] = r
         tag = getattr(self.encoder, "tag", "")
         for r in results:
             if r.model_version and r.model_version != self._prior_version and not r.stale:

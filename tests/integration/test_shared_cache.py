@@ -158,16 +158,21 @@ def test_unreachable_lm_falls_back_to_nearest_cached_prior(ray_session, prior_ap
     kill_cache(name + "-broken")
 
 
-def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encoder):
-    app, _ = prior_app
+def minilm_cache(app, encoder, **kw):
+    """A cache of MiniLM-keyed priors (tau 0.9) and a client that reaches it."""
     name = f"cache-{uuid.uuid4().hex[:8]}"
     cfg = SharedCacheConfig(
         cache=CacheConfig(dim=384, min_cosine_similarity=0.9, min_candidate_coverage=0.6),
         prior_app=app,
-        encoder_tag=text_encoder.tag,
+        encoder_tag=encoder.tag,
+        **kw,
     )
     handle = get_or_create_cache(cfg, name=name)
-    client = PriorCacheClient(text_encoder, cache_name=name)
+    return name, handle, PriorCacheClient(encoder, cache_name=name)
+
+
+def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encoder):
+    name, handle, client = minilm_cache(prior_app[0], text_encoder)
     s1 = TextState(
         observation="You are in the kitchen. You see a fridge and a red apple.",
         candidates=CANDS,
@@ -192,6 +197,40 @@ def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encode
     assert client.calls == 2  # one actor call per batch of states
     assert client.prior_version() == prior_app[1].model_version.remote().result()
     kill_cache(name)
+    del handle
+
+
+def test_a_sharded_cache_routes_by_key_and_serves_across_shards(
+    ray_session, prior_app, text_encoder
+):
+    from cachellm_rl.cache.sharding import shard_name, shard_of
+
+    ray = ray_session
+    name, handle, client = minilm_cache(prior_app[0], text_encoder, num_shards=2)
+    kitchen = "You are in the kitchen. You see a fridge and a red apple"
+    s1 = TextState(observation=kitchen + ".", candidates=CANDS, objective="Eat the apple.")
+    owner = shard_of(client.build_queries([s1])[0].exact_key, 2)
+    # a near state whose exact key another shard owns
+    s2 = next(
+        s
+        for s in (
+            TextState(observation=kitchen + end, candidates=CANDS, objective="Eat the apple.")
+            for end in ("!", "!!", " .", "?", "...", " !", ";")
+        )
+        if shard_of(client.build_queries([s])[0].exact_key, 2) != owner
+    )
+    s3 = TextState(observation="A dusty library.", candidates=("read book", "go east"))
+    assert [r.source for r in client.get_priors([s1, s3])] == [PriorSource.LM] * 2
+    r = client.get_priors([s1, s2])
+    assert [x.source for x in r] == [PriorSource.CACHE_EXACT, PriorSource.CACHE_SEMANTIC]
+    sizes = [ray.get(h.local_size.remote()) for h in client.shards()]
+    assert sum(sizes) == 2 and sizes[owner] >= 1
+    st = ray.get(handle.stats.remote())
+    assert st.shards_reporting == 2 and st.size == 2 and st.lm_queries == 2
+    assert st.hits_remote == 1 and st.decisions == 4 and st.hits_exact == 1
+    kill_cache(name)
+    with pytest.raises(ValueError):
+        ray.get_actor(shard_name(name, 1), namespace=DEFAULT_NAMESPACE)
     del handle
 
 

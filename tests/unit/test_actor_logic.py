@@ -27,7 +27,7 @@ def test_heuristic_meta_update_runs_every_window():
             assert res[0].source is PriorSource.FALLBACK_UNIFORM
 
     asyncio.run(run())
-    s = actor.stats()
+    s = actor.local_stats()
     assert s.meta_updates == 2  # windows of 10 decisions
     assert s.min_cosine_similarity < 0.9  # hit rate 0 < target, no refresh KL: tau falls
     assert s.fallbacks_uniform == 25 and s.lm_failures == 25
@@ -49,8 +49,8 @@ def test_spsa_mode_moves_tau_from_caller_groups():
             await actor.get_priors([query(f"b{i}", None)], caller_id=1)  # - group
         actor.report_episode_returns([1.0], caller_id=0)
         actor.report_episode_returns([0.0], caller_id=1)
-        assert actor.stats().min_cosine_similarity == 0.9  # no step before both half-windows
+        assert actor.local_stats().min_cosine_similarity == 0.9  # no step before both half-windows
         await actor.get_priors([query("b3", None)], caller_id=1)  # completes the window
 
     asyncio.run(run())
-    assert actor.stats().min_cosine_similarity > 0.9  # the + side earned more return
+    assert actor.local_stats().min_cosine_similarity > 0.9  # the + side earned more return

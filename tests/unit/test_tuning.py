@@ -135,7 +135,10 @@ def test_trials_are_ranked_and_the_best_is_written_as_settings(tmp_path):
 
 
 def test_tied_trials_rank_the_same_in_any_order():
-    tied = [_result("z", 0.3, **{"meta.rho_min": 0.01}), _result("y", 0.3, **{"meta.rho_min": 0.02})]
+    tied = [
+        _result("z", 0.3, **{"meta.rho_min": 0.01}),
+        _result("y", 0.3, **{"meta.rho_min": 0.02}),
+    ]
     assert [r["trial_id"] for r in trial_rows(tied)] == ["y", "z"]
     assert [r["trial_id"] for r in trial_rows(tied[::-1])] == ["y", "z"]
 
