@@ -14,10 +14,13 @@ behind a real Serve deployment, real cache actors, RLlib's PS-DQN loop):
    caches), LM queries per 1000 env steps, env steps/s, the Serve batch sizes actually formed
    (mean, p50, max, share of requests scored in a batch of 2+), and the env runners' actor call
    latency p50/p99 (one round trip, encoding excluded).
-2. **Actor saturation.** 16, 64 and 256 concurrent synthetic callers (asyncio tasks spread over
-   ``--caller-procs`` Ray actors) call one cache actor's ``get_priors`` with one state each for
-   ``--saturation-s`` seconds, states pre-warmed so every call is an exact hit (the actor's own
-   overhead, no LM): calls/s and call latency p50/p99.
+2. **Cache saturation, one actor against shards.** For a cache of each ``--shards`` count (a
+   ``static`` cache: ``cos >= tau``, no meta-optimiser, no refresh, so no LM call during the
+   load), 16, 64 and 256 concurrent synthetic callers (asyncio tasks spread over
+   ``--caller-procs`` Ray actors) call ``get_priors`` with one state each, routed to the shard
+   that owns its key, for ``--saturation-s`` seconds: calls/s and call latency p50/p99, under
+   two loads: ``exact`` (pre-warmed states: every call an exact hit) and ``semantic`` (near
+   variants of them: every call a semantic search, fanned out to the other shards).
 
 Usage:
     python experiments/bench_scaling.py --json results/bench_scaling.json
@@ -66,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--callers", type=_ints, default=[16, 64, 256], help="concurrent callers")
     p.add_argument("--caller-procs", type=int, default=4, help="processes the callers share")
     p.add_argument("--saturation-s", type=float, default=10.0, help="seconds per load level")
+    p.add_argument("--shards", type=_ints, default=[1, 2], help="cache shards in saturation")
+    p.add_argument(
+        "--loads",
+        default="exact,semantic",
+        type=lambda t: [x for x in t.split(",") if x],
+        help="saturation loads: exact (exact hits), semantic (semantic hits)",
+    )
     p.add_argument("--skip-rollouts", action="store_true")
     p.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps-per-runner and --capacity must be >= 1")
     if not args.callers or min(args.callers) < 1 or args.caller_procs < 1:
         p.error("--callers and --caller-procs need counts >= 1")
+    if not args.shards or min(args.shards) < 1:
+        p.error("--shards needs counts >= 1")
+    bad = [x for x in args.loads if x not in ("exact", "semantic")]
+    if bad or not args.loads:
+        p.error(f"--loads takes exact and/or semantic, got {args.loads}")
     return args
 
 
@@ -289,33 +304,52 @@ def saturation_states(n: int) -> list:
 
 
 class Caller:
-    """A process of synthetic callers: ``k`` asyncio tasks calling one cache actor."""
+    """A process of synthetic callers: ``k`` asyncio tasks calling a cache's actors, each state
+    sent to the shard that owns its exact key (as :class:`PriorCacheClient` routes)."""
 
-    def __init__(self, cache_name: str, namespace: str, queries: list) -> None:
+    def __init__(self, cache_name: str, namespace: str, queries: list, num_shards: int) -> None:
         import ray
 
-        self.actor = ray.get_actor(cache_name, namespace=namespace)
+        from cachellm_rl.cache.sharding import shard_name, shard_of
+
+        self.shards = [
+            ray.get_actor(shard_name(cache_name, i), namespace=namespace) for i in range(num_shards)
+        ]
+        self.owner = [shard_of(q.exact_key, num_shards) for q in queries]
         self.queries = queries
 
-    async def run(self, k: int, seconds: float, seed: int) -> list[float]:
+    async def run(self, k: int, seconds: float, seed: int) -> tuple[list[float], dict[str, int]]:
         rng = np.random.default_rng(seed)
         deadline = time.perf_counter() + seconds
         lat: list[float] = []
+        sources: dict[str, int] = {}
 
         async def one(j: int) -> None:
             i = int(rng.integers(len(self.queries)))
             while time.perf_counter() < deadline:
                 t = time.perf_counter()
-                await self.actor.get_priors.remote([self.queries[i]], 10_000 + j)
+                shard = self.shards[self.owner[i]]
+                (res,) = await shard.get_priors.remote([self.queries[i]], 10_000 + j)
                 lat.append(1e3 * (time.perf_counter() - t))
+                sources[res.source.value] = sources.get(res.source.value, 0) + 1
                 i = (i + 1) % len(self.queries)
 
         await asyncio.gather(*[one(j) for j in range(k)])
-        return lat
+        return lat, sources
+
+
+def near_variant(state):
+    """The same state with its last full stop turned into an exclamation mark: another exact
+    key, an embedding at cosine about 0.99 (a semantic hit under the ``tau`` rule)."""
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(state, observation=state.observation[:-1] + "!")
 
 
 def measure_saturation(cfg, args, say) -> list[dict]:
-    """Calls/s and latency of one cache actor under 16/64/256 concurrent callers."""
+    """Calls/s and latency of a cache of 1, 2, ... shards under 16/64/256 concurrent callers,
+    for exact hits (the states themselves) and semantic hits (near variants: every call a
+    semantic search, fanned out to the other shards when sharded)."""
     import ray
 
     from cachellm_rl.algorithms.ps_dqn.methods import start_cache
@@ -323,53 +357,81 @@ def measure_saturation(cfg, args, say) -> list[dict]:
     from cachellm_rl.cache.client import PriorCacheClient
     from cachellm_rl.cache.encoders import TextStateEncoder
 
-    name = "scale-saturation"
-    s = replace(cfg.settings, capacity_entries=4096, adaptive_initial_capacity=4096)
-    handle = start_cache(args.method, s, name, DEFAULT_NAMESPACE, env=cfg.env)
-    client = PriorCacheClient(TextStateEncoder(), cache_name=name, namespace=DEFAULT_NAMESPACE)
+    encoder = TextStateEncoder()
     states = saturation_states(256)
-    queries = client.build_queries(states)
-    for i in range(0, len(states), 32):  # warm: every state's prior in the cache
-        client.get_priors(states[i : i + 32])
-    before = ray.get(handle.stats.remote()).as_flat_dict()
-    remote = ray.remote(num_cpus=0, max_concurrency=1000)(Caller)
-    procs = [remote.remote(name, DEFAULT_NAMESPACE, queries) for _ in range(args.caller_procs)]
     rows = []
-    try:
-        for total in args.callers:
-            per = [
-                total // len(procs) + (1 if i < total % len(procs) else 0)
-                for i in range(len(procs))
-            ]
-            t0 = time.perf_counter()
-            lats = ray.get(
-                [
-                    p.run.remote(k, args.saturation_s, 7 + i)
-                    for i, (p, k) in enumerate(zip(procs, per, strict=True))
-                    if k
+    for shards in args.shards:
+        name = f"scale-saturation-{shards}"
+        # the static cache (cos >= tau, no meta-optimiser, no refresh): the actor's own work
+        s = replace(
+            cfg.settings,
+            capacity_entries=4096,
+            refresh_probability=0.0,
+            audit_probability=0.0,
+            cache_shards=shards,
+        )
+        handle = start_cache("static", s, name, DEFAULT_NAMESPACE, env=cfg.env)
+        client = PriorCacheClient(encoder, cache_name=name, namespace=DEFAULT_NAMESPACE)
+        for i in range(0, len(states), 32):  # warm: every state's prior in the cache
+            client.get_priors(states[i : i + 32])
+        loads = {
+            "exact": client.build_queries(states),
+            "semantic": client.build_queries([near_variant(x) for x in states]),
+        }
+        before = ray.get(handle.stats.remote()).as_flat_dict()
+        remote = ray.remote(num_cpus=0, max_concurrency=1000)(Caller)
+        try:
+            for load in args.loads:
+                procs = [
+                    remote.remote(name, DEFAULT_NAMESPACE, loads[load], shards)
+                    for _ in range(args.caller_procs)
                 ]
-            )
-            wall = time.perf_counter() - t0
-            flat = [x for part in lats for x in part]
-            row = {
-                "callers": total,
-                "calls": len(flat),
-                "calls_per_s": len(flat) / wall,
-                **latency_summary(flat),
-            }
-            rows.append(row)
-            say(
-                f"  {total:4d} callers: {row['calls_per_s']:7.0f} calls/s, "
-                f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
-            )
-        after = ray.get(handle.stats.remote()).as_flat_dict()
-        for r in rows:
-            r["lm_queries_during_load"] = int(after["lm_queries"] - before["lm_queries"])
-    finally:
-        for p in procs:
-            ray.kill(p)
-        kill_cache(name, DEFAULT_NAMESPACE)
+                for total in args.callers:
+                    row = _load_level(procs, total, args.saturation_s)
+                    row.update(shards=shards, load=load)
+                    rows.append(row)
+                    say(
+                        f"  {shards} shard(s) {load:8s} {total:4d} callers: "
+                        f"{row['calls_per_s']:7.0f} calls/s, p50 {row['p50_ms']:.1f} ms, "
+                        f"p99 {row['p99_ms']:.1f} ms, served {row['sources']}"
+                    )
+                for p in procs:
+                    ray.kill(p)
+            after = ray.get(handle.stats.remote()).as_flat_dict()
+            for r in rows:
+                if r["shards"] == shards:
+                    r["lm_queries_during_load"] = int(after["lm_queries"] - before["lm_queries"])
+        finally:
+            kill_cache(name, DEFAULT_NAMESPACE)
+            del handle
     return rows
+
+
+def _load_level(procs, total: int, seconds: float) -> dict:
+    import ray
+
+    per = [total // len(procs) + (1 if i < total % len(procs) else 0) for i in range(len(procs))]
+    t0 = time.perf_counter()
+    parts = ray.get(
+        [
+            p.run.remote(k, seconds, 7 + i)
+            for i, (p, k) in enumerate(zip(procs, per, strict=True))
+            if k
+        ]
+    )
+    wall = time.perf_counter() - t0
+    flat = [x for lat, _ in parts for x in lat]
+    sources: dict[str, int] = {}
+    for _, src in parts:
+        for key, n in src.items():
+            sources[key] = sources.get(key, 0) + n
+    return {
+        "callers": total,
+        "calls": len(flat),
+        "calls_per_s": len(flat) / wall,
+        "sources": sources,
+        **latency_summary(flat),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict | int:
@@ -449,7 +511,7 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
                 f"LM queries x{r['lm_queries_ratio']:.2f}"
             )
     if not args.skip_saturation:
-        say("actor saturation (exact hits, no LM):")
+        say("cache saturation (static cache, no LM; exact hits, then semantic hits):")
         out["saturation"] = measure_saturation(cfg, args, say)
     _write(args.json, out)
     say(f"-> {args.json}")

@@ -108,11 +108,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="custom Ray resource each env runner reserves one unit of (pins env runners to "
         "the nodes that advertise it, e.g. `rollout` in cluster.yaml)",
     )
+    p.add_argument(
+        "--cache-shards",
+        type=int,
+        default=1,
+        help="cache actors the cache is sharded over (see docs/cluster.md: when to switch)",
+    )
     p.add_argument("--split", default=None, help="evaluation split (default: test)")
     p.add_argument("--eval-every", type=int, default=None, help="greedy eval every N env steps")
     add_suite_arguments(p)
     args = p.parse_args(argv)
     check_suite_envs(p, args)
+    if args.cache_shards < 1:
+        p.error(f"--cache-shards must be >= 1, got {args.cache_shards}")
     return args
 
 
@@ -187,6 +195,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, env_runner_resource=args.env_runner_resource)
         if args.prior_resource:  # the cache actor lives beside the prior
             s = replace(s, cache_resource=args.prior_resource)
+        if args.cache_shards != 1:
+            s = replace(s, cache_shards=args.cache_shards)
         if args.delta is not None:
             s = replace(s, correctness=replace(s.correctness, delta=args.delta))
         if args.state_encoder != "minilm":

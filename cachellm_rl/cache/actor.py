@@ -395,7 +395,10 @@ class SharedPriorCache:
             else:
                 misses.append((i, r))
         for shard, ids in touched.items():  # the serving shards keep their recency right
-            self._peer(shard).touch.remote(ids)
+            try:
+                self._peer(shard).touch.remote(ids)
+            except Exception:  # the peer is gone: its recency is all that is lost
+                self._peer_handles.pop(shard, None)
         if misses:
             resolved = await asyncio.gather(
                 *[self._resolve_miss(queries[i], t0, r, remote[i]) for i, r in misses]
@@ -422,15 +425,18 @@ class SharedPriorCache:
         self._cache.stats.shard_fanouts += 1
         sub = [queries[i] for i in need]
         refs = []
-        for j in self._others():
+        peers = self._others()
+        for j in peers:
             try:
                 ref = self._peer(j).neighbours.remote(sub)
                 refs.append(asyncio.wait_for(ref, cfg.fanout_timeout_s))
             except Exception as exc:
                 refs.append(_failed(exc))
-        for answer in await asyncio.gather(*refs, return_exceptions=True):
+        answers = await asyncio.gather(*refs, return_exceptions=True)
+        for j, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
                 self._cache.stats.shard_fanout_failures += 1
+                self._peer_handles.pop(j, None)  # looked up by name again next time
                 continue
             for i, found in zip(need, answer, strict=True):
                 out[i].extend(found)

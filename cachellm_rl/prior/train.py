@@ -149,7 +149,12 @@ def train_prior(
 
     Returns:
         The training report (also saved as ``prior_train.json`` in ``out_dir``).
+
+    The model is trained in ``<out_dir>.partial`` and moved to ``out_dir`` only when its
+    report is written, so an interrupted training never leaves a model that looks usable.
     """
+    import shutil
+
     import torch
 
     cfg = config or PriorTrainConfig()
@@ -159,7 +164,9 @@ def train_prior(
         if not action.strip():
             raise ValueError(f"empty expert action in an example (prompt {prompt[:60]!r}...)")
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    final = Path(out_dir)
+    out = final.with_name(final.name + ".partial")
+    shutil.rmtree(out, ignore_errors=True)
     corpus = [p for p, _ in examples] + [a for _, a in examples]
     model, tokenizer = make_tiny_causal_lm(out, corpus, cfg.model)
     torch.manual_seed(cfg.seed)
@@ -226,6 +233,8 @@ def train_prior(
         **(extra_report or {}),
     }
     (out / TRAIN_REPORT).write_text(json.dumps(report, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
     return report
 
 

@@ -180,3 +180,15 @@ def test_fresh_seeds_flags_name_the_seeds_or_refuse_in_one_line(capsys):
     assert main(["--first-seed", "3", "--envs", "textworld"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["text_suite.py: error: --first-seed needs --seeds N"]
+
+
+def test_cache_shards_flag_is_checked_and_reaches_the_settings(capsys):
+    import pytest
+
+    from experiments.text_suite import build_configs, parse_args
+
+    with pytest.raises(SystemExit) as bad:
+        parse_args(["--cache-shards", "0"])
+    assert bad.value.code == 2 and "--cache-shards must be >= 1" in capsys.readouterr().err
+    (cfg,) = build_configs(parse_args(["--envs", "textworld", "--cache-shards", "2"]))
+    assert cfg.settings.cache_shards == 2

@@ -99,3 +99,39 @@ def test_renumbering_relabels_instances_consistently():
     assert max(seen_numbers) > 3  # numbers are drawn beyond the ones the room has
     with pytest.raises(ValueError, match="max_number"):
         renumber_instances(d, d.candidates[0], rng, max_number=0)
+
+
+def test_an_interrupted_training_leaves_no_usable_looking_prior(tmp_path, monkeypatch):
+    """A training killed midway must not leave a model folder that the suites take as
+    trained (an untrained GPT-2 once served as a TextWorld prior that way)."""
+    import cachellm_rl.prior.train as train_mod
+    from cachellm_rl.algorithms.ps_dqn.suite import needs_training
+    from cachellm_rl.envs.registry import default_prior_dir
+    from cachellm_rl.prior.tiny_model import TinyLMConfig
+
+    examples = [(f"state {i}. actions: go north, take apple", "take apple") for i in range(8)]
+    cfg = PriorTrainConfig(
+        model=TinyLMConfig(n_layer=1, n_head=2, n_embd=16, n_positions=64), epochs=1, batch_size=4
+    )
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_collate", killed)
+    out = tmp_path / "artifacts" / "priors" / "textworld"
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(examples, out, cfg, progress=False)
+    assert not out.exists()
+    monkeypatch.undo()
+    train_prior(examples, out, cfg, progress=False)
+    assert (out / "config.json").is_file() and not out.with_name("textworld.partial").exists()
+    # a default prior folder without its training report (an old interrupted run) is retrained
+    monkeypatch.chdir(tmp_path)
+    assert default_prior_dir("textworld").resolve() == out.resolve()
+    assert not needs_training("textworld", out)
+    (out / train_mod.TRAIN_REPORT).unlink()
+    assert needs_training("textworld", out)
+    own = tmp_path / "my_model"  # a user's own model folder: never retrained
+    own.mkdir()
+    (own / "config.json").write_text("{}")
+    assert not needs_training("textworld", own)

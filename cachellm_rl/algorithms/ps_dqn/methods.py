@@ -136,6 +136,8 @@ class MethodSettings:
         cache_resource: A custom Ray resource the run's cache actor reserves a sliver of
             (0.001), which places it on the nodes that advertise it (the prior's node, with
             ``--prior-resource``); None: the creator's node is preferred.
+        cache_shards: Cache actors the run's cache is sharded over (``--cache-shards``; see
+            docs/cluster.md for when one actor stops being enough); 1: one actor.
         env_steps_per_iteration: Env steps per ``algo.train()`` (one learning-curve point).
         prior_app: Name of the ``PriorServer`` Serve application the cache actors ask.
     """
@@ -177,6 +179,7 @@ class MethodSettings:
     num_cpus_per_env_runner: float = 0.5
     env_runner_resource: str | None = None
     cache_resource: str | None = None
+    cache_shards: int = 1
     env_steps_per_iteration: int = 250
     prior_app: str = DEFAULT_PRIOR_APP
 
@@ -461,6 +464,8 @@ def start_cache(method: str, s: MethodSettings, name: str, namespace: str, *, en
         return None
     if s.cache_resource:
         cfg = replace(cfg, resources={s.cache_resource: PLACEMENT_SLIVER})
+    if s.cache_shards != 1:
+        cfg = replace(cfg, num_shards=s.cache_shards)
     handle = get_or_create_cache(cfg, name=name, namespace=namespace)
     ray.get(handle.ping.remote())
     if method != "direct_lm":  # an RL run: check its env runners' queries fit this cache

@@ -214,6 +214,19 @@ def training_games(cfg: TextSuiteConfig, eval_games: Sequence[str]) -> list[str]
     return games[: cfg.num_train_games] if cfg.num_train_games else games
 
 
+def needs_training(env: str, prior: Path) -> bool:
+    """Whether a prior folder must be (re)trained: it holds no model, or it is the env's
+    default prior and its training report is missing (a training that did not finish; a
+    user's own model folder is never retrained)."""
+    from cachellm_rl.envs.registry import default_prior_dir
+    from cachellm_rl.prior.train import TRAIN_REPORT
+
+    if not (prior / "config.json").is_file():
+        return True
+    default = prior.resolve() == default_prior_dir(env).resolve()
+    return default and not (prior / TRAIN_REPORT).is_file()
+
+
 def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool, console=None) -> None:
     """Generate the env's games and train its default prior when they are missing (their
     progress bars go to ``console``)."""
@@ -224,7 +237,7 @@ def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool, console=None) -> None
         if not has_games(cfg.env, games):
             print(f"generating the {cfg.env} game suite into {games} ...", file=sys.stderr)
             make_games(cfg.env, games, progress=progress)
-        if not (prior / "config.json").is_file():
+        if needs_training(cfg.env, prior):
             print(f"training the {cfg.env} default prior into {prior} ...", file=sys.stderr)
             from cachellm_rl.prior.embedded import train_embedded_prior
 
