@@ -31,13 +31,14 @@ def q(key: str, emb=None, cands=CANDS) -> CacheQuery:
     )
 
 
-def crash_and_wait_for_restore(ray, handle):
-    """Kill the actor as a crash would (Ray restarts it) and return the restored actor's stats."""
+def crash_and_wait_for_restore(ray, handle, stats="stats"):
+    """Kill the actor as a crash would (Ray restarts it) and return the restored actor's stats
+    (``stats="local_stats"``: one shard's own)."""
     ray.kill(handle, no_restart=False)
     deadline = time.time() + 60
     while True:  # the old instance may answer once more before it dies
         try:
-            s = ray.get(handle.stats.remote(), timeout=10)
+            s = ray.get(getattr(handle, stats).remote(), timeout=10)
             if s.restored_entries:
                 return s
         except Exception:
@@ -231,6 +232,38 @@ def test_a_sharded_cache_routes_by_key_and_serves_across_shards(
     kill_cache(name)
     with pytest.raises(ValueError):
         ray.get_actor(shard_name(name, 1), namespace=DEFAULT_NAMESPACE)
+    del handle
+
+
+def test_a_crashed_shard_comes_back_with_its_own_snapshot(
+    ray_session, prior_app, text_encoder, tmp_path
+):
+    from cachellm_rl.cache.sharding import shard_name
+
+    ray = ray_session
+    name, handle, client = minilm_cache(
+        prior_app[0], text_encoder, num_shards=2, snapshot_dir=str(tmp_path), max_restarts=2
+    )
+    states = [
+        TextState(observation=f"Room {i}: a {c} box.", candidates=CANDS)
+        for i, c in enumerate(("red", "blue", "green", "black", "white", "pink"))
+    ]
+    first = client.get_priors(states)
+    sizes = [ray.get(h.local_size.remote()) for h in client.shards()]
+    assert sum(sizes) == 6 and min(sizes) >= 1, sizes  # both shards own some states
+    ray.get(handle.save.remote())  # every shard writes its own snapshot
+    assert (tmp_path / "shard-0" / "LATEST").is_file()
+    assert (tmp_path / "shard-1" / "LATEST").is_file()
+    shard1 = ray.get_actor(shard_name(name, 1), namespace=DEFAULT_NAMESPACE)
+    restored = crash_and_wait_for_restore(ray, shard1, "local_stats")
+    assert restored.size == sizes[1] and restored.actor_restarts == 1
+    again = client.get_priors(states)
+    assert all(r.source is PriorSource.CACHE_EXACT for r in again)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-6)
+    st = ray.get(handle.stats.remote())
+    assert st.shards_reporting == 2 and st.lm_queries == 6 and st.size == 6
+    kill_cache(name)
     del handle
 
 
