@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_NAME = "cachellm_prior_cache"
 ENCODER_BLOB = "encoder.bin"
 DEFAULT_NAMESPACE = "cachellm_rl"
+MAX_UNACKED = 300  # exchanges a shard keeps for shard 0 while it does not answer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +89,11 @@ class SharedCacheConfig:
         shard_namespace: Ray namespace of the shards.
         shard_sync_interval_s: Seconds between a shard's exchanges with shard 0 (its decision
             window and labels go up; parameters and the correctness model come back).
-        fanout_timeout_s: How long a shard waits for its peers' nearest entries; then it
-            decides on its own entries (counted in ``shard_fanout_failures``).
+        fanout_timeout_s: How long a shard waits for a peer's nearest entries (or shard 0's
+            answer to an exchange); then it decides on its own entries (counted in
+            ``shard_fanout_failures``).
+        fanout_backoff_s: Seconds a peer that did not answer is skipped (a restarting shard
+            would otherwise cost every call ``fanout_timeout_s``).
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -109,7 +114,8 @@ class SharedCacheConfig:
     shard_group: str = ""
     shard_namespace: str = "cachellm_rl"
     shard_sync_interval_s: float = 1.0
-    fanout_timeout_s: float = 5.0
+    fanout_timeout_s: float = 1.0
+    fanout_backoff_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -125,6 +131,8 @@ class SharedCacheConfig:
             )
         if self.shard_sync_interval_s <= 0 or self.fanout_timeout_s <= 0:
             raise ValueError("shard_sync_interval_s and fanout_timeout_s must be > 0")
+        if self.fanout_backoff_s < 0:
+            raise ValueError("fanout_backoff_s must be >= 0")
         if not self.lm_timeout_s > 0:
             raise ValueError(f"SharedCacheConfig.lm_timeout_s must be > 0, got {self.lm_timeout_s}")
         if self.snapshot_interval_s < 0:
@@ -183,8 +191,15 @@ class SharedPriorCache:
         if _reconstructed():  # Ray restarted this actor after a crash or a kill
             self._cache.stats.actor_restarts += 1
         self._peer_handles: dict[int, Any] = {}
+        self._peer_down_until: dict[int, float] = {}
         self._last_sync = -math.inf
         self._syncing = False
+        # Exchanges with shard 0 not yet acknowledged, numbered per incarnation of this shard,
+        # so a retried exchange is applied once (shard 0 keeps the last number it applied).
+        self._incarnation = uuid.uuid4().hex
+        self._sync_seq = 0
+        self._unacked: list[tuple[int, WindowCounters, list, list]] = []
+        self._applied_seq: dict[tuple[int, str], int] = {}
         self._handle = None
         self._inflight: dict[bytes, asyncio.Future] = {}
         self._inflight_near: dict[bytes, tuple[np.ndarray, frozenset[str]]] = {}
@@ -207,6 +222,7 @@ class SharedPriorCache:
             tag = self._encoder.tag
         snap = self._snapshot_dir
         if snap and AdaptiveCache.latest_snapshot(snap) is not None:
+            self._check_layout(snap)
             cache = AdaptiveCache.restore(snap, cfg.cache)
             self._meta.load_state(AdaptiveCache.read_extra(snap).get("meta", {}))
             blob = AdaptiveCache.read_blob(snap, ENCODER_BLOB)
@@ -218,6 +234,16 @@ class SharedPriorCache:
                 cache.encoder_tag = tag  # entries of the old encoder become misses
             return cache
         return AdaptiveCache(cfg.cache, encoder_tag=tag)
+
+    def _check_layout(self, snapshot: str | Path) -> None:
+        """Refuse a snapshot written by a cache with another shard count (its keys belong to
+        other shards, its entry ids to another id space)."""
+        stored = int(AdaptiveCache.read_extra(snapshot).get("num_shards", 1))
+        if stored != self.config.num_shards:
+            raise ValueError(
+                f"the snapshot in {str(snapshot)!r} was written by a cache of {stored} shard(s); "
+                f"this cache has {self.config.num_shards} (restore it with num_shards={stored})"
+            )
 
     def _shard_dir(self, root: str | Path) -> str:
         """This shard's snapshot folder under ``root`` (``root`` itself for one actor)."""
@@ -235,6 +261,25 @@ class SharedPriorCache:
 
     def _others(self) -> list[int]:
         return [i for i in range(self.config.num_shards) if i != self.config.shard_index]
+
+    def _peer_failed(self, index: int) -> None:
+        self._peer_handles.pop(index, None)  # looked up by name again next time
+        self._peer_down_until[index] = time.monotonic() + self.config.fanout_backoff_s
+
+    def _send_floors(self) -> None:
+        """Ask other shards to raise the floors of their entries that served wrong priors."""
+        pending, self._cache.remote_narrow = self._cache.remote_narrow, []
+        for eid, floor in pending:
+            shard = eid % self.config.num_shards
+            try:
+                self._peer(shard).raise_floor.remote(eid, floor)
+            except Exception:
+                self._peer_failed(shard)
+
+    def raise_floor(self, entry_id: int, floor: float) -> None:
+        """Another shard's refresh found this shard's entry served a wrong prior (``tau``
+        rule): raise the entry's similarity floor."""
+        self._cache.raise_floor(entry_id, floor)
 
     async def _on_peers(self, method: str, *args) -> list[Any]:
         """Call ``method`` on every other shard (results or exceptions, in shard order)."""
@@ -355,6 +400,8 @@ class SharedPriorCache:
         self._validate(queries)
         if self.config.num_shards > 1 and not self._version_checked:
             await self.versions()  # callers ask shard 0 only; peers' entries must match ours
+        if self.config.shard_index > 0 and self._sync_seq == 0:
+            await self.sync_now()  # shard 0's model and parameters (and id floor) first
         queries = [self._same_encoder(q) for q in queries]
         calls = self._calls.setdefault(str(caller_id), [0, 0])
         calls[0] += 1
@@ -398,7 +445,7 @@ class SharedPriorCache:
             try:
                 self._peer(shard).touch.remote(ids)
             except Exception:  # the peer is gone: its recency is all that is lost
-                self._peer_handles.pop(shard, None)
+                self._peer_failed(shard)
         if misses:
             resolved = await asyncio.gather(
                 *[self._resolve_miss(queries[i], t0, r, remote[i]) for i, r in misses]
@@ -425,7 +472,9 @@ class SharedPriorCache:
         self._cache.stats.shard_fanouts += 1
         sub = [queries[i] for i in need]
         refs = []
-        peers = self._others()
+        now = time.monotonic()
+        peers = [j for j in self._others() if self._peer_down_until.get(j, 0.0) <= now]
+        self._cache.stats.shard_fanout_failures += cfg.num_shards - 1 - len(peers)
         for j in peers:
             try:
                 ref = self._peer(j).neighbours.remote(sub)
@@ -436,7 +485,7 @@ class SharedPriorCache:
         for j, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
                 self._cache.stats.shard_fanout_failures += 1
-                self._peer_handles.pop(j, None)  # looked up by name again next time
+                self._peer_failed(j)
                 continue
             for i, found in zip(need, answer, strict=True):
                 out[i].extend(found)
@@ -643,6 +692,8 @@ class SharedPriorCache:
             m = self._cache.apply_refresh(
                 q, hit.logp, fresh, hit.entry_id, similarity=hit.similarity
             )
+            if self._cache.remote_narrow:
+                self._send_floors()
             if self._meta.spsa is not None:
                 self._meta.spsa.record(self._meta.spsa.sign_for(None), kl=m.kl)
         except Exception as exc:
@@ -716,28 +767,32 @@ class SharedPriorCache:
 
     async def sync_now(self) -> bool:
         """Exchange with shard 0 now: send this shard's decision window, labels and evicted
-        entry ids; adopt the parameters in force and the correctness model. Returns whether
-        shard 0 answered (on failure what was to be sent is kept for the next exchange)."""
+        entry ids; adopt the parameters in force, the correctness model and the id floor.
+        Returns whether shard 0 answered. What shard 0 has not acknowledged is sent again
+        with its number next time, and shard 0 applies each number once."""
         cache = self._cache
-        window = cache.take_window()
-        labels, cache.forward = cache.forward or [], []
-        forgets, cache.forward_forgets = cache.forward_forgets, []
+        self._sync_seq += 1
+        self._unacked.append(
+            (self._sync_seq, cache.take_window(), cache.forward or [], cache.forward_forgets)
+        )
+        cache.forward, cache.forward_forgets = [], []
+        del self._unacked[:-MAX_UNACKED]  # shard 0 gone for minutes: the oldest are dropped
         try:
             state = await asyncio.wait_for(
-                self._peer(0).shard_sync.remote(self.config.shard_index, window, labels, forgets),
+                self._peer(0).shard_sync.remote(
+                    self.config.shard_index, self._incarnation, list(self._unacked)
+                ),
                 self.config.fanout_timeout_s,
             )
         except Exception as exc:
             logger.debug("shard sync failed: %r", exc)
-            cache.forward = labels + (cache.forward or [])
-            cache.forward_forgets = forgets + cache.forward_forgets
-            merge_window(cache.window, window)
             self._peer_handles.pop(0, None)
             cache.stats.shard_sync_failures += 1
             return False
         finally:
             self._syncing = False
             self._last_sync = time.monotonic()
+        self._unacked = [u for u in self._unacked if u[0] > state["applied"]]
         p: CacheParams = state["params"]
         cache.set_params(
             p.capacity_entries,
@@ -748,28 +803,44 @@ class SharedPriorCache:
         cache.correctness = CorrectnessModel.from_state(
             state["correctness"], cache.config.correctness
         )
+        cache.skip_ids_through(state["id_floor"])
         cache.stats.shard_syncs += 1
         return True
 
     def shard_sync(
         self,
         shard_index: int,
-        window: WindowCounters,
-        labels: list[tuple[float, bool, int]],
-        forgets: list[int],
+        incarnation: str,
+        payloads: list[tuple[int, WindowCounters, list[tuple[float, bool, int]], list[int]]],
     ) -> dict[str, Any]:
-        """Shard 0's side of :meth:`sync_now`: fold another shard's window into the
-        meta-optimiser's, its labels into the correctness model; return both."""
+        """Shard 0's side of :meth:`sync_now`: fold another shard's windows into the
+        meta-optimiser's and its labels into the correctness model (each numbered payload
+        once); return the parameters, the model and the highest entry id of that shard the
+        model knows (a restarted shard numbers its new entries above it)."""
         if self.config.shard_index != 0:
             raise RuntimeError("shard_sync goes to shard 0")
         cache = self._cache
-        merge_window(cache.window, window)
-        for sim, correct, eid in labels:
-            cache.correctness.record(sim, correct, eid)
-        for eid in forgets:
-            cache.correctness.forget_entry(eid)
+        done = self._applied_seq.get((shard_index, incarnation), 0)
+        for seq, window, labels, forgets in payloads:
+            if seq <= done:
+                continue
+            merge_window(cache.window, window)
+            for sim, correct, eid in labels:
+                cache.correctness.record(sim, correct, eid)
+            for eid in forgets:
+                cache.correctness.forget_entry(eid)
+            done = seq
+        self._applied_seq[(shard_index, incarnation)] = done
         self._after_decisions(0, 0, 0)
-        return {"params": self._params(), "correctness": cache.correctness.state_dict()}
+        n = self.config.num_shards
+        return {
+            "applied": done,
+            "params": self._params(),
+            "correctness": cache.correctness.state_dict(),
+            "id_floor": max(
+                (e for e in cache.correctness.entry_ids() if e % n == shard_index), default=-1
+            ),
+        }
 
     def report_episode_returns(self, returns: list[float], caller_id: int | None = None) -> None:
         """Episode returns for the meta-reward (return trend; SPSA groups)."""
@@ -822,7 +893,8 @@ class SharedPriorCache:
 
     def _save_local(self, target: str) -> str:
         blobs = {ENCODER_BLOB: self._encoder_blob} if self._encoder_blob is not None else {}
-        out = self._cache.save(target, extra={"meta": self._meta.state_dict()}, blobs=blobs)
+        extra = {"meta": self._meta.state_dict(), "num_shards": self.config.num_shards}
+        out = self._cache.save(target, extra=extra, blobs=blobs)
         self._last_snapshot = time.monotonic()
         return str(out)
 
@@ -843,6 +915,7 @@ class SharedPriorCache:
         """Replace the cache with the latest snapshot under ``path`` (each shard its own);
         returns the entry count (over all shards)."""
         own = self._shard_dir(path)
+        self._check_layout(own)
         self._cache = AdaptiveCache.restore(Path(own), self.config.cache)
         self._cache.set_id_space(self.config.shard_index, self.config.num_shards)
         if self.config.shard_index > 0:

@@ -462,6 +462,8 @@ class AdaptiveCache:
         # Labels and evictions another process must hear about (a shard's primary); None: none.
         self.forward: list[tuple[float, bool, int]] | None = None
         self.forward_forgets: list[int] = []
+        # Similarity floors to raise on other shards' entries (tau rule), for the owner to send.
+        self.remote_narrow: list[tuple[int, float]] = []
         self._rng = np.random.default_rng(config.seed)
         # Eviction priority inputs kept in slot arrays so that a victim is one numpy argmin.
         self._slot_ids = np.full(16, -1, dtype=np.int64)
@@ -503,10 +505,31 @@ class AdaptiveCache:
         self._id_offset, self._id_stride = offset, stride
         self._next_id += (offset - self._next_id) % stride
 
+    def _reset_correctness(self) -> None:
+        """Forget every label, including those not yet sent to a shard's primary."""
+        self.correctness.reset()
+        if self.forward is not None:
+            self.forward.clear()
+            self.forward_forgets.clear()
+
+    def raise_floor(self, entry_id: int, floor: float) -> None:
+        """Raise an entry's similarity floor (``tau`` rule), as another shard's refresh asks."""
+        e = self._entries.get(entry_id)
+        if e is not None:
+            e.min_similarity = max(e.min_similarity, min(1.0, floor))
+            self.stats.radius_narrowed += 1
+
     def holds(self, key: bytes) -> bool:
         """Whether a current entry has this exact key (an exact hit, without recording it)."""
         eid = self._by_key.get(key)
         return eid is not None and self._current(self._entries[eid])
+
+    def skip_ids_through(self, entry_id: int) -> None:
+        """Number new entries above ``entry_id`` (in this cache's id space): ids a restarted
+        shard issued after its last snapshot may still have labels on shard 0."""
+        if entry_id >= self._next_id:
+            self._next_id = entry_id + 1
+            self._next_id += (self._id_offset - self._next_id) % self._id_stride
 
     def is_local_id(self, entry_id: int) -> bool:
         """Whether an entry id belongs to this cache's id space (not another shard's)."""
@@ -655,11 +678,12 @@ class AdaptiveCache:
         self._check_query(query)
         if not self.config.semantic_tier:
             return []
-        return list(self._near_entries(query))
+        return list(self._near_entries(query, same_key=True))
 
-    def _near_entries(self, query: CacheQuery):
-        """The current entries nearest ``query`` (its own state excluded), most similar first,
-        as :class:`Neighbour` records aligned to its candidates."""
+    def _near_entries(self, query: CacheQuery, *, same_key: bool = False):
+        """The current entries nearest ``query``, most similar first, as :class:`Neighbour`
+        records aligned to its candidates; its own state's entry only with ``same_key`` (a
+        peer shard may hold it after an encoder switch re-keyed entries in place)."""
         if query.embedding is None or not len(self.index):
             return
         sims, ids = self.index.search(query.embedding, self.config.neighbours)
@@ -667,7 +691,7 @@ class AdaptiveCache:
             if i < 0:
                 break
             e = self._entries[i]
-            if not self._current(e) or e.exact_key == query.exact_key:
+            if not self._current(e) or (e.exact_key == query.exact_key and not same_key):
                 continue
             logp, cov = align_prior(
                 e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
@@ -850,7 +874,7 @@ class AdaptiveCache:
             self._remove(e.entry_id)
         self.index = PriorIndex(self.config.index_config())
         self.encoder_tag = encoder_tag
-        self.correctness.reset()
+        self._reset_correctness()
         vectors = np.asarray(encode([e.text for e in keep]), np.float32) if keep else None
         for k, e in enumerate(keep):
             e.encoder_tag = encoder_tag
@@ -925,7 +949,7 @@ class AdaptiveCache:
         logp = self._check_response(query, response)
         if response.model_version and response.model_version != self.model_version:
             if self.model_version:
-                self.correctness.reset()  # labels of another prior say nothing about this one
+                self._reset_correctness()  # labels of another prior say nothing about this one
             self.model_version = response.model_version
         self.stats.inserts += 1
         eid = self._by_key.get(query.exact_key)
@@ -1063,13 +1087,13 @@ class AdaptiveCache:
             and self.config.reuse_rule == "tau"
             and self.config.learn_entry_radius
             and similarity is not None
-            and old is not None
-            and old.exact_key != query.exact_key
         ):
-            old.min_similarity = max(
-                old.min_similarity, min(1.0, similarity + self.config.entry_radius_margin)
-            )
-            s.radius_narrowed += 1
+            floor = similarity + self.config.entry_radius_margin
+            if old is not None and old.exact_key != query.exact_key:
+                old.min_similarity = max(old.min_similarity, min(1.0, floor))
+                s.radius_narrowed += 1
+            elif old is None and not self.is_local_id(entry_id):
+                self.remote_narrow.append((entry_id, floor))  # its shard narrows it
         self.insert(query, fresh)
         return m
 

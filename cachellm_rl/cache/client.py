@@ -110,12 +110,19 @@ class PriorCacheClient:
 
     def shards(self) -> list:
         """Handles of every shard of the cache, shard 0 first (just the actor when unsharded;
-        the topology is asked once)."""
+        the topology is asked once).
+
+        Raises:
+            CacheActorUnavailable: Shard 0 or another shard is gone.
+        """
         if self._shards is None:
             n, group, ns = ray.get(self.actor.topology.remote())
-            self._shards = [self.actor] + [
-                ray.get_actor(shard_name(group, i), namespace=ns) for i in range(1, int(n))
-            ]
+            try:
+                self._shards = [self.actor] + [
+                    ray.get_actor(shard_name(group, i), namespace=ns) for i in range(1, int(n))
+                ]
+            except ValueError:
+                raise CacheActorUnavailable(f"a shard of the cache {group!r} is gone") from None
         return self._shards
 
     def prior_version(self) -> str:

@@ -425,6 +425,10 @@ class CorrectnessModel:
         """Labels the pooled curve is fitted on."""
         return len(self._sims)
 
+    def entry_ids(self) -> list[int]:
+        """Entries that have labels of their own."""
+        return list(self._entries)
+
     def entry_label_count(self, entry_id: int) -> int:
         """Labels an entry has of its own."""
         el = self._entries.get(entry_id)

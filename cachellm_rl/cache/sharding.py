@@ -19,7 +19,12 @@ from dataclasses import fields
 from cachellm_rl.cache.adaptive import CacheStats, WindowCounters
 
 # CacheStats fields that are not counters: merged by other rules than a sum.
-_GAUGE_FIRST = ("min_cosine_similarity", "refresh_probability", "explore_probability")
+_GAUGE_FIRST = (
+    "min_cosine_similarity",
+    "refresh_probability",
+    "explore_probability",
+    "capacity_entries",  # per shard
+)
 _GAUGE_MAX = ("refresh_eps_max",)
 _GAUGE_MEAN = ("refresh_kl_ema", "refresh_kl_last", "refresh_error_ema", "hit_rate_ema")
 
@@ -80,7 +85,8 @@ def merge_window(into: WindowCounters, other: WindowCounters) -> WindowCounters:
 
 def merge_stats(parts: Sequence[CacheStats]) -> CacheStats:
     """One :class:`CacheStats` for a sharded cache: counters and sizes summed, latency
-    histograms merged, the parameters in force taken from the primary (first part), EMAs
+    histograms merged, the parameters in force (K per shard, tau, rho, the exploration rate)
+    taken from the primary (first part), EMAs
     averaged over the shards that have one, maxima kept. The hit rate follows from the sums.
 
     Example:

@@ -208,3 +208,55 @@ def test_bad_shard_settings_are_refused():
         SharedCacheConfig(num_shards=2, shard_index=2)
     with pytest.raises(ValueError, match="spsa"):
         SharedCacheConfig(num_shards=2, meta=MetaConfig(mode="spsa"))
+
+
+def test_a_retried_exchange_is_applied_once():
+    s0, _ = shards(cache={"reuse_rule": "delta"})
+    payload = (1, WindowCounters(decisions=4), [(0.95, True, 3), (0.97, False, 3)], [])
+    s0.shard_sync(1, "incarnation-a", [payload])
+    again = s0.shard_sync(1, "incarnation-a", [payload])  # the answer was lost: sent again
+    assert again["applied"] == 1
+    assert s0._cache.correctness.labels_total == 2 and s0._cache.window.decisions == 4
+    s0.shard_sync(1, "incarnation-b", [payload])  # a restarted shard numbers from 1 again
+    assert s0._cache.correctness.labels_total == 4
+
+
+def test_a_restarted_shard_numbers_new_entries_above_those_shard_0_knows():
+    s0, s1 = shards(cache={"reuse_rule": "delta"})
+    # shard 0 holds labels of shard 1's entry 9 (made after shard 1's last snapshot, say)
+    s0.shard_sync(1, "old", [(1, WindowCounters(), [(0.95, True, 9)], [])])
+    assert asyncio.run(s1.sync_now())  # s1 is the restarted shard: it starts at id 1
+    eid = s1._cache.insert(query("fresh", None), PriorResponse(LOGP, "v1"))
+    assert eid == 11 and s1._cache.is_local_id(eid)
+
+
+def test_a_snapshot_of_another_shard_count_is_refused(tmp_path):
+    (one,) = shards(n=1, snapshot_dir=str(tmp_path))
+    one._cache.insert(query("a", np.eye(8)[0]), PriorResponse(LOGP, "v1"))
+    asyncio.run(one.save())
+    with pytest.raises(ValueError, match="written by a cache of 1 shard"):
+        asyncio.run(shards(n=2)[0].restore(str(tmp_path)))
+
+
+def test_a_wrong_remote_entry_gets_its_floor_raised_on_its_own_shard():
+    class WrongLM(FakeLM):
+        def _score(self, requests):
+            self.scored += len(requests)
+            return [PriorResponse(LOGP[::-1].copy(), "v1") for _ in requests]
+
+    lm = WrongLM()
+    s0, s1 = shards(
+        lm=lm, cache={"reuse_rule": "tau", "min_cosine_similarity": 0.9, "refresh_probability": 1.0}
+    )
+    e = np.eye(8)[0]
+    s1._cache.insert(query(key_on(1, 2, "cellar"), e), PriorResponse(LOGP, "v1"))
+
+    async def run():
+        (res,) = await s0.get_priors([query(key_on(0, 2, "cellar "), e + 0.05 * np.eye(8)[1])])
+        await s0.drain()  # the refresh: the fresh prior's top action differs
+        await asyncio.sleep(0.01)
+        return res
+
+    assert asyncio.run(run()).source is PriorSource.CACHE_SEMANTIC
+    (entry,) = s1._cache._entries.values()
+    assert entry.min_similarity > 0.99 and s1.local_stats().radius_narrowed == 1
