@@ -14,13 +14,14 @@ behind a real Serve deployment, real cache actors, RLlib's PS-DQN loop):
    caches), LM queries per 1000 env steps, env steps/s, the Serve batch sizes actually formed
    (mean, p50, max, share of requests scored in a batch of 2+), and the env runners' actor call
    latency p50/p99 (one round trip, encoding excluded).
-2. **Cache saturation, one actor against shards.** For a cache of each ``--shards`` count (a
-   ``static`` cache: ``cos >= tau``, no meta-optimiser, no refresh, so no LM call during the
-   load), 16, 64 and 256 concurrent synthetic callers (asyncio tasks spread over
-   ``--caller-procs`` Ray actors) call ``get_priors`` with one state each, routed to the shard
-   that owns its key, for ``--saturation-s`` seconds: calls/s and call latency p50/p99, under
-   two loads: ``exact`` (pre-warmed states: every call an exact hit) and ``semantic`` (near
-   variants of them: every call a semantic search, fanned out to the other shards).
+2. **Cache saturation, one actor against shards.** For a cache of each ``--shards`` count (no
+   meta-optimiser, no refresh, so no LM call once warm), 16, 64 and 256 concurrent synthetic
+   callers (asyncio tasks spread over ``--caller-procs`` Ray actors) call ``get_priors`` with
+   one state each, routed to the shard that owns its key, for ``--saturation-s`` seconds:
+   calls/s, call latency p50/p99 and what served the calls, under two loads: ``exact`` (an
+   ``exact_only`` cache, pre-warmed: every call an exact hit) and ``semantic`` (a ``static``
+   cache, ``cos >= tau``, asked for near variants of the warmed states: every call a semantic
+   search, fanned out to the other shards).
 
 Usage:
     python experiments/bench_scaling.py --json results/bench_scaling.json
@@ -361,49 +362,48 @@ def measure_saturation(cfg, args, say) -> list[dict]:
     states = saturation_states(256)
     rows = []
     for shards in args.shards:
-        name = f"scale-saturation-{shards}"
-        # the static cache (cos >= tau, no meta-optimiser, no refresh): the actor's own work
-        s = replace(
-            cfg.settings,
-            capacity_entries=4096,
-            refresh_probability=0.0,
-            audit_probability=0.0,
-            cache_shards=shards,
-        )
-        handle = start_cache("static", s, name, DEFAULT_NAMESPACE, env=cfg.env)
-        client = PriorCacheClient(encoder, cache_name=name, namespace=DEFAULT_NAMESPACE)
-        for i in range(0, len(states), 32):  # warm: every state's prior in the cache
-            client.get_priors(states[i : i + 32])
-        loads = {
-            "exact": client.build_queries(states),
-            "semantic": client.build_queries([near_variant(x) for x in states]),
-        }
-        before = ray.get(handle.stats.remote()).as_flat_dict()
-        remote = ray.remote(num_cpus=0, max_concurrency=1000)(Caller)
-        try:
-            for load in args.loads:
-                procs = [
-                    remote.remote(name, DEFAULT_NAMESPACE, loads[load], shards)
-                    for _ in range(args.caller_procs)
-                ]
+        for load in args.loads:
+            name = f"scale-saturation-{shards}-{load}"
+            # no meta-optimiser, no refresh: the actor's own work. exact: the exact tier
+            # alone (every warmed state is its own entry); semantic: cos >= tau
+            s = replace(
+                cfg.settings,
+                capacity_entries=4096,
+                refresh_probability=0.0,
+                audit_probability=0.0,
+                cache_shards=shards,
+            )
+            method = "exact_only" if load == "exact" else "static"
+            handle = start_cache(method, s, name, DEFAULT_NAMESPACE, env=cfg.env)
+            client = PriorCacheClient(encoder, cache_name=name, namespace=DEFAULT_NAMESPACE)
+            for i in range(0, len(states), 32):  # warm: the states' priors in the cache
+                client.get_priors(states[i : i + 32])
+            sent = states if load == "exact" else [near_variant(x) for x in states]
+            queries = client.build_queries(sent)
+            before = ray.get(handle.stats.remote()).as_flat_dict()
+            remote = ray.remote(num_cpus=0, max_concurrency=1000)(Caller)
+            procs = [
+                remote.remote(name, DEFAULT_NAMESPACE, queries, shards)
+                for _ in range(args.caller_procs)
+            ]
+            try:
                 for total in args.callers:
                     row = _load_level(procs, total, args.saturation_s)
-                    row.update(shards=shards, load=load)
+                    row.update(shards=shards, load=load, method=method)
                     rows.append(row)
                     say(
                         f"  {shards} shard(s) {load:8s} {total:4d} callers: "
                         f"{row['calls_per_s']:7.0f} calls/s, p50 {row['p50_ms']:.1f} ms, "
                         f"p99 {row['p99_ms']:.1f} ms, served {row['sources']}"
                     )
+                after = ray.get(handle.stats.remote()).as_flat_dict()
+                for r in rows[-len(args.callers) :]:
+                    r["lm_queries_during_load"] = int(after["lm_queries"] - before["lm_queries"])
+            finally:
                 for p in procs:
                     ray.kill(p)
-            after = ray.get(handle.stats.remote()).as_flat_dict()
-            for r in rows:
-                if r["shards"] == shards:
-                    r["lm_queries_during_load"] = int(after["lm_queries"] - before["lm_queries"])
-        finally:
-            kill_cache(name, DEFAULT_NAMESPACE)
-            del handle
+                kill_cache(name, DEFAULT_NAMESPACE)
+                del handle
     return rows
 
 
