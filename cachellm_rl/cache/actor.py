@@ -570,8 +570,9 @@ class SharedPriorCache:
     def _near_inflight(self, q: CacheQuery) -> tuple[bytes, float] | None:
         """An in-flight LM request for a near state whose answer this query may reuse, under the
         same reuse rule as a semantic hit (the pooled correctness curve under ``delta``, since
-        the leader has no entry yet; ``cos >= tau`` under ``tau``)."""
-        if q.embedding is None or not self._inflight_near:
+        the leader has no entry yet; ``cos >= tau`` under ``tau``). None in a cache without a
+        semantic tier (``exact_only``): it reuses nothing but exact keys."""
+        if q.embedding is None or not self._inflight_near or not self._cache.config.semantic_tier:
             return None
         cache = self._cache
         cands = q.request.candidates

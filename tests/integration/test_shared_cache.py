@@ -272,11 +272,12 @@ def _unit(v) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-@pytest.mark.parametrize("rule", ["tau", "delta"])
+@pytest.mark.parametrize("rule", ["tau", "delta", "exact_only"])
 def test_near_inflight_reuse_is_counted_as_reuse(ray_session, prior_app, rule):
     """Eight concurrent near states: under ``tau`` (cos 0.99 >= 0.9) one LM call answers all and
     the seven followers count as semantic reuse; under ``delta`` with no labels yet the rule
-    refuses the reuse, so each state gets its own LM call."""
+    refuses the reuse, so each state gets its own LM call; so does a cache without a semantic
+    tier (``exact_only`` reuses exact keys only)."""
     ray = ray_session
     app, _ = prior_app
     name = f"cache-{uuid.uuid4().hex[:8]}"
@@ -285,7 +286,8 @@ def test_near_inflight_reuse_is_counted_as_reuse(ray_session, prior_app, rule):
             dim=8,
             min_cosine_similarity=0.9,
             refresh_probability=0.0,
-            reuse_rule=rule,
+            reuse_rule="tau" if rule == "exact_only" else rule,
+            semantic_tier=rule != "exact_only",
             min_candidate_coverage=0.5,
         ),
         prior_app=app,
