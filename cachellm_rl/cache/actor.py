@@ -266,27 +266,35 @@ class SharedPriorCache:
         self._peer_handles.pop(index, None)  # looked up by name again next time
         self._peer_down_until[index] = time.monotonic() + self.config.fanout_backoff_s
 
+    def _tell(self, shard: int, method: str, *args) -> None:
+        """Call ``method`` on another shard without waiting for it (a gone shard loses only
+        what it was told)."""
+        try:
+            getattr(self._peer(shard), method).remote(*args)
+        except Exception:
+            self._peer_failed(shard)
+
     def _send_floors(self) -> None:
         """Ask other shards to raise the floors of their entries that served wrong priors."""
         pending, self._cache.remote_narrow = self._cache.remote_narrow, []
         for eid, floor in pending:
-            shard = eid % self.config.num_shards
-            try:
-                self._peer(shard).raise_floor.remote(eid, floor)
-            except Exception:
-                self._peer_failed(shard)
+            self._tell(eid % self.config.num_shards, "raise_floor", eid, floor)
 
     def raise_floor(self, entry_id: int, floor: float) -> None:
         """Another shard's refresh found this shard's entry served a wrong prior (``tau``
         rule): raise the entry's similarity floor."""
         self._cache.raise_floor(entry_id, floor)
 
-    async def _on_peers(self, method: str, *args) -> list[Any]:
-        """Call ``method`` on every other shard (results or exceptions, in shard order)."""
+    async def _on_peers(
+        self, method: str, *args, peers: list[int] | None = None, timeout: float | None = None
+    ) -> list[Any]:
+        """Call ``method`` on ``peers`` (every other shard by default) and wait, at most
+        ``timeout`` seconds each; results or exceptions, in the order of ``peers``."""
         refs = []
-        for i in self._others():
+        for i in self._others() if peers is None else peers:
             try:
-                refs.append(getattr(self._peer(i), method).remote(*args))
+                ref = getattr(self._peer(i), method).remote(*args)
+                refs.append(ref if timeout is None else asyncio.wait_for(ref, timeout))
             except Exception as exc:  # the peer is gone (being restarted)
                 refs.append(_failed(exc))
         return list(await asyncio.gather(*refs, return_exceptions=True))
@@ -442,10 +450,7 @@ class SharedPriorCache:
             else:
                 misses.append((i, r))
         for shard, ids in touched.items():  # the serving shards keep their recency right
-            try:
-                self._peer(shard).touch.remote(ids)
-            except Exception:  # the peer is gone: its recency is all that is lost
-                self._peer_failed(shard)
+            self._tell(shard, "touch", ids)
         if misses:
             resolved = await asyncio.gather(
                 *[self._resolve_miss(queries[i], t0, r, remote[i]) for i, r in misses]
@@ -471,17 +476,10 @@ class SharedPriorCache:
             return out
         self._cache.stats.shard_fanouts += 1
         sub = [queries[i] for i in need]
-        refs = []
         now = time.monotonic()
         peers = [j for j in self._others() if self._peer_down_until.get(j, 0.0) <= now]
         self._cache.stats.shard_fanout_failures += cfg.num_shards - 1 - len(peers)
-        for j in peers:
-            try:
-                ref = self._peer(j).neighbours.remote(sub)
-                refs.append(asyncio.wait_for(ref, cfg.fanout_timeout_s))
-            except Exception as exc:
-                refs.append(_failed(exc))
-        answers = await asyncio.gather(*refs, return_exceptions=True)
+        answers = await self._on_peers("neighbours", sub, peers=peers, timeout=cfg.fanout_timeout_s)
         for j, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
                 self._cache.stats.shard_fanout_failures += 1

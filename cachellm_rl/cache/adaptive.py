@@ -713,11 +713,15 @@ class AdaptiveCache:
         for eid in entry_ids:
             e = self._entries.get(eid)
             if e is not None:
-                e.hits += 1
-                e.visits += 1
-                e.last_used_step = self.step
-                self._slot_last[e.slot] = self.step
-                self._slot_visits[e.slot] = e.visits
+                self._mark_used(e)
+
+    def _mark_used(self, e: _Entry) -> None:
+        """An entry served a decision now (its hit count and eviction priority)."""
+        e.hits += 1
+        e.visits += 1
+        e.last_used_step = self.step
+        self._slot_last[e.slot] = self.step
+        self._slot_visits[e.slot] = e.visits
 
     def _record_decision(self, query: CacheQuery, result: LookupResult) -> None:
         self.step += 1
@@ -735,11 +739,7 @@ class AdaptiveCache:
                 s.hits_semantic += 1
             local = self._entries.get(result.entry_id)
             if local is not None:  # else another shard's entry (it is told apart)
-                local.hits += 1
-                local.visits += 1
-                local.last_used_step = self.step
-                self._slot_last[local.slot] = self.step
-                self._slot_visits[local.slot] = local.visits
+                self._mark_used(local)
         else:
             s.misses += 1
             w.misses += 1

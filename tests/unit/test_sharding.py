@@ -5,6 +5,7 @@ Ray path is tested in tests/integration/test_shared_cache.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 
 import numpy as np
@@ -69,17 +70,11 @@ def shards(n=2, lm=None, **kw):
         shard_group="c",
         **kw,
     )
-    out = [SharedPriorCache(_replace(cfg, shard_index=i)) for i in range(n)]
+    out = [SharedPriorCache(dataclasses.replace(cfg, shard_index=i)) for i in range(n)]
     for a in out:
         a._handle = lm or FakeLM()
         a._peer_handles = {j: Handle(b) for j, b in enumerate(out)}
     return out
-
-
-def _replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def key_on(shard: int, n: int, prefix: str) -> str:
