@@ -474,6 +474,14 @@ def evaluate(
         bool,
         typer.Option(help="Read the prior through a shared cache actor and Serve (needs Ray)."),
     ] = False,
+    prior_weight: Annotated[
+        float | None,
+        typer.Option(help="Play with this prior weight beta instead of the checkpoint's."),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Play at this fixed T instead of the schedule's final T."),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON here.")
     ] = None,
@@ -488,6 +496,10 @@ def evaluate(
     _check_env_option(env)
     if num_games < 0:
         raise ValueError("--num-games must be >= 0")
+    if prior_weight is not None and not prior_weight >= 0:
+        raise ValueError(f"--prior-weight must be >= 0, got {prior_weight}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
     res = evaluate_checkpoint(
         checkpoint,
         env=env,
@@ -496,11 +508,18 @@ def evaluate(
         num_games=num_games,
         prior_model=prior_model,
         through_cache=cache,
+        prior_weight=prior_weight,
+        temperature=temperature,
     )
     for game, won in res["per_game_success"].items():
         print(f"{'won ' if won else 'lost'}  {game}")
+    played_at = (
+        f", beta {res['prior_weight']:g}, T {res['temperature']:g}"
+        if res["prior_weight"] is not None
+        else ""
+    )
     print(
-        f"{res['method']} ({res['protocol']}, {res['env_steps']} env steps): success "
+        f"{res['method']} ({res['protocol']}, {res['env_steps']} env steps{played_at}): success "
         f"{res['success']:.3f} over {res['games']} games, mean return {res['return_mean']:.3f}"
     )
     if json_out is not None:

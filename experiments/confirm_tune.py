@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=100, help="first seed (the sweep used 0)")
     p.add_argument("--num-games", type=int, default=10, help="test games (0 = all)")
     p.add_argument("--env-steps", type=int, default=None, help="default: the sweep's budget")
+    p.add_argument(
+        "--posterior-from",
+        type=Path,
+        default=None,
+        help="a select_posterior.py selection.json: beta and T (chosen on the valid split) for "
+        "both sides",
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default 2)")
     p.add_argument("--out", type=Path, default=None, help="results folder (resumes if there)")
     p.add_argument("--no-progress", action="store_true")
@@ -43,11 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _markdown(rep: dict, best: dict, steps: int) -> str:
+    posterior = rep.get("posterior_from") or "the default posterior"
     lines = [
         f"Protocol: {best['method']} on {best['env']}, {rep['games']} `test` games (the sweep "
         f"tuned on `{best['split']}`), seeds {rep['seeds']} (the sweep used its own), "
-        f"{steps} env steps per run, greedy evaluation. {METRIC} = greedy success - "
-        f"{best['lambda_q']} x training LM queries per decision.",
+        f"{steps} env steps per run, greedy evaluation, {posterior} on both sides. {METRIC} = "
+        f"greedy success - {best['lambda_q']} x training LM queries per decision.",
         "",
         "| score | default | tuned | tuned - default [95% CI] | P(tuned > default) [95% CI] |",
         "|---|---|---|---|---|",
@@ -84,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         "--first-seed", str(args.first_seed), "--num-games", str(args.num_games),
         "--env-steps", str(steps), "--split", "test",
     ]  # fmt: skip
+    if args.posterior_from is not None:
+        if not args.posterior_from.is_file():
+            return user_error("confirm_tune.py", f"--posterior-from {args.posterior_from}: no file")
+        common += ["--posterior-from", str(args.posterior_from)]
     if args.num_cpus:
         common += ["--num-cpus", str(args.num_cpus)]
     if args.no_progress:
@@ -108,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         seeds=seeds,
         lambda_q=float(best["lambda_q"]),
     )
-    rep.update(sweep=str(args.sweep), env=best["env"], env_steps=steps, best=best)
+    rep.update(
+        sweep=str(args.sweep),
+        env=best["env"],
+        env_steps=steps,
+        best=best,
+        posterior_from=str(args.posterior_from) if args.posterior_from else None,
+    )
     (out / "confirm.json").write_text(json.dumps(rep, indent=1) + "\n")
     table = _markdown(rep, best, steps)
     (out / "confirm.md").write_text(table)

@@ -300,6 +300,34 @@ def test_module_acts_at_the_schedules_temperature_of_global_step_t():
     assert m.last_t == 42
 
 
+def test_evaluation_overrides_change_beta_and_the_greedy_temperature():
+    from cachellm_rl.algorithms.ps_dqn.checkpoints import override_posterior
+
+    post = PosteriorConfig(
+        schedule="annealed", temperature=1.0, temperature_final=0.01, anneal_env_steps=100
+    )
+    m = _module(posterior=post.to_dict())
+    obs = _obs(valid=2)
+    q_BA = torch.zeros(B, A)
+    q_BA[:, 1] = 0.1  # Q prefers 1 by 0.1; the prior prefers 0 by 2.2 nats
+    obs[OBS_PRIOR_LOGP][:, :2] = torch.log(torch.tensor([0.9, 0.1]))
+    m._q = lambda net, o: q_BA
+
+    def greedy() -> list[int]:
+        return m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS].tolist()
+
+    assert greedy() == [1] * B  # T_final 0.01: Q wins
+    assert override_posterior(m).final_temperature() == 0.01  # no override: unchanged
+    assert override_posterior(m, temperature=1.0).final_temperature() == 1.0
+    assert greedy() == [0] * B  # at T = 1 the prior wins
+    assert override_posterior(m, prior_weight=0.0).prior_weight == 0.0
+    assert greedy() == [1] * B  # without the prior, Q's argmax
+    q_only = _module(inference="q")
+    assert override_posterior(q_only) is None
+    with pytest.raises(ValueError, match="argmax Q"):
+        override_posterior(q_only, temperature=1.0)
+
+
 def test_hit_rate_schedule_reads_the_observed_hit_rate():
     post = PosteriorConfig(schedule="hit_rate", temperature=2.0, temperature_final=1.0)
     m = _module(posterior=post.to_dict())

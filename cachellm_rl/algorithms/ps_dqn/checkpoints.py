@@ -11,6 +11,7 @@ a resumed run refills it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from cachellm_rl.algorithms.ps_dqn.posterior import PosteriorConfig
 
 METADATA_FILE = "cachellm_checkpoint.json"
 MODULE_PATH = ("learner_group", "learner", "rl_module", "default_policy")
@@ -125,6 +128,8 @@ def evaluate_checkpoint(
     prior_model: str | Path | None = None,
     through_cache: bool = False,
     progress: bool = False,
+    prior_weight: float | None = None,
+    temperature: float | None = None,
 ) -> dict:
     """Reload a trained agent and play each game of ``split`` once greedily.
 
@@ -139,9 +144,13 @@ def evaluate_checkpoint(
         through_cache: Read the prior through a fresh shared cache actor and the Serve
             deployment (starts Ray); otherwise score it in this process, uncached.
         progress: Show a progress bar.
+        prior_weight: Play with this ``beta`` instead of the checkpoint's (a diagnostic: how
+            much of greedy play is the prior's).
+        temperature: Play at this fixed ``T`` instead of the schedule's final one.
 
     Returns:
-        Success, mean return, per-game success, and what was played.
+        Success, mean return, per-game success, the ``beta`` and ``T`` played at, and what
+        was played.
 
     Raises:
         CheckpointMismatch: The checkpoint does not fit the env, encoding or prior.
@@ -190,6 +199,7 @@ def evaluate_checkpoint(
                 prior_version = scorer.model_version
         check_compatible(meta, env=env, obs_config=obs_config, prior_version=prior_version)
         module = load_agent(path)
+        posterior = override_posterior(module, prior_weight=prior_weight, temperature=temperature)
         res = greedy_evaluate(
             text_env,
             games,
@@ -213,7 +223,33 @@ def evaluate_checkpoint(
         "episode_length_mean": float(np.mean(res.lengths)),
         "per_game_success": res.per_game_success_by_name(),
         "prior": "none" if client is None else ("cache" if through_cache else "uncached"),
+        "prior_weight": posterior.prior_weight if posterior else None,
+        "temperature": (
+            posterior.final_temperature(float(meta.get("final_hit_rate") or 0.0))
+            if posterior
+            else None
+        ),
     }
+
+
+def override_posterior(
+    module, *, prior_weight: float | None = None, temperature: float | None = None
+) -> PosteriorConfig | None:
+    """Set a loaded module's ``beta`` and/or a fixed greedy ``T``; returns its posterior (None
+    for a module without one, e.g. ``no_prior``'s Q-argmax inference)."""
+    posterior = getattr(module, "posterior", None)
+    if posterior is None or getattr(module, "inference", "posterior") != "posterior":
+        if prior_weight is not None or temperature is not None:
+            raise ValueError("this checkpoint plays argmax Q: it has no beta or T to override")
+        return None
+    if prior_weight is not None:
+        posterior = dataclasses.replace(posterior, prior_weight=prior_weight)
+    if temperature is not None:
+        posterior = dataclasses.replace(
+            posterior, schedule="fixed", temperature=temperature, temperature_final=temperature
+        )
+    module.posterior = posterior
+    return posterior
 
 
 def _cache_client(model_dir, meta: Mapping):
