@@ -275,18 +275,24 @@ def test_temperature_schedules():
         PosteriorConfig(prior_weight=-1.0)
 
 
-def test_module_acts_at_the_schedules_temperature_of_global_step_t():
+def _prior_against_q() -> tuple[PSDQNTorchRLModule, dict]:
+    """A module annealing T from 1 to 0.01 over 100 steps, and observations where Q prefers
+    action 1 by 0.1 while the prior prefers action 0 by log(0.9 / 0.1) = 2.2 nats: at T = 1 the
+    prior wins, at T = 0.01 Q wins."""
     post = PosteriorConfig(
         schedule="annealed", temperature=1.0, temperature_final=0.01, anneal_env_steps=100
     )
     m = _module(posterior=post.to_dict())
     obs = _obs(valid=2)
-    # Q prefers action 1 by 0.1 while the prior prefers action 0 by log(0.9 / 0.1) = 2.2 nats:
-    # at T = 1 the prior wins, at T = 0.01 (after annealing) Q wins.
     q_BA = torch.zeros(B, A)
     q_BA[:, 1] = 0.1
     obs[OBS_PRIOR_LOGP][:, :2] = torch.log(torch.tensor([0.9, 0.1]))
     m._q = lambda net, o: q_BA
+    return m, obs
+
+
+def test_module_acts_at_the_schedules_temperature_of_global_step_t():
+    m, obs = _prior_against_q()
     hit_B = torch.zeros(B)
     assert m.temperatures(hit_B, 0).tolist() == pytest.approx([1.0] * B)
     assert m.temperatures(hit_B, 100).tolist() == pytest.approx([0.01] * B)
@@ -303,15 +309,7 @@ def test_module_acts_at_the_schedules_temperature_of_global_step_t():
 def test_evaluation_overrides_change_beta_and_the_greedy_temperature():
     from cachellm_rl.algorithms.ps_dqn.checkpoints import override_posterior
 
-    post = PosteriorConfig(
-        schedule="annealed", temperature=1.0, temperature_final=0.01, anneal_env_steps=100
-    )
-    m = _module(posterior=post.to_dict())
-    obs = _obs(valid=2)
-    q_BA = torch.zeros(B, A)
-    q_BA[:, 1] = 0.1  # Q prefers 1 by 0.1; the prior prefers 0 by 2.2 nats
-    obs[OBS_PRIOR_LOGP][:, :2] = torch.log(torch.tensor([0.9, 0.1]))
-    m._q = lambda net, o: q_BA
+    m, obs = _prior_against_q()
 
     def greedy() -> list[int]:
         return m.forward_inference({Columns.OBS: obs})[Columns.ACTIONS].tolist()
