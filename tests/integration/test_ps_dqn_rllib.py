@@ -204,7 +204,7 @@ def test_an_unfinished_run_restarts_from_its_checkpoint(suite_run, tmp_path, mon
 
 @pytest.fixture(scope="module")
 def suite_run(tw_prior_app, tw_suite, tw_prior, tmp_path_factory):
-    """Every method of the suite, briefly, on one tiny game."""
+    """Every method of the suite, briefly, on one tiny game, sampled in the driver."""
     from cachellm_rl.algorithms.ps_dqn.suite import TextSuiteConfig, run_text_suite
 
     model_dir, _ = tw_prior
@@ -216,7 +216,8 @@ def suite_run(tw_prior_app, tw_suite, tw_prior, tmp_path_factory):
         seeds=(0,),
         env_steps=48,
         max_episode_steps=15,
-        num_env_runners=1,
+        num_env_runners=0,  # sample in the driver: no runner process per method (remote
+        # runners are tested above)
         settings=SMALL,
         progress=False,
     )

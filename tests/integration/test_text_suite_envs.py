@@ -1,8 +1,8 @@
 """Smoke run of ALFWorld and BabyAI-Text through ``experiments/text_suite.py`` (quick preset,
-shortened): both envs in one ``--envs`` call, one method of each kind (no prior, the prior
-alone, the prior uncached and through the adaptive cache), per-env and all-envs outputs.
-Every method runs on TextWorld in ``test_ps_dqn_rllib.py``; the methods' code paths do not
-depend on the env."""
+shortened): both envs in one ``--envs`` call, the prior alone and an RL agent on the prior
+through the adaptive cache (sampled in the driver), per-env and all-envs outputs. Every method
+runs on TextWorld in ``test_ps_dqn_rllib.py``; the methods' code paths do not depend on the
+env."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytest.importorskip("fast_downward", reason="needs textworld[pddl] (fast-downwar
 pytest.importorskip("minigrid", reason="needs minigrid")
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = {"no_prior", "direct_lm", "uncached", "adaptive"}
+METHODS = {"direct_lm", "adaptive"}
 
 
 def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
@@ -52,7 +52,7 @@ def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
     assert report["examples"] == copies * report["demonstrations"]["unique_decisions"]
 
 
-# 8 runs (4 methods x 2 envs): a few minutes alone; more when experiments share the 2 cores.
+# 4 runs (2 methods x 2 envs): a minute or two alone; more when experiments share the cores.
 @pytest.mark.timeout(1200)
 def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -72,7 +72,7 @@ def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatc
         [
             *("--preset", "quick", "--envs", "alfworld,babyai"),
             *("--env-steps", "40", "--num-games", "1", "--no-progress", "--out", str(out)),
-            *("--num-env-runners", "1", "--methods", ",".join(sorted(METHODS))),
+            *("--num-env-runners", "0", "--methods", ",".join(sorted(METHODS))),
         ]
     )
     assert rc == 0
@@ -87,8 +87,8 @@ def test_quick_preset_runs_alfworld_and_babyai(ray_session, tmp_path, monkeypatc
         runs = env_summary["runs"]
         assert {r["method"] for r in runs} == METHODS
         assert all(r["train_env_steps"] >= 40 for r in runs if r["method"] != "direct_lm")
-        assert env_summary["methods"]["uncached"]["lm_queries"] > 0
-        assert env_summary["methods"]["no_prior"]["lm_queries"] == 0
+        assert env_summary["methods"]["adaptive"]["lm_queries"] > 0
+        assert env_summary["methods"]["direct_lm"]["eval_lm_queries"] > 0
         assert (out / env / "learning_curves.png").stat().st_size > 1000
         config = json.loads((out / env / "config.json").read_text())
         assert config["suite"]["max_episode_steps"] == {"alfworld": 50, "babyai": 64}[env]

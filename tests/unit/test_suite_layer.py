@@ -149,3 +149,43 @@ def test_offline_config_refuses_bad_input(tmp_path):
     quick = offline_preset("quick", env="babyai")
     assert str(quick.dataset_dir).endswith("data/offline/babyai/random-quick")
     assert OfflineSuiteConfig(env="babyai").cache_presets() == ["uncached", "static", "adaptive"]
+
+
+def test_offline_selection_picks_the_best_valid_point_and_resumes(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cachellm_rl.algorithms.cql_prior import suite as offline
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
+
+    cfg = offline.OfflineSuiteConfig(
+        methods=("cql", "cql_prior_uncached"),
+        cql_grid=({"alpha_cql": 0.5}, {"alpha_cql": 1.0}, {"alpha_cql": 2.0}),
+        cql_prior_grid=({"alpha_cql": 1.0, "alpha_prior": 1.0},),
+        games_dir=str(tmp_path),
+    )
+    valid_success = {0.5: 0.2, 1.0: 0.6, 2.0: 0.6}  # a tie: the earlier point wins
+    trained: list[float] = []
+
+    def fake_train(cfg_, method, seed, learner, games):
+        trained.append(learner.alpha_cql)
+        return SimpleNamespace(module=learner.alpha_cql)
+
+    class FakePlayer:
+        def play(self, cfg_, games, module):
+            return SimpleNamespace(success_rate=valid_success[module])
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(offline, "split_games", lambda cfg_, split, n: ["v1", "v2"])
+    monkeypatch.setattr(offline, "train_learner", fake_train)
+    monkeypatch.setattr(offline, "player_for", lambda *a: FakePlayer())
+    chosen = offline.select_hyperparameters(cfg, tmp_path, ["t1"], MethodSettings(), log=print)
+    assert chosen == {"cql": {"alpha_cql": 1.0}, "cql_prior": cfg.cql_prior_grid[0]}
+    assert trained == [0.5, 1.0, 2.0]  # a one-point grid is taken without a valid run
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert [s["valid_success"] for s in sel["scores"]["cql"]] == [0.2, 0.6, 0.6]
+    assert sel["scores"]["cql_prior"] == [{"point": cfg.cql_prior_grid[0], "valid_success": None}]
+    # a second call resumes from selection.json: nothing is trained again
+    assert offline.select_hyperparameters(cfg, tmp_path, ["t1"], MethodSettings()) == chosen
+    assert trained == [0.5, 1.0, 2.0]

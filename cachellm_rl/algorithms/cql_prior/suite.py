@@ -519,7 +519,8 @@ def select_hyperparameters(
     log=print,
 ) -> dict:
     """Choose ``cql``'s and CQL-Prior's weights on the valid games (seed 0, greedy success,
-    ties to the earlier grid point); resumable through ``out/selection.json``."""
+    ties to the earlier grid point); resumable through ``out/selection.json``. A grid of one
+    point is taken as it is, without training on the valid games (its score is None)."""
     path = out / "selection.json"
     sel: dict = {"grids": {}, "scores": {}, "chosen": {}}
     if path.is_file():
@@ -540,6 +541,12 @@ def select_hyperparameters(
             sel["grids"][family], sel["scores"][family] = grid_l, []
             sel["chosen"].pop(family, None)
         scores = sel["scores"][family]
+        if len(grid_l) == 1:  # nothing to choose: no selection run
+            sel["scores"][family] = [{"point": grid_l[0], "valid_success": None}]
+            sel["chosen"][family] = grid_l[0]
+            log(f"selection {family}: one candidate {grid_l[0]}, taken without a valid run")
+            write_json(path, {**sel, "valid_games": len(valid)})
+            continue
         for point in grid_l[len(scores) :]:
             learner = learner_settings(cfg, proxy, {family: point})
             trained = train_learner(cfg, proxy, 0, learner, train_games)
