@@ -87,7 +87,8 @@ def test_aggregates_pair_methods_on_the_same_games_and_seeds():
     assert agg["a"]["wall_s"] == 3.0 and agg["b"]["wall_s"] == 1.0 and agg["d"]["wall_s"] is None
     lo, hi = agg["a"]["success_ci95"]
     assert lo < 0.75 < hi
-    comps = layer.paired_comparisons(mats, [("a", "b"), ("a", "missing"), ("a", "d", "a vs d")])
+    pairs = [("a", "b"), ("a", "missing"), ("a", "d", "a vs d")]
+    comps = layer.paired_comparisons(mats, pairs, reps=500)
     assert set(comps) == {"a vs b", "a vs d"}
     assert comps["a vs b"]["difference"]["value"] == pytest.approx(0.5)
     assert comps["a vs b"]["difference"]["low"] > 0  # a beats b on every (game, seed) pair but one
