@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return user_error("confirm_tune.py", f"--sweep {args.sweep} holds no best.json")
     if args.seeds < 1 or args.first_seed < 0 or args.num_games < 0:
         return user_error("confirm_tune.py", "--seeds >= 1, --first-seed >= 0, --num-games >= 0")
+    if args.posterior_from is not None and not args.posterior_from.is_file():
+        return user_error("confirm_tune.py", f"--posterior-from {args.posterior_from}: no file")
     best = json.loads(best_path.read_text())
     steps = int(args.env_steps or best["trial_env_steps"])
     out = new_results_dir("confirm_tune", args.out)
@@ -93,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         "--env-steps", str(steps), "--split", "test",
     ]  # fmt: skip
     if args.posterior_from is not None:
-        if not args.posterior_from.is_file():
-            return user_error("confirm_tune.py", f"--posterior-from {args.posterior_from}: no file")
         common += ["--posterior-from", str(args.posterior_from)]
     if args.num_cpus:
         common += ["--num-cpus", str(args.num_cpus)]
