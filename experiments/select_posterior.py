@@ -53,12 +53,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
+    p.add_argument(
+        "--controls",
+        default="direct_lm,frozen_q",
+        help="control methods run on the same valid games (frozen_q trains for the full budget "
+        "with lr 0, so its greedy play equals direct_lm's; long selections may keep direct_lm)",
+    )
     p.add_argument("--num-env-runners", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
     args = p.parse_args(argv)
     args.schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    args.controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
+    for c in args.controls:
+        if c not in ("direct_lm", "frozen_q"):
+            p.error(f"unknown control {c!r}; known: direct_lm, frozen_q")
     for s in args.schedules:
         if s not in TEMPERATURE_SCHEDULES:
             p.error(f"unknown schedule {s!r}; known: {TEMPERATURE_SCHEDULES}")
@@ -129,10 +139,12 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
     init_ray(log_to_driver=args.verbose)
     rows = []
     try:
-        controls = replace(base, methods=("direct_lm", "frozen_q"))
-        summary = run_env(controls, out / "controls", console)
-        ctrl = {m: a["success_mean"] for m, a in summary["methods"].items()}
-        print(f"controls on valid: {ctrl}", file=console, flush=True)
+        ctrl = {}
+        if args.controls:
+            controls = replace(base, methods=args.controls)
+            summary = run_env(controls, out / "controls", console)
+            ctrl = {m: a["success_mean"] for m, a in summary["methods"].items()}
+            print(f"controls on valid: {ctrl}", file=console, flush=True)
         for post, n_step in grid(args):
             settings = replace(base.settings, posterior=post, n_step=n_step)
             cfg = replace(base, methods=("uncached",), settings=settings)

@@ -192,3 +192,16 @@ def test_cache_shards_flag_is_checked_and_reaches_the_settings(capsys):
     assert bad.value.code == 2 and "--cache-shards must be >= 1" in capsys.readouterr().err
     (cfg,) = build_configs(parse_args(["--envs", "textworld", "--cache-shards", "2"]))
     assert cfg.settings.cache_shards == 2
+
+
+def test_select_posterior_controls_flag_is_checked(capsys):
+    import pytest
+
+    from experiments.select_posterior import parse_args
+
+    with pytest.raises(SystemExit) as bad:
+        parse_args(["--controls", "direct_lm,uncached"])
+    assert bad.value.code == 2 and "unknown control 'uncached'" in capsys.readouterr().err
+    assert parse_args([]).controls == ("direct_lm", "frozen_q")
+    assert parse_args(["--controls", "direct_lm"]).controls == ("direct_lm",)
+    assert parse_args(["--controls", ""]).controls == ()
