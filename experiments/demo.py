@@ -1,7 +1,7 @@
 """A first run in minutes: posterior-sampling DQN learning beyond its LM prior, and the cache's
 LM-query saving, on small generated cooking games.
 
-What it does (about 7 minutes on 2 CPU cores):
+What it does (about 10 minutes on 2 CPU cores):
 1. generates a small tw-cooking suite (10 train / 2 valid / 4 test games: fetch two ingredients
    in one room, open containers) into ``data/games/cooking-demo``;
 2. trains a small embedded prior on the train games' expert demonstrations (a few minutes)
