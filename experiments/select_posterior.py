@@ -37,6 +37,8 @@ from cachellm_rl.envs.registry import TEXT_ENVS
 from cachellm_rl.logs import run_log
 from cachellm_rl.results import write_json
 
+CONTROLS = ("direct_lm", "frozen_q")
+
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
     p.add_argument(
         "--controls",
-        default="direct_lm,frozen_q",
+        default=",".join(CONTROLS),
         help="control methods run on the same valid games (frozen_q trains for the full budget "
         "with lr 0, so its greedy play equals direct_lm's; long selections may keep direct_lm)",
     )
@@ -67,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     args.controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
     for c in args.controls:
-        if c not in ("direct_lm", "frozen_q"):
-            p.error(f"unknown control {c!r}; known: direct_lm, frozen_q")
+        if c not in CONTROLS:
+            p.error(f"unknown control {c!r}; known: {', '.join(CONTROLS)}")
     for s in args.schedules:
         if s not in TEMPERATURE_SCHEDULES:
             p.error(f"unknown schedule {s!r}; known: {TEMPERATURE_SCHEDULES}")
