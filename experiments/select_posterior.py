@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="T_0 of every schedule")
     p.add_argument("--temperature-finals", default="0.3,0.6,1.0", help="last T values to try")
     p.add_argument("--n-steps", default="1,3", help="n-step returns to try")
+    p.add_argument(
+        "--soft-q-priors",
+        default="0",
+        help="TD targets to try: 0 = double-DQN, 1 = KL-regularised soft-Q with the prior",
+    )
     p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
@@ -78,16 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.betas = _floats(args.betas)
         args.temperature_finals = _floats(args.temperature_finals)
         args.n_steps = [int(x) for x in _floats(args.n_steps)]
+        args.soft_q_priors = [bool(int(x)) for x in _floats(args.soft_q_priors)]
     except ValueError as e:
         p.error(str(e))
     return args
 
 
-def grid(args: argparse.Namespace) -> list[tuple[PosteriorConfig, int]]:
-    """The (posterior, n_step) settings tried (``fixed`` ignores ``T_final``)."""
+def grid(args: argparse.Namespace) -> list[tuple[PosteriorConfig, int, bool]]:
+    """The (posterior, n_step, soft_q_prior) settings tried (``fixed`` ignores ``T_final``)."""
     out, seen = [], set()
-    for beta, sched, t_final, n_step in itertools.product(
-        args.betas, args.schedules, args.temperature_finals, args.n_steps
+    for beta, sched, t_final, n_step, soft in itertools.product(
+        args.betas, args.schedules, args.temperature_finals, args.n_steps, args.soft_q_priors
     ):
         t_final = args.temperature if sched == "fixed" else t_final
         post = PosteriorConfig(
@@ -96,17 +102,46 @@ def grid(args: argparse.Namespace) -> list[tuple[PosteriorConfig, int]]:
             temperature=args.temperature,
             temperature_final=min(t_final, args.temperature),
         )
-        key = (post.prior_weight, post.schedule, post.temperature_final, n_step)
+        key = (post.prior_weight, post.schedule, post.temperature_final, n_step, soft)
         if key not in seen:
             seen.add(key)
-            out.append((post, n_step))
+            out.append((post, n_step, soft))
     return out
 
 
-def setting_name(p: PosteriorConfig, n_step: int) -> str:
-    return (
-        f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}-n{n_step}"
+def setting_name(p: PosteriorConfig, n_step: int, soft_q_prior: bool = False) -> str:
+    """A setting's folder name (the soft-Q target adds ``-soft``).
+
+    Example:
+        >>> setting_name(PosteriorConfig(temperature_final=0.3), 1, True)
+        'beta1-annealed-T1-0.3-n1-soft'
+    """
+    name = f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
+    return f"{name}-n{n_step}" + ("-soft" if soft_q_prior else "")
+
+
+def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """``rows`` plus the settings an earlier selection in the same folder measured at the same
+    budget and seeds (a grid extended later keeps them; this run's rows win on a name clash).
+
+    Example:
+        >>> ns = argparse.Namespace(env="textworld", env_steps=10, seeds=1)
+        >>> merged_rows(Path("/nonexistent.json"), [{"name": "a"}], ns)
+        [{'name': 'a'}]
+    """
+    if not path.is_file():
+        return rows
+    old = json.loads(path.read_text())
+    same = (old.get("env"), old.get("env_steps"), old.get("seeds")) == (
+        args.env,
+        args.env_steps,
+        args.seeds,
     )
+    if not same:
+        return rows
+    names = {r["name"] for r in rows}
+    kept = [{"soft_q_prior": False, **r} for r in old.get("settings", []) if r["name"] not in names]
+    return kept + rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +182,10 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             summary = run_env(controls, out / "controls", console)
             ctrl = {m: a["success_mean"] for m, a in summary["methods"].items()}
             print(f"controls on valid: {ctrl}", file=console, flush=True)
-        for post, n_step in grid(args):
-            settings = replace(base.settings, posterior=post, n_step=n_step)
+        for post, n_step, soft in grid(args):
+            settings = replace(base.settings, posterior=post, n_step=n_step, soft_q_prior=soft)
             cfg = replace(base, methods=("uncached",), settings=settings)
-            name = setting_name(post, n_step)
+            name = setting_name(post, n_step, soft)
             summary = run_env(cfg, out / name, console)
             agg = summary["methods"]["uncached"]
             rows.append(
@@ -158,6 +193,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                     "name": name,
                     "posterior": post.to_dict(),
                     "n_step": n_step,
+                    "soft_q_prior": soft,
                     "success": agg["success_mean"],
                     "train_success_all": agg.get("train_success_all"),
                 }
@@ -166,6 +202,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    rows = merged_rows(out / "selection.json", rows, args)
     best = max(
         rows,
         key=lambda r: (
@@ -173,6 +210,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             -r["posterior"]["prior_weight"],
             r["posterior"]["temperature_final"],
             -r["n_step"],
+            not r["soft_q_prior"],
         ),
     )
     selection = {
@@ -185,6 +223,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "settings": rows,
         "chosen": best["posterior"],
         "chosen_n_step": best["n_step"],
+        "chosen_soft_q_prior": best["soft_q_prior"],
         "chosen_success": best["success"],
         "wall_s": time.perf_counter() - t0,
     }

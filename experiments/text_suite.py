@@ -166,6 +166,7 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, posterior=PosteriorConfig.from_dict(selection["chosen"]))
             if "chosen_n_step" in selection:
                 s = replace(s, n_step=int(selection["chosen_n_step"]))
+            s = replace(s, soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)))
         if args.settings is not None:
             overrides = read_settings_file(args.settings)
             t_prior = overrides.pop(PRIOR_TEMPERATURE, None)
