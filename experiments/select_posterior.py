@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0",
         help="TD targets to try: 0 = double-DQN, 1 = KL-regularised soft-Q with the prior",
     )
+    p.add_argument(
+        "--conservative-alphas",
+        default="0",
+        help="weights of the conservative (CQL(H)) term to try (0 = none)",
+    )
     p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
@@ -84,16 +90,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.temperature_finals = _floats(args.temperature_finals)
         args.n_steps = [int(x) for x in _floats(args.n_steps)]
         args.soft_q_priors = [bool(int(x)) for x in _floats(args.soft_q_priors)]
+        args.conservative_alphas = _floats(args.conservative_alphas)
     except ValueError as e:
         p.error(str(e))
+    if any(a < 0 for a in args.conservative_alphas):
+        p.error(f"--conservative-alphas must be >= 0, got {args.conservative_alphas}")
     return args
 
 
-def grid(args: argparse.Namespace) -> list[tuple[PosteriorConfig, int, bool]]:
-    """The (posterior, n_step, soft_q_prior) settings tried (``fixed`` ignores ``T_final``)."""
+class Setting(NamedTuple):
+    """One point of the selection grid."""
+
+    posterior: PosteriorConfig
+    n_step: int
+    soft_q_prior: bool = False
+    conservative_alpha: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The setting's folder name (the soft-Q target adds ``-soft``, a conservative term
+        ``-cql<alpha>``).
+
+        Example:
+            >>> Setting(PosteriorConfig(temperature_final=0.3), 1, True, 0.1).name
+            'beta1-annealed-T1-0.3-n1-soft-cql0.1'
+        """
+        p = self.posterior
+        name = f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
+        name += f"-n{self.n_step}" + ("-soft" if self.soft_q_prior else "")
+        return name + (f"-cql{self.conservative_alpha:g}" if self.conservative_alpha else "")
+
+
+def grid(args: argparse.Namespace) -> list[Setting]:
+    """The settings tried (``fixed`` ignores ``T_final``)."""
     out, seen = [], set()
-    for beta, sched, t_final, n_step, soft in itertools.product(
-        args.betas, args.schedules, args.temperature_finals, args.n_steps, args.soft_q_priors
+    for beta, sched, t_final, n_step, soft, alpha in itertools.product(
+        args.betas,
+        args.schedules,
+        args.temperature_finals,
+        args.n_steps,
+        args.soft_q_priors,
+        args.conservative_alphas,
     ):
         t_final = args.temperature if sched == "fixed" else t_final
         post = PosteriorConfig(
@@ -102,22 +139,11 @@ def grid(args: argparse.Namespace) -> list[tuple[PosteriorConfig, int, bool]]:
             temperature=args.temperature,
             temperature_final=min(t_final, args.temperature),
         )
-        key = (post.prior_weight, post.schedule, post.temperature_final, n_step, soft)
+        key = (post.prior_weight, post.schedule, post.temperature_final, n_step, soft, alpha)
         if key not in seen:
             seen.add(key)
-            out.append((post, n_step, soft))
+            out.append(Setting(post, n_step, soft, alpha))
     return out
-
-
-def setting_name(p: PosteriorConfig, n_step: int, soft_q_prior: bool = False) -> str:
-    """A setting's folder name (the soft-Q target adds ``-soft``).
-
-    Example:
-        >>> setting_name(PosteriorConfig(temperature_final=0.3), 1, True)
-        'beta1-annealed-T1-0.3-n1-soft'
-    """
-    name = f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
-    return f"{name}-n{n_step}" + ("-soft" if soft_q_prior else "")
 
 
 def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -140,7 +166,8 @@ def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[
     if not same:
         return rows
     names = {r["name"] for r in rows}
-    kept = [{"soft_q_prior": False, **r} for r in old.get("settings", []) if r["name"] not in names]
+    defaults = {"soft_q_prior": False, "conservative_alpha": 0.0}
+    kept = [{**defaults, **r} for r in old.get("settings", []) if r["name"] not in names]
     return kept + rows
 
 
@@ -182,18 +209,25 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             summary = run_env(controls, out / "controls", console)
             ctrl = {m: a["success_mean"] for m, a in summary["methods"].items()}
             print(f"controls on valid: {ctrl}", file=console, flush=True)
-        for post, n_step, soft in grid(args):
-            settings = replace(base.settings, posterior=post, n_step=n_step, soft_q_prior=soft)
+        for point in grid(args):
+            settings = replace(
+                base.settings,
+                posterior=point.posterior,
+                n_step=point.n_step,
+                soft_q_prior=point.soft_q_prior,
+                conservative_alpha=point.conservative_alpha,
+            )
             cfg = replace(base, methods=("uncached",), settings=settings)
-            name = setting_name(post, n_step, soft)
+            name = point.name
             summary = run_env(cfg, out / name, console)
             agg = summary["methods"]["uncached"]
             rows.append(
                 {
                     "name": name,
-                    "posterior": post.to_dict(),
-                    "n_step": n_step,
-                    "soft_q_prior": soft,
+                    "posterior": point.posterior.to_dict(),
+                    "n_step": point.n_step,
+                    "soft_q_prior": point.soft_q_prior,
+                    "conservative_alpha": point.conservative_alpha,
                     "success": agg["success_mean"],
                     "train_success_all": agg.get("train_success_all"),
                 }
@@ -211,6 +245,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             r["posterior"]["temperature_final"],
             -r["n_step"],
             not r["soft_q_prior"],
+            -r["conservative_alpha"],
         ),
     )
     selection = {
@@ -224,6 +259,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "chosen": best["posterior"],
         "chosen_n_step": best["n_step"],
         "chosen_soft_q_prior": best["soft_q_prior"],
+        "chosen_conservative_alpha": best["conservative_alpha"],
         "chosen_success": best["success"],
         "wall_s": time.perf_counter() - t0,
     }

@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: per env")
     p.add_argument("--num-env-runners", type=int, default=None, help="remote env runners")
     p.add_argument("--soft-q-prior", action="store_true", help="KL-regularised soft-Q target")
+    p.add_argument(
+        "--conservative-alpha",
+        type=float,
+        default=None,
+        help="weight of the conservative (CQL(H)) term of the TD loss (default 0: none)",
+    )
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: same_games")
     p.add_argument(
         "--posterior-from",
@@ -166,7 +172,11 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, posterior=PosteriorConfig.from_dict(selection["chosen"]))
             if "chosen_n_step" in selection:
                 s = replace(s, n_step=int(selection["chosen_n_step"]))
-            s = replace(s, soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)))
+            s = replace(
+                s,
+                soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)),
+                conservative_alpha=float(selection.get("chosen_conservative_alpha", 0.0)),
+            )
         if args.settings is not None:
             overrides = read_settings_file(args.settings)
             t_prior = overrides.pop(PRIOR_TEMPERATURE, None)
@@ -184,6 +194,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, posterior=replace(s.posterior, **post))
         if args.soft_q_prior:
             s = replace(s, soft_q_prior=True)
+        if args.conservative_alpha is not None:
+            s = replace(s, conservative_alpha=args.conservative_alpha)
         if args.lr is not None:
             s = replace(s, lr=args.lr)
         if args.n_step is not None:

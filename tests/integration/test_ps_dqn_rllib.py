@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import ray
 
+from cachellm_rl.algorithms.ps_dqn.learner import CONSERVATIVE_KEY
 from cachellm_rl.algorithms.ps_dqn.methods import (
     MethodSettings,
     algo_config_for,
@@ -72,11 +74,12 @@ def test_one_actor_call_per_vector_step_and_prior_reaches_learner(tw_prior_app, 
 
 def test_schedules_follow_global_env_steps_with_two_runners(tw_prior_app, tw_suite):
     """RLlib passes every runner the *global* env step count as ``t``: with 2 runners each one
-    samples about half the steps, yet its exploration ``t`` tracks the total."""
+    samples about half the steps, yet its exploration ``t`` tracks the total. (The run also
+    carries the conservative term, whose gap the learner reports.)"""
     games = split_games(tw_suite, "test")
     cfg = algo_config_for(
         "no_prior",
-        SMALL,
+        replace(SMALL, conservative_alpha=0.5),
         env_class=TextWorldEnv,
         env_config={"games": games, "expert": False, "max_episode_steps": 20},
         cache_name="unused",
@@ -87,7 +90,8 @@ def test_schedules_follow_global_env_steps_with_two_runners(tw_prior_app, tw_sui
     algo = cfg.build_algo()
     try:
         for _ in range(4):
-            total = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
+            result = algo.train()
+            total = result["env_runners"]["num_env_steps_sampled_lifetime"]
         ts = algo.env_runner_group.foreach_env_runner(
             lambda r: r.module.last_t, local_env_runner=False
         )
@@ -96,6 +100,7 @@ def test_schedules_follow_global_env_steps_with_two_runners(tw_prior_app, tw_sui
     assert len(ts) == 2
     for t in ts:
         assert 0.75 * total <= t <= 1.25 * total, (t, total)
+    assert CONSERVATIVE_KEY in result["learners"]["default_policy"]
 
 
 def test_every_method_builds_trains_and_acts(suite_run):

@@ -25,6 +25,7 @@ from cachellm_rl.algorithms.ps_dqn.connectors import (
     prior_row,
 )
 from cachellm_rl.algorithms.ps_dqn.losses import (
+    cql_regulariser,
     double_q_next_value,
     posterior_logits,
     soft_prior_next_value,
@@ -160,6 +161,62 @@ def test_td_loss_gradients_are_finite_with_masked_entries(encoder):
     assert td.shape == (B,) and torch.isfinite(td).all()
     # the target network is untouched by the loss
     assert all(p.grad is None for p in m._target_q_net.parameters())
+
+
+def _untried_minus_tried_after_training(alpha: float) -> float:
+    """Train Q with the TD loss (target 1 on candidate 0, the only one ever taken) plus
+    ``alpha`` times the conservative term; return mean Q(untried) - Q(tried) afterwards."""
+    torch.manual_seed(0)
+    m = _module()
+    torch.nn.init.normal_(m.q_net.head[-1].weight)
+    obs = _obs(valid=3)
+    mask = obs[OBS_ACTION_MASK]
+    taken = torch.zeros(B, dtype=torch.long)
+    opt = torch.optim.SGD(m.q_net.parameters(), lr=0.05)
+    for _ in range(60):
+        q = m.compute_q_values({Columns.OBS: obs})["qf_preds"]
+        q_sel = q.gather(-1, taken[:, None]).squeeze(-1)
+        loss, _ = td_loss(q_sel, torch.ones(B))
+        if alpha:
+            loss = loss + alpha * cql_regulariser(q, taken, mask).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        q = m.compute_q_values({Columns.OBS: obs})["qf_preds"]
+    return float((q[:, 1:3].mean(-1) - q[:, 0]).mean())
+
+
+def test_conservative_term_pushes_untried_candidates_below_the_tried_one():
+    plain = _untried_minus_tried_after_training(0.0)
+    conservative = _untried_minus_tried_after_training(1.0)
+    # TD alone never sees candidates 1-2: whatever generalisation gives them stays. The
+    # conservative term lowers them under the taken candidate.
+    assert conservative < plain - 0.2, (plain, conservative)
+    assert conservative < 0
+
+
+def test_conservative_alpha_reaches_the_learner_config_and_is_checked():
+    from cachellm_rl.algorithms.ps_dqn.config import PSDQNConfig
+    from cachellm_rl.envs.textworld_env import TextWorldEnv
+
+    kw = {
+        "env_class": TextWorldEnv,
+        "env_config": {},
+        "cache_name": "x",
+        "num_env_runners": 1,
+        "total_env_steps": 1000,
+        "seed": 0,
+    }
+    for method in ("uncached", "no_prior", "frozen_q"):
+        cfg = algo_config_for(method, MethodSettings(conservative_alpha=0.3), **kw)
+        assert cfg.conservative_alpha == 0.3
+    assert algo_config_for("uncached", MethodSettings(), **kw).conservative_alpha == 0.0
+    with pytest.raises(ValueError, match="conservative_alpha"):
+        MethodSettings(conservative_alpha=-0.1)
+    bad = PSDQNConfig().training(conservative_alpha=-1.0, dueling=False)
+    with pytest.raises(ValueError, match="conservative_alpha"):
+        bad.validate()
 
 
 def test_epsilon_schedule_is_linear():

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cachellm_rl.algorithms.ps_dqn.losses import masked
+from cachellm_rl.algorithms.ps_dqn.losses import cql_regulariser, masked
+
+__all__ = ["cql_regulariser"]  # shared with PS-DQN's conservative term
 
 
 @dataclass(frozen=True)
@@ -47,21 +49,6 @@ class CQLPriorLossConfig:
             raise ValueError("alpha_cql and alpha_prior must be >= 0")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-
-def cql_regulariser(
-    q_BA: torch.Tensor, actions_B: torch.Tensor, mask_BA: torch.Tensor
-) -> torch.Tensor:
-    """``logsumexp`` of Q over the admissible candidates minus Q of the data's action, per row.
-
-    Example:
-        >>> q = torch.tensor([[1.0, 2.0, 5.0]]); m = torch.tensor([[1.0, 1.0, 0.0]])
-        >>> round(float(cql_regulariser(q, torch.tensor([1]), m)[0]), 4)  # log(e + e^2) - 2
-        0.3133
-    """
-    lse_B = torch.logsumexp(masked(q_BA, mask_BA), dim=-1)
-    q_data_B = q_BA.gather(-1, actions_B.long().reshape(-1, 1)).squeeze(-1)
-    return lse_B - q_data_B
 
 
 def policy_prior_kl(

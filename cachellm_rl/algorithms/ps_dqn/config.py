@@ -10,7 +10,7 @@ from cachellm_rl.algorithms.ps_dqn.connectors import PriorConnectorConfig, Prior
 
 
 class PSDQNConfig(DQNConfig):
-    """DQN config plus ``soft_q_prior`` and the prior connector.
+    """DQN config plus ``soft_q_prior``, ``conservative_alpha`` and the prior connector.
 
     Example:
         >>> cfg = PSDQNConfig().training(soft_q_prior=True)
@@ -21,14 +21,24 @@ class PSDQNConfig(DQNConfig):
     def __init__(self, algo_class=None) -> None:
         super().__init__(algo_class=algo_class or PSDQN)
         self.soft_q_prior = False
+        self.conservative_alpha = 0.0
         self.prior_connector = PriorConnectorConfig()
 
-    def training(self, *, soft_q_prior: bool | None = None, **kwargs) -> PSDQNConfig:
+    def training(
+        self,
+        *,
+        soft_q_prior: bool | None = None,
+        conservative_alpha: float | None = None,
+        **kwargs,
+    ) -> PSDQNConfig:
         """DQN's ``training(...)`` plus ``soft_q_prior`` (the KL-regularised target of
-        docs/algorithms.md)."""
+        docs/algorithms.md) and ``conservative_alpha`` (weight of the CQL(H) term that keeps
+        untried candidates' Q from rising above the tried ones'; 0: none)."""
         super().training(**kwargs)
         if soft_q_prior is not None:
             self.soft_q_prior = bool(soft_q_prior)
+        if conservative_alpha is not None:
+            self.conservative_alpha = float(conservative_alpha)
         return self
 
     def prior(self, connector: PriorConnectorConfig) -> PSDQNConfig:
@@ -55,6 +65,8 @@ class PSDQNConfig(DQNConfig):
         super().validate()
         if self.num_atoms != 1 or self.dueling:
             raise ValueError("PSDQN supports num_atoms=1 and dueling=False only")
+        if not self.conservative_alpha >= 0:
+            raise ValueError(f"conservative_alpha must be >= 0, got {self.conservative_alpha}")
         if self.soft_q_prior and self.prior_connector.mode != "cache":
             raise ValueError(
                 "soft_q_prior needs priors: set .prior(PriorConnectorConfig(mode='cache'))"

@@ -21,6 +21,7 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, TD_ERROR_KEY
 
 from cachellm_rl.algorithms.columns import OBS_ACTION_MASK, OBS_PRIOR_LOGP
 from cachellm_rl.algorithms.ps_dqn.losses import (
+    cql_regulariser,
     double_q_next_value,
     masked,
     posterior_logits,
@@ -30,6 +31,7 @@ from cachellm_rl.algorithms.ps_dqn.losses import (
 )
 
 PRIOR_KL_KEY = "kl_posterior_to_prior"
+CONSERVATIVE_KEY = "conservative_gap"
 TEMPERATURE_KEY = "posterior_temperature"
 
 
@@ -39,7 +41,10 @@ class PSDQNTorchLearner(DQNTorchLearner):
     Next-state value: double-DQN over the next state's admissible actions, or with
     ``config.soft_q_prior`` the KL-regularised ``T log sum_a p(a|s')^beta exp(Q(s',a)/T)``
     using the next state's prior (stored in the observation by the prior connector) and the
-    schedule's ``T`` at the current global env step. Also logs ``KL(posterior || prior)`` of
+    schedule's ``T`` at the current global env step. With ``config.conservative_alpha > 0``
+    the loss adds ``alpha * (logsumexp_a Q(s, a) - Q(s, a_taken))`` over the admissible
+    candidates (CQL(H)): a candidate the agent never tried cannot keep a Q above the tried
+    ones' through generalisation alone. Also logs ``KL(posterior || prior)`` of
     the batch's states and the current ``T``.
     """
 
@@ -79,6 +84,11 @@ class PSDQNTorchLearner(DQNTorchLearner):
         loss, td_error_B = td_loss(
             q_sel_B, target_B, batch.get("weights"), huber=config.td_error_loss_fn == "huber"
         )
+        alpha = float(getattr(config, "conservative_alpha", 0.0))
+        gap_B = None
+        if alpha > 0:
+            gap_B = cql_regulariser(q_BA, actions_B1.squeeze(-1), obs[OBS_ACTION_MASK])
+            loss = loss + alpha * gap_B.mean()
         self.metrics.log_value(
             key=(module_id, TD_ERROR_KEY), value=td_error_B, reduce="item_series"
         )
@@ -89,6 +99,8 @@ class PSDQNTorchLearner(DQNTorchLearner):
             QF_MIN_KEY: q_sel_B.min(),
             TD_ERROR_MEAN_KEY: td_error_B.mean(),
         }
+        if gap_B is not None:
+            log[CONSERVATIVE_KEY] = gap_B.detach().mean()
         if OBS_PRIOR_LOGP in obs:
             with torch.no_grad():
                 mask_BA = obs[OBS_ACTION_MASK] > 0.5

@@ -1,5 +1,5 @@
 """Pure torch functions of posterior-sampling DQN (no RLlib): posterior logits, double-DQN and
-soft-Q-with-prior targets, and the TD loss.
+soft-Q-with-prior targets, the conservative (CQL) regulariser, and the TD loss.
 
 Masks are float or bool tensors with 1 for an admissible action. Masked entries are filled with
 a large finite negative number, never ``-inf``, so no gradient turns into NaN.
@@ -65,6 +65,21 @@ def masked_argmax(x_BA: torch.Tensor, mask_BA: torch.Tensor) -> torch.Tensor:
         tensor([1])
     """
     return masked(x_BA, mask_BA).argmax(dim=-1)
+
+
+def cql_regulariser(
+    q_BA: torch.Tensor, actions_B: torch.Tensor, mask_BA: torch.Tensor
+) -> torch.Tensor:
+    """``logsumexp`` of Q over the admissible candidates minus Q of the data's action, per row.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 2.0, 5.0]]); m = torch.tensor([[1.0, 1.0, 0.0]])
+        >>> round(float(cql_regulariser(q, torch.tensor([1]), m)[0]), 4)  # log(e + e^2) - 2
+        0.3133
+    """
+    lse_B = torch.logsumexp(masked(q_BA, mask_BA), dim=-1)
+    q_data_B = q_BA.gather(-1, actions_B.long().reshape(-1, 1)).squeeze(-1)
+    return lse_B - q_data_B
 
 
 def double_q_next_value(

@@ -127,6 +127,8 @@ class MethodSettings:
         epsilon_fraction: Fraction of the step budget over which epsilon decays.
         hidden: Width of the DRRN network.
         soft_q_prior: KL-regularised soft-Q target (posterior methods).
+        conservative_alpha: Weight of the conservative (CQL(H)) term of the TD loss, all RL
+            methods (0: plain double-DQN loss).
         num_envs_per_env_runner: Sub-envs per env runner (rows of one actor call).
         rollout_fragment_length: Env steps per sub-env per sample call.
         num_cpus_per_env_runner: CPUs reserved per env runner.
@@ -174,6 +176,7 @@ class MethodSettings:
     epsilon_fraction: float = 0.5
     hidden: int = 128
     soft_q_prior: bool = False
+    conservative_alpha: float = 0.0
     num_envs_per_env_runner: int = 4
     rollout_fragment_length: int = 8
     num_cpus_per_env_runner: float = 0.5
@@ -200,6 +203,10 @@ class MethodSettings:
                 raise ValueError(f"MethodSettings.{name} must be > 0, got {getattr(self, name)}")
         if self.lr < 0:
             raise ValueError(f"MethodSettings.lr must be >= 0, got {self.lr}")
+        if not self.conservative_alpha >= 0:
+            raise ValueError(
+                f"MethodSettings.conservative_alpha must be >= 0, got {self.conservative_alpha}"
+            )
         if not 0 < self.gamma <= 1:
             raise ValueError(f"MethodSettings.gamma must be in (0, 1], got {self.gamma}")
         for name in ("anneal_fraction", "epsilon_fraction"):
@@ -416,6 +423,7 @@ def algo_config_for(
         .prior(connector)
         .training(
             soft_q_prior=s.soft_q_prior and posterior,
+            conservative_alpha=s.conservative_alpha,
             lr=0.0 if method == "frozen_q" else s.lr,
             gamma=s.gamma,
             double_q=True,
