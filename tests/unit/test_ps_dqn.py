@@ -163,6 +163,20 @@ def test_td_loss_gradients_are_finite_with_masked_entries(encoder):
     assert all(p.grad is None for p in m._target_q_net.parameters())
 
 
+def _algo_kw() -> dict:
+    """Keyword arguments of :func:`algo_config_for` for a config-only TextWorld check."""
+    from cachellm_rl.envs.textworld_env import TextWorldEnv
+
+    return {
+        "env_class": TextWorldEnv,
+        "env_config": {},
+        "cache_name": "x",
+        "num_env_runners": 1,
+        "total_env_steps": 1000,
+        "seed": 0,
+    }
+
+
 def _untried_minus_tried_after_training(alpha: float) -> float:
     """Train Q with the TD loss (target 1 on candidate 0, the only one ever taken) plus
     ``alpha`` times the conservative term; return mean Q(untried) - Q(tried) afterwards."""
@@ -198,16 +212,8 @@ def test_conservative_term_pushes_untried_candidates_below_the_tried_one():
 
 def test_conservative_alpha_reaches_the_learner_config_and_is_checked():
     from cachellm_rl.algorithms.ps_dqn.config import PSDQNConfig
-    from cachellm_rl.envs.textworld_env import TextWorldEnv
 
-    kw = {
-        "env_class": TextWorldEnv,
-        "env_config": {},
-        "cache_name": "x",
-        "num_env_runners": 1,
-        "total_env_steps": 1000,
-        "seed": 0,
-    }
+    kw = _algo_kw()
     for method in ("uncached", "no_prior", "frozen_q"):
         cfg = algo_config_for(method, MethodSettings(conservative_alpha=0.3), **kw)
         assert cfg.conservative_alpha == 0.3
@@ -424,16 +430,7 @@ def test_epsilon_and_annealing_follow_the_runs_budget_in_global_steps():
 
 
 def test_frozen_q_is_uncached_with_learning_rate_zero():
-    from cachellm_rl.envs.textworld_env import TextWorldEnv
-
-    kw = {
-        "env_class": TextWorldEnv,
-        "env_config": {},
-        "cache_name": "x",
-        "num_env_runners": 1,
-        "total_env_steps": 1000,
-        "seed": 0,
-    }
+    kw = _algo_kw()
     s = MethodSettings(lr=3e-4)
     frozen, uncached = algo_config_for("frozen_q", s, **kw), algo_config_for("uncached", s, **kw)
     assert frozen.lr == 0.0 and uncached.lr == 3e-4
