@@ -456,6 +456,8 @@ def run_rl_method(
                 "temperature": posterior.temperature_at(steps, rep.hit_rate_ema),
                 "qf_loss": learner.get("qf_loss"),
                 "kl_posterior_to_prior": learner.get("kl_posterior_to_prior"),
+                "qf_mean": learner.get("qf_mean"),
+                "conservative_gap": learner.get("conservative_gap"),
             }
             if steps >= next_eval and steps < cfg.env_steps:
                 before = _cache_stats(handle).get("lm_queries", 0)
@@ -494,6 +496,8 @@ def run_rl_method(
                     "posterior/temperature": point["temperature"],
                     "posterior/kl_to_prior": point["kl_posterior_to_prior"],
                     "learner/qf_loss": point["qf_loss"],
+                    "learner/qf_mean": point["qf_mean"],
+                    "learner/conservative_gap": point["conservative_gap"],
                 },
             )
             if bar is not None:
