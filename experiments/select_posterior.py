@@ -1,9 +1,10 @@
-"""Choose the posterior's prior weight ``beta``, its temperature schedule and the TD target's
-n-step length on the *valid* split.
+"""Choose the posterior's prior weight ``beta``, its temperature schedule and the TD target
+(n-step length, double-DQN or soft-Q with the prior, conservative weight) on the *valid* split.
 
-Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step) of a grid,
-plus the ``frozen_q`` and ``direct_lm`` controls, and picks the setting with the highest greedy
-success (ties: the smaller ``beta``, then the higher ``T_final``, then the shorter n-step). The
+Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step,
+soft_q_prior, conservative_alpha) of a grid, plus the ``frozen_q`` and ``direct_lm`` controls,
+and picks the setting with the highest greedy success (ties: the smaller ``beta``, then the
+higher ``T_final``, the shorter n-step, double DQN, the smaller conservative weight). The
 evaluation games (``test``) are never played. The choice is written to ``selection.json``, which
 ``text_suite.py --posterior-from`` reads, so the suite's comparisons use settings chosen before
 seeing their games.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -89,12 +91,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.betas = _floats(args.betas)
         args.temperature_finals = _floats(args.temperature_finals)
         args.n_steps = [int(x) for x in _floats(args.n_steps)]
-        args.soft_q_priors = [bool(int(x)) for x in _floats(args.soft_q_priors)]
+        soft = _floats(args.soft_q_priors)
         args.conservative_alphas = _floats(args.conservative_alphas)
     except ValueError as e:
         p.error(str(e))
-    if any(a < 0 for a in args.conservative_alphas):
-        p.error(f"--conservative-alphas must be >= 0, got {args.conservative_alphas}")
+    if any(x not in (0.0, 1.0) for x in soft):
+        p.error(f"--soft-q-priors takes 0 and/or 1, got {args.soft_q_priors!r}")
+    args.soft_q_priors = [bool(x) for x in soft]
+    if any(not 0 <= a < math.inf for a in args.conservative_alphas):
+        p.error(f"--conservative-alphas must be finite and >= 0, got {args.conservative_alphas}")
+    for name in ("betas", "temperature_finals", "n_steps", "soft_q_priors", "conservative_alphas"):
+        if not getattr(args, name):
+            p.error(f"--{name.replace('_', '-')} is empty")
     return args
 
 
@@ -148,20 +156,22 @@ def grid(args: argparse.Namespace) -> list[Setting]:
 
 def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
     """``rows`` plus the settings an earlier selection in the same folder measured at the same
-    budget and seeds (a grid extended later keeps them; this run's rows win on a name clash).
+    budget, seeds and number of games (a grid extended later keeps them; this run's rows win
+    on a name clash).
 
     Example:
-        >>> ns = argparse.Namespace(env="textworld", env_steps=10, seeds=1)
+        >>> ns = argparse.Namespace(env="textworld", env_steps=10, seeds=1, num_games=0)
         >>> merged_rows(Path("/nonexistent.json"), [{"name": "a"}], ns)
         [{'name': 'a'}]
     """
     if not path.is_file():
         return rows
     old = json.loads(path.read_text())
-    same = (old.get("env"), old.get("env_steps"), old.get("seeds")) == (
+    same = (old.get("env"), old.get("env_steps"), old.get("seeds"), old.get("num_games", 0)) == (
         args.env,
         args.env_steps,
         args.seeds,
+        args.num_games,
     )
     if not same:
         return rows
@@ -253,6 +263,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "split": "valid",
         "env_steps": args.env_steps,
         "seeds": args.seeds,
+        "num_games": args.num_games,
         "controls": ctrl,
         "settings_used": asdict(base.settings),
         "settings": rows,

@@ -65,7 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env-steps", type=int, default=None, help="env steps per RL run")
     p.add_argument("--max-episode-steps", type=int, default=None, help="default: per env")
     p.add_argument("--num-env-runners", type=int, default=None, help="remote env runners")
-    p.add_argument("--soft-q-prior", action="store_true", help="KL-regularised soft-Q target")
+    p.add_argument(
+        "--soft-q-prior",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="KL-regularised soft-Q target with the prior (--no-soft-q-prior: double DQN; "
+        "default: --posterior-from's choice, else double DQN)",
+    )
     p.add_argument(
         "--conservative-alpha",
         type=float,
@@ -192,8 +198,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
         post = {k: v for k, v in post.items() if v is not None}
         if post:
             s = replace(s, posterior=replace(s.posterior, **post))
-        if args.soft_q_prior:
-            s = replace(s, soft_q_prior=True)
+        if args.soft_q_prior is not None:
+            s = replace(s, soft_q_prior=args.soft_q_prior)
         if args.conservative_alpha is not None:
             s = replace(s, conservative_alpha=args.conservative_alpha)
         if args.lr is not None:
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         return user_error("text_suite.py", f"--games {args.games} is not a folder")
     try:
         cfgs = build_configs(args)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, TypeError) as e:
         return user_error("text_suite.py", str(e))
     out = new_results_dir("text_suite", args.out)
     with run_log(out / "run.log", verbose=args.verbose) as console:

@@ -205,3 +205,53 @@ def test_select_posterior_controls_flag_is_checked(capsys):
     assert parse_args([]).controls == ("direct_lm", "frozen_q")
     assert parse_args(["--controls", "direct_lm"]).controls == ("direct_lm",)
     assert parse_args(["--controls", ""]).controls == ()
+
+
+def test_select_posterior_grid_flags_are_checked(capsys):
+    import pytest
+
+    from experiments.select_posterior import grid, parse_args
+
+    for argv, message in (
+        (["--soft-q-priors", "2"], "--soft-q-priors takes 0 and/or 1"),
+        (["--conservative-alphas", "inf"], "--conservative-alphas must be finite"),
+        (["--conservative-alphas", "-0.1"], "--conservative-alphas must be finite"),
+        (["--betas", ""], "--betas is empty"),
+    ):
+        with pytest.raises(SystemExit) as bad:
+            parse_args(argv)
+        assert bad.value.code == 2 and message in capsys.readouterr().err, argv
+    grid_argv = ["--betas", "1", "--temperature-finals", "0.3", "--n-steps", "1"]
+    args = parse_args([*grid_argv, "--soft-q-priors", "0,1", "--conservative-alphas", "0,0.1"])
+    names = [s.name for s in grid(args)]
+    assert names == [
+        "beta1-annealed-T1-0.3-n1",
+        "beta1-annealed-T1-0.3-n1-cql0.1",
+        "beta1-annealed-T1-0.3-n1-soft",
+        "beta1-annealed-T1-0.3-n1-soft-cql0.1",
+    ]
+
+
+def test_posterior_from_carries_the_chosen_td_target(tmp_path):
+    import json
+
+    from experiments.text_suite import build_configs, parse_args
+
+    sel = tmp_path / "selection.json"
+    chosen = {"prior_weight": 1.0, "schedule": "annealed", "temperature": 1.0}
+    sel.write_text(
+        json.dumps(
+            {
+                "chosen": {**chosen, "temperature_final": 0.3},
+                "chosen_n_step": 1,
+                "chosen_soft_q_prior": True,
+                "chosen_conservative_alpha": 0.1,
+            }
+        )
+    )
+    base = ["--envs", "textworld", "--posterior-from", str(sel)]
+    (cfg,) = build_configs(parse_args(base))
+    assert cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.1
+    assert cfg.settings.posterior.temperature_final == 0.3
+    (cfg,) = build_configs(parse_args([*base, "--no-soft-q-prior", "--conservative-alpha", "0"]))
+    assert not cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.0

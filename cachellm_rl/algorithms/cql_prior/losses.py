@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from cachellm_rl.algorithms.ps_dqn.losses import cql_regulariser, masked
+from cachellm_rl.algorithms.ps_dqn.losses import cql_regulariser as cql_regulariser
+from cachellm_rl.algorithms.ps_dqn.losses import masked
 
-__all__ = ["cql_regulariser"]  # shared with PS-DQN's conservative term
+# ``cql_regulariser`` lives in ps_dqn.losses (PS-DQN's conservative term uses it too) and is
+# re-exported here, where the CQL-Prior loss names it.
 
 
 @dataclass(frozen=True)

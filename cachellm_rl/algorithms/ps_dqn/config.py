@@ -3,6 +3,8 @@ learner and prior connector."""
 
 from __future__ import annotations
 
+import math
+
 from ray.rllib.algorithms.dqn.dqn import DQN, DQNConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -65,8 +67,10 @@ class PSDQNConfig(DQNConfig):
         super().validate()
         if self.num_atoms != 1 or self.dueling:
             raise ValueError("PSDQN supports num_atoms=1 and dueling=False only")
-        if not self.conservative_alpha >= 0:
-            raise ValueError(f"conservative_alpha must be >= 0, got {self.conservative_alpha}")
+        if not 0 <= self.conservative_alpha < math.inf:
+            raise ValueError(
+                f"conservative_alpha must be finite and >= 0, got {self.conservative_alpha}"
+            )
         if self.soft_q_prior and self.prior_connector.mode != "cache":
             raise ValueError(
                 "soft_q_prior needs priors: set .prior(PriorConnectorConfig(mode='cache'))"

@@ -81,14 +81,16 @@ class PSDQNTorchLearner(DQNTorchLearner):
         target_B = td_targets(
             batch[Columns.REWARDS], batch[Columns.TERMINATEDS], next_v_B, discount_B
         )
+        weights_B = batch.get("weights")
         loss, td_error_B = td_loss(
-            q_sel_B, target_B, batch.get("weights"), huber=config.td_error_loss_fn == "huber"
+            q_sel_B, target_B, weights_B, huber=config.td_error_loss_fn == "huber"
         )
         alpha = float(getattr(config, "conservative_alpha", 0.0))
         gap_B = None
-        if alpha > 0:
+        if alpha > 0:  # weighted like the TD term (prioritised replay's importance weights)
             gap_B = cql_regulariser(q_BA, actions_B1.squeeze(-1), obs[OBS_ACTION_MASK])
-            loss = loss + alpha * gap_B.mean()
+            weighted_B = gap_B if weights_B is None else gap_B * weights_B
+            loss = loss + alpha * weighted_B.mean()
         self.metrics.log_value(
             key=(module_id, TD_ERROR_KEY), value=td_error_B, reduce="item_series"
         )

@@ -16,6 +16,7 @@ the pieces the suite's run and greedy-evaluation loops use for each (method, see
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -203,9 +204,10 @@ class MethodSettings:
                 raise ValueError(f"MethodSettings.{name} must be > 0, got {getattr(self, name)}")
         if self.lr < 0:
             raise ValueError(f"MethodSettings.lr must be >= 0, got {self.lr}")
-        if not self.conservative_alpha >= 0:
+        if not 0 <= self.conservative_alpha < math.inf:
             raise ValueError(
-                f"MethodSettings.conservative_alpha must be >= 0, got {self.conservative_alpha}"
+                "MethodSettings.conservative_alpha must be finite and >= 0, "
+                f"got {self.conservative_alpha}"
             )
         if not 0 < self.gamma <= 1:
             raise ValueError(f"MethodSettings.gamma must be in (0, 1], got {self.gamma}")
