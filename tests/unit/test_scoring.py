@@ -160,3 +160,29 @@ def test_prompt_builder_layout():
     assert p.endswith("Next action:")
     no_list = build_prompt(state="s", config=PromptConfig(candidates_header=None))
     assert "Admissible" not in no_list
+
+
+def test_fused_gelu_and_last_logits_give_the_stored_models_scores(scorer, tiny_model_dir):
+    """The scorer loads GPT-2's ``gelu_new`` as the fused tanh-GELU and keeps only the prompt's
+    last logits; the stored model, loaded as saved and run on full sequences, agrees."""
+    from transformers import AutoModelForCausalLM
+
+    assert scorer.model.config.activation_function == "gelu_pytorch_tanh"
+    stored = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    assert stored.config.activation_function == "gelu_new"
+    prompt_ids, cand_ids = scorer.encode(PriorRequest(prompt=PROMPT, candidates=CANDS))
+    ref = candidate_token_logprobs_full(stored, prompt_ids, cand_ids, device=scorer.device)
+    got = scorer.token_logprobs(PriorRequest(prompt=PROMPT, candidates=CANDS))
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_candidate_tokenisation_is_cached_and_matches_the_tokenizer(tiny_model_dir):
+    sc = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir)))
+    tok = sc.tokenizer
+    _, first = sc.encode(PriorRequest(prompt=PROMPT, candidates=CANDS[:3]))
+    _, second = sc.encode(PriorRequest(prompt=PROMPT, candidates=CANDS[::-1]))
+    assert set(sc._candidate_ids) == set(CANDS)
+    for ids, c in zip(second, CANDS[::-1], strict=True):
+        assert ids == tok(" " + c, add_special_tokens=False)["input_ids"]
+    assert second[-3:] == first[::-1]
