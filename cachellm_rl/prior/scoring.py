@@ -303,26 +303,21 @@ def candidate_token_logprobs(
 
 
 @functools.cache
-def _cache_kwarg_of(forward) -> str:
-    params = inspect.signature(forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@functools.cache
-def _keeps_logits_of(forward) -> bool:
-    return "logits_to_keep" in inspect.signature(forward).parameters
+def _forward_params(forward) -> frozenset[str]:
+    """The keyword names a model class's ``forward`` takes (looked up once per class)."""
+    return frozenset(inspect.signature(forward).parameters)
 
 
 def _last_logits_only(model: torch.nn.Module) -> dict:
     """``{"logits_to_keep": 1}`` where the model can skip the LM head on all but the last
     position (the prompt pass needs only that one), else ``{}``."""
-    return {"logits_to_keep": 1} if _keeps_logits_of(type(model).forward) else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(model).forward) else {}
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """The keyword under which ``model.forward`` takes a key/value cache (transformers 5
     renamed ``past_key_values`` to ``cache``)."""
-    return _cache_kwarg_of(type(model).forward)
+    return "cache" if "cache" in _forward_params(type(model).forward) else "past_key_values"
 
 
 def tree_candidate_token_logprobs(
