@@ -29,6 +29,7 @@ from cachellm_rl.prior.scoring import (
     check_model_dir,
     load_causal_lm,
 )
+from cachellm_rl.reproducibility import compute_fingerprint, fixed_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class FinetuneConfig:
         dtype: Base weights' dtype, as ``ScorerConfig.dtype`` (``"auto"``: bfloat16 on CUDA,
             float32 on CPU). The LoRA weights are kept in float32.
         trust_remote_code: Passed to ``from_pretrained``.
+        num_threads: Torch CPU threads while training; fixed (not the machine's core count)
+            because CPU results depend on it, so one seed gives one adapter on any machine
+            with the same torch and CPU instruction set.
     """
 
     rank: int = 8
@@ -79,9 +83,10 @@ class FinetuneConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    num_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("rank", "alpha", "epochs", "batch_size", "seed", "max_length"):
+        for name in ("rank", "alpha", "epochs", "batch_size", "seed", "max_length", "num_threads"):
             value = getattr(self, name)
             if value is None and name == "max_length":
                 continue
@@ -91,6 +96,8 @@ class FinetuneConfig:
             raise ValueError("FinetuneConfig.trust_remote_code must be a bool")
         if self.rank < 1:
             raise ValueError(f"FinetuneConfig.rank must be >= 1, got {self.rank}")
+        if self.num_threads < 1:
+            raise ValueError(f"FinetuneConfig.num_threads must be >= 1, got {self.num_threads}")
         if self.alpha < 1:
             raise ValueError(f"FinetuneConfig.alpha must be >= 1, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
@@ -331,6 +338,17 @@ def finetune_lora(
         ImportError: peft is not installed (a core dependency; `pip install peft`).
     """
     cfg = config or FinetuneConfig()
+    with fixed_torch_threads(cfg.num_threads):
+        return _finetune_lora(model_dir, examples, out_dir, cfg, progress)
+
+
+def _finetune_lora(
+    model_dir: str | Path,
+    examples: Sequence[tuple[str, str]],
+    out_dir: str | Path | None,
+    cfg: FinetuneConfig,
+    progress: bool,
+) -> Path:
     pairs = _check_examples(examples)
     model_path = check_model_dir(model_dir)
     try:
@@ -430,6 +448,7 @@ def finetune_lora(
         "final_loss": epoch_losses[-1],
         "trainable_parameters": sum(p.numel() for p in params),
         "seconds": round(time.perf_counter() - started, 3),
+        "compute": compute_fingerprint(),
     }
     (adapter_dir / FINETUNE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     logger.info(

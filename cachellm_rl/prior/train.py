@@ -27,6 +27,7 @@ from cachellm_rl.envs.evaluate import greedy_evaluate
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 from cachellm_rl.prior.prompts import PromptConfig, build_prompt
 from cachellm_rl.prior.tiny_model import TinyLMConfig, make_tiny_causal_lm
+from cachellm_rl.reproducibility import compute_fingerprint, fixed_torch_threads
 
 TRAIN_REPORT = "prior_train.json"
 
@@ -51,6 +52,10 @@ class PriorTrainConfig:
             is logged.
         candidate_prefix: Text before each action (must match the scorer's).
         seed: Seed of initialisation and shuffling.
+        num_threads: Torch CPU threads during training. The weights depend on this number
+            (kernels split their sums by thread), so it is fixed rather than taken from the
+            machine's cores: one seed then gives the same prior, bit for bit, on any machine
+            with the same torch and CPU instruction set (both recorded in the report).
     """
 
     model: TinyLMConfig = field(
@@ -66,10 +71,13 @@ class PriorTrainConfig:
     max_minutes: float = 120.0
     candidate_prefix: str = " "
     seed: int = 0
+    num_threads: int = 2
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("PriorTrainConfig.epochs and batch_size must be >= 1")
+        if self.num_threads < 1:
+            raise ValueError("PriorTrainConfig.num_threads must be >= 1")
         if not self.learning_rate > 0:
             raise ValueError("PriorTrainConfig.learning_rate must be > 0")
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -153,18 +161,28 @@ def train_prior(
     The model is trained in ``<out_dir>.partial`` and moved to ``out_dir`` only when its
     report is written, so an interrupted training never leaves a model that looks usable.
     """
+    cfg = config or PriorTrainConfig()
+    with fixed_torch_threads(cfg.num_threads):
+        return _train_prior(examples, Path(out_dir), cfg, extra_report, progress)
+
+
+def _train_prior(
+    examples: Sequence[tuple[str, str]],
+    final: Path,
+    cfg: PriorTrainConfig,
+    extra_report: dict | None,
+    progress: bool,
+) -> dict:
     import shutil
 
     import torch
 
-    cfg = config or PriorTrainConfig()
     if not examples:
         raise ValueError("train_prior needs at least one (prompt, action) example")
     for prompt, action in examples:
         if not action.strip():
             raise ValueError(f"empty expert action in an example (prompt {prompt[:60]!r}...)")
     t0 = time.perf_counter()
-    final = Path(out_dir)
     out = final.with_name(final.name + ".partial")
     shutil.rmtree(out, ignore_errors=True)
     corpus = [p for p, _ in examples] + [a for _, a in examples]
@@ -230,6 +248,7 @@ def train_prior(
         "epoch_losses": losses,
         "stopped_by_time_budget": stopped_early,
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "compute": compute_fingerprint(),
         **(extra_report or {}),
     }
     (out / TRAIN_REPORT).write_text(json.dumps(report, indent=1))

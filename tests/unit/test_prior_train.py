@@ -135,3 +135,47 @@ def test_an_interrupted_training_leaves_no_usable_looking_prior(tmp_path, monkey
     own.mkdir()
     (own / "config.json").write_text("{}")
     assert not needs_training("textworld", own)
+
+
+def _long_examples(n: int) -> list[tuple[str, str]]:
+    """Prompts long enough (about 300 tokens) that torch's CPU kernels split work by thread."""
+    return [
+        (
+            " ".join(f"word{(i * j) % 97} state{j % 13}" for j in range(150))
+            + f" actions: go north, take apple{i % 3}",
+            f"take apple{i % 3}",
+        )
+        for i in range(n)
+    ]
+
+
+def test_the_prior_does_not_depend_on_the_callers_torch_threads(tmp_path):
+    """Torch's thread count changes CPU sums; training fixes it, so the caller's count (the
+    machine's cores, or OMP_NUM_THREADS under Ray) does not reach the weights. The control
+    (two different fixed counts) shows the count would matter."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cachellm_rl.prior.tiny_model import TinyLMConfig
+
+    def weights(name: str, caller_threads: int, num_threads: int):
+        cfg = PriorTrainConfig(
+            model=TinyLMConfig(n_layer=1, n_head=4, n_embd=128, n_positions=512),
+            epochs=1,
+            batch_size=16,
+            num_threads=num_threads,
+        )
+        before = torch.get_num_threads()
+        torch.set_num_threads(caller_threads)
+        try:
+            report = train_prior(_long_examples(32), tmp_path / name, cfg, progress=False)
+            assert torch.get_num_threads() == caller_threads  # restored
+        finally:
+            torch.set_num_threads(before)
+        assert report["compute"]["torch_threads"] == num_threads
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    a, b = weights("a", caller_threads=1, num_threads=2), weights("b", 2, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = weights("c", caller_threads=2, num_threads=1)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
