@@ -1,10 +1,12 @@
 """Choose the posterior's prior weight ``beta``, its temperature schedule and the TD target
-(n-step length, double-DQN or soft-Q with the prior, conservative weight) on the *valid* split.
+(n-step length, discount, double-DQN or soft-Q with the prior, conservative weight) on the
+*valid* split.
 
-Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step,
+Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step, gamma,
 soft_q_prior, conservative_alpha) of a grid, plus the ``frozen_q`` and ``direct_lm`` controls,
 and picks the setting with the highest greedy success (ties: the smaller ``beta``, then the
-higher ``T_final``, the shorter n-step, double DQN, the smaller conservative weight). The
+higher ``T_final``, the shorter n-step, the smaller discount, double DQN, the smaller
+conservative weight). The
 evaluation games (``test``) are never played. The choice is written to ``selection.json``, which
 ``text_suite.py --posterior-from`` reads, so the suite's comparisons use settings chosen before
 seeing their games.
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
 from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES, PosteriorConfig
 from cachellm_rl.algorithms.ps_dqn.suite import preset
 from cachellm_rl.argparsing import ArgumentParser
@@ -41,6 +44,7 @@ from cachellm_rl.logs import run_log
 from cachellm_rl.results import write_json
 
 CONTROLS = ("direct_lm", "frozen_q")
+DEFAULT_GAMMA = MethodSettings().gamma
 
 
 def _floats(text: str) -> list[float]:
@@ -55,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="T_0 of every schedule")
     p.add_argument("--temperature-finals", default="0.3,0.6,1.0", help="last T values to try")
     p.add_argument("--n-steps", default="1,3", help="n-step returns to try")
+    p.add_argument(
+        "--gammas",
+        default="0.9",
+        help="discounts to try (sparse, long tasks such as BabyAI need one near 1)",
+    )
     p.add_argument(
         "--soft-q-priors",
         default="0",
@@ -91,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.betas = _floats(args.betas)
         args.temperature_finals = _floats(args.temperature_finals)
         args.n_steps = [int(x) for x in _floats(args.n_steps)]
+        args.gammas = _floats(args.gammas)
         soft = _floats(args.soft_q_priors)
         args.conservative_alphas = _floats(args.conservative_alphas)
     except ValueError as e:
@@ -98,9 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(x not in (0.0, 1.0) for x in soft):
         p.error(f"--soft-q-priors takes 0 and/or 1, got {args.soft_q_priors!r}")
     args.soft_q_priors = [bool(x) for x in soft]
+    if any(not 0 < g <= 1 for g in args.gammas):
+        p.error(f"--gammas must be in (0, 1], got {args.gammas}")
     if any(not 0 <= a < math.inf for a in args.conservative_alphas):
         p.error(f"--conservative-alphas must be finite and >= 0, got {args.conservative_alphas}")
-    for name in ("betas", "temperature_finals", "n_steps", "soft_q_priors", "conservative_alphas"):
+    grid_args = ("betas", "temperature_finals", "n_steps", "gammas", "soft_q_priors")
+    for name in (*grid_args, "conservative_alphas"):
         if not getattr(args, name):
             p.error(f"--{name.replace('_', '-')} is empty")
     return args
@@ -113,30 +126,35 @@ class Setting(NamedTuple):
     n_step: int
     soft_q_prior: bool = False
     conservative_alpha: float = 0.0
+    gamma: float = DEFAULT_GAMMA
 
     @property
     def name(self) -> str:
-        """The setting's folder name (the soft-Q target adds ``-soft``, a conservative term
-        ``-cql<alpha>``).
+        """The setting's folder name (a discount other than the default adds ``-g<gamma>``,
+        the soft-Q target ``-soft``, a conservative term ``-cql<alpha>``).
 
         Example:
             >>> Setting(PosteriorConfig(temperature_final=0.3), 1, True, 0.1).name
             'beta1-annealed-T1-0.3-n1-soft-cql0.1'
+            >>> Setting(PosteriorConfig(temperature_final=0.3), 1, True, 0.0, 0.99).name
+            'beta1-annealed-T1-0.3-n1-g0.99-soft'
         """
         p = self.posterior
         name = f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
-        name += f"-n{self.n_step}" + ("-soft" if self.soft_q_prior else "")
+        name += f"-n{self.n_step}" + (f"-g{self.gamma:g}" if self.gamma != DEFAULT_GAMMA else "")
+        name += "-soft" if self.soft_q_prior else ""
         return name + (f"-cql{self.conservative_alpha:g}" if self.conservative_alpha else "")
 
 
 def grid(args: argparse.Namespace) -> list[Setting]:
     """The settings tried (``fixed`` ignores ``T_final``)."""
     out, seen = [], set()
-    for beta, sched, t_final, n_step, soft, alpha in itertools.product(
+    for beta, sched, t_final, n_step, gamma, soft, alpha in itertools.product(
         args.betas,
         args.schedules,
         args.temperature_finals,
         args.n_steps,
+        args.gammas,
         args.soft_q_priors,
         args.conservative_alphas,
     ):
@@ -147,10 +165,10 @@ def grid(args: argparse.Namespace) -> list[Setting]:
             temperature=args.temperature,
             temperature_final=min(t_final, args.temperature),
         )
-        key = (post.prior_weight, post.schedule, post.temperature_final, n_step, soft, alpha)
+        key = (post.prior_weight, post.schedule, post.temperature_final, n_step, gamma, soft, alpha)
         if key not in seen:
             seen.add(key)
-            out.append(Setting(post, n_step, soft, alpha))
+            out.append(Setting(post, n_step, soft, alpha, gamma))
     return out
 
 
@@ -176,7 +194,7 @@ def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[
     if not same:
         return rows
     names = {r["name"] for r in rows}
-    defaults = {"soft_q_prior": False, "conservative_alpha": 0.0}
+    defaults = {"soft_q_prior": False, "conservative_alpha": 0.0, "gamma": DEFAULT_GAMMA}
     kept = [{**defaults, **r} for r in old.get("settings", []) if r["name"] not in names]
     return kept + rows
 
@@ -224,6 +242,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                 base.settings,
                 posterior=point.posterior,
                 n_step=point.n_step,
+                gamma=point.gamma,
                 soft_q_prior=point.soft_q_prior,
                 conservative_alpha=point.conservative_alpha,
             )
@@ -236,6 +255,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                     "name": name,
                     "posterior": point.posterior.to_dict(),
                     "n_step": point.n_step,
+                    "gamma": point.gamma,
                     "soft_q_prior": point.soft_q_prior,
                     "conservative_alpha": point.conservative_alpha,
                     "success": agg["success_mean"],
@@ -254,6 +274,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             -r["posterior"]["prior_weight"],
             r["posterior"]["temperature_final"],
             -r["n_step"],
+            -r["gamma"],
             not r["soft_q_prior"],
             -r["conservative_alpha"],
         ),
@@ -269,6 +290,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "settings": rows,
         "chosen": best["posterior"],
         "chosen_n_step": best["n_step"],
+        "chosen_gamma": best["gamma"],
         "chosen_soft_q_prior": best["soft_q_prior"],
         "chosen_conservative_alpha": best["conservative_alpha"],
         "chosen_success": best["success"],

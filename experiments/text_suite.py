@@ -178,6 +178,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, posterior=PosteriorConfig.from_dict(selection["chosen"]))
             if "chosen_n_step" in selection:
                 s = replace(s, n_step=int(selection["chosen_n_step"]))
+            if "chosen_gamma" in selection:
+                s = replace(s, gamma=float(selection["chosen_gamma"]))
             s = replace(
                 s,
                 soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)),

@@ -217,6 +217,7 @@ def test_select_posterior_grid_flags_are_checked(capsys):
         (["--conservative-alphas", "inf"], "--conservative-alphas must be finite"),
         (["--conservative-alphas", "-0.1"], "--conservative-alphas must be finite"),
         (["--betas", ""], "--betas is empty"),
+        (["--gammas", "1.5"], "--gammas must be in (0, 1]"),
     ):
         with pytest.raises(SystemExit) as bad:
             parse_args(argv)
@@ -229,6 +230,11 @@ def test_select_posterior_grid_flags_are_checked(capsys):
         "beta1-annealed-T1-0.3-n1-cql0.1",
         "beta1-annealed-T1-0.3-n1-soft",
         "beta1-annealed-T1-0.3-n1-soft-cql0.1",
+    ]
+    args = parse_args([*grid_argv, "--gammas", "0.9,0.99", "--soft-q-priors", "1"])
+    assert [s.name for s in grid(args)] == [
+        "beta1-annealed-T1-0.3-n1-soft",
+        "beta1-annealed-T1-0.3-n1-g0.99-soft",
     ]
 
 
@@ -244,6 +250,7 @@ def test_posterior_from_carries_the_chosen_td_target(tmp_path):
             {
                 "chosen": {**chosen, "temperature_final": 0.3},
                 "chosen_n_step": 1,
+                "chosen_gamma": 0.99,
                 "chosen_soft_q_prior": True,
                 "chosen_conservative_alpha": 0.1,
             }
@@ -252,6 +259,7 @@ def test_posterior_from_carries_the_chosen_td_target(tmp_path):
     base = ["--envs", "textworld", "--posterior-from", str(sel)]
     (cfg,) = build_configs(parse_args(base))
     assert cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.1
+    assert cfg.settings.gamma == 0.99
     assert cfg.settings.posterior.temperature_final == 0.3
     (cfg,) = build_configs(parse_args([*base, "--no-soft-q-prior", "--conservative-alpha", "0"]))
     assert not cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.0
