@@ -137,6 +137,17 @@ def test_targets_ignore_masked_next_actions_and_terminals():
     v = soft_prior_next_value(target, lp, mask, torch.tensor([1.0]))
     expected = np.log(0.5 * np.exp(3.0) + 0.5 * np.exp(2.0))
     assert v.item() == pytest.approx(expected, rel=1e-5)
+    # beta < 1: the reference policy p^beta is normalised, so V stays within [E_pi0 Q, max Q]
+    # (unnormalised, sum_a p^beta > 1 would add T log sum_a p^beta to every step's value)
+    peaked = torch.log(torch.tensor([[0.9, 0.1, 1e-6]]))
+    for beta in (0.0, 0.3, 1.0):
+        for t in (0.1, 1.0, 10.0):
+            v = soft_prior_next_value(target, peaked, mask, torch.tensor([t]), beta).item()
+            pi0 = np.array([0.9, 0.1]) ** beta
+            pi0 /= pi0.sum()
+            assert pi0 @ np.array([3.0, 2.0]) - 1e-5 <= v <= 3.0 + 1e-5, (beta, t, v)
+    flat = soft_prior_next_value(torch.zeros(1, 3), peaked, mask, torch.tensor([1.0]), 0.3)
+    assert flat.item() == pytest.approx(0.0, abs=1e-6)  # Q = 0 everywhere: no survival bonus
     y = td_targets(
         torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), torch.tensor([5.0, 5.0]), 0.9
     )

@@ -103,19 +103,28 @@ def soft_prior_next_value(
     temperature_B: torch.Tensor,
     prior_weight: float = 1.0,
 ) -> torch.Tensor:
-    """KL-regularised soft value ``V(s') = T log sum_a p(a|s')^beta exp(Q(s',a)/T)`` (see
+    """KL-regularised soft value ``V(s') = T log sum_a pi0(a|s') exp(Q(s',a)/T)`` with the
+    reference policy ``pi0 = p^beta / sum_a p^beta`` over the admissible actions (see
     docs/algorithms.md).
+
+    ``V = max_pi E_pi[Q] - T KL(pi || pi0)``, so ``E_pi0[Q] <= V <= max_a Q``: the value never
+    exceeds the best action's. Without the normalisation (``p^beta`` itself, which sums to more
+    than 1 for ``beta < 1``) every step would add ``T log sum_a p^beta > 0``, a reward for
+    merely staying in the episode that can outweigh a sparse success reward.
 
     Example:
         >>> q = torch.tensor([[1.0, 1.0]]); lp = torch.log(torch.tensor([[0.5, 0.5]]))
         >>> soft_prior_next_value(q, lp, torch.ones(1, 2), torch.tensor([0.5]))
+        tensor([1.])
+        >>> soft_prior_next_value(q, lp, torch.ones(1, 2), torch.tensor([0.5]), prior_weight=0.3)
         tensor([1.])
     """
     t_B = temperature_B.reshape(-1).clamp_min(1e-6)
     logits_BA = posterior_logits(
         q_next_target_BA, next_prior_logp_BA, next_mask_BA, t_B, prior_weight
     )
-    return t_B * torch.logsumexp(logits_BA, dim=-1)
+    log_norm_B = torch.logsumexp(masked(prior_weight * next_prior_logp_BA, next_mask_BA), dim=-1)
+    return t_B * (torch.logsumexp(logits_BA, dim=-1) - log_norm_B)
 
 
 def td_targets(
