@@ -6,10 +6,9 @@ Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n
 soft_q_prior, conservative_alpha) of a grid, plus the ``frozen_q`` and ``direct_lm`` controls,
 and picks the setting with the highest greedy success (ties: the smaller ``beta``, then the
 higher ``T_final``, the shorter n-step, the smaller discount, double DQN, the smaller
-conservative weight). The
-evaluation games (``test``) are never played. The choice is written to ``selection.json``, which
-``text_suite.py --posterior-from`` reads, so the suite's comparisons use settings chosen before
-seeing their games.
+conservative weight). The evaluation games (``test``) are never played. The choice is written
+to ``selection.json``, which ``text_suite.py --posterior-from`` reads, so the suite's
+comparisons use settings chosen before seeing their games.
 
 Usage:
     python experiments/select_posterior.py --env textworld --out results/select-textworld
