@@ -1,14 +1,14 @@
 """Choose the posterior's prior weight ``beta``, its temperature schedule and the TD target
-(n-step length, discount, double-DQN or soft-Q with the prior, conservative weight) on the
-*valid* split.
+(n-step length, discount, double-DQN or soft-Q with the prior, conservative weight) and the Q
+network's text encoder on the *valid* split.
 
 Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step, gamma,
-soft_q_prior, conservative_alpha) of a grid, plus the ``frozen_q`` and ``direct_lm`` controls,
-and picks the setting with the highest greedy success (ties: the smaller ``beta``, then the
-higher ``T_final``, the shorter n-step, the smaller discount, double DQN, the smaller
-conservative weight). The evaluation games (``test``) are never played. The choice is written
-to ``selection.json``, which ``text_suite.py --posterior-from`` reads, so the suite's
-comparisons use settings chosen before seeing their games.
+soft_q_prior, conservative_alpha, q_encoder) of a grid, plus the ``frozen_q`` and ``direct_lm``
+controls, and picks the setting with the highest greedy success (ties: the smaller ``beta``,
+then the higher ``T_final``, the shorter n-step, the smaller discount, double DQN, the smaller
+conservative weight, the bag encoder). The evaluation games (``test``) are never played. The
+choice is written to ``selection.json``, which ``text_suite.py --posterior-from`` reads, so the
+suite's comparisons use settings chosen before seeing their games.
 
 Usage:
     python experiments/select_posterior.py --env textworld --out results/select-textworld
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
 from cachellm_rl.algorithms.ps_dqn.posterior import TEMPERATURE_SCHEDULES, PosteriorConfig
+from cachellm_rl.algorithms.ps_dqn.rl_module import ENCODERS
 from cachellm_rl.algorithms.ps_dqn.suite import preset
 from cachellm_rl.argparsing import ArgumentParser
 from cachellm_rl.envs.registry import TEXT_ENVS
@@ -44,6 +45,7 @@ from cachellm_rl.results import write_json
 
 CONTROLS = ("direct_lm", "frozen_q")
 DEFAULT_GAMMA = MethodSettings().gamma
+DEFAULT_Q_ENCODER = MethodSettings().encoder
 
 
 def _floats(text: str) -> list[float]:
@@ -73,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0",
         help="weights of the conservative (CQL(H)) term to try (0 = none)",
     )
+    p.add_argument(
+        "--q-encoders",
+        default=DEFAULT_Q_ENCODER,
+        help=f"Q-network text encoders to try ({', '.join(ENCODERS)}; gru keeps word order, "
+        "e.g. which object a BabyAI distance belongs to, at more learner time)",
+    )
     p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
@@ -89,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     args.controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
+    args.q_encoders = [e.strip() for e in args.q_encoders.split(",") if e.strip()]
+    for e in args.q_encoders:
+        if e not in ENCODERS:
+            p.error(f"unknown Q encoder {e!r}; known: {', '.join(ENCODERS)}")
     for c in args.controls:
         if c not in CONTROLS:
             p.error(f"unknown control {c!r}; known: {', '.join(CONTROLS)}")
@@ -111,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--gammas must be in (0, 1], got {args.gammas}")
     if any(not 0 <= a < math.inf for a in args.conservative_alphas):
         p.error(f"--conservative-alphas must be finite and >= 0, got {args.conservative_alphas}")
-    grid_args = ("betas", "temperature_finals", "n_steps", "gammas", "soft_q_priors")
+    grid_args = ("betas", "temperature_finals", "n_steps", "gammas", "soft_q_priors", "q_encoders")
     for name in (*grid_args, "conservative_alphas"):
         if not getattr(args, name):
             p.error(f"--{name.replace('_', '-')} is empty")
@@ -126,29 +138,34 @@ class Setting(NamedTuple):
     soft_q_prior: bool = False
     conservative_alpha: float = 0.0
     gamma: float = DEFAULT_GAMMA
+    q_encoder: str = DEFAULT_Q_ENCODER
 
     @property
     def name(self) -> str:
         """The setting's folder name (a discount other than the default adds ``-g<gamma>``,
-        the soft-Q target ``-soft``, a conservative term ``-cql<alpha>``).
+        the soft-Q target ``-soft``, a conservative term ``-cql<alpha>``, a Q encoder other
+        than the default ``-<encoder>``).
 
         Example:
             >>> Setting(PosteriorConfig(temperature_final=0.3), 1, True, 0.1).name
             'beta1-annealed-T1-0.3-n1-soft-cql0.1'
             >>> Setting(PosteriorConfig(temperature_final=0.3), 1, True, 0.0, 0.99).name
             'beta1-annealed-T1-0.3-n1-g0.99-soft'
+            >>> Setting(PosteriorConfig(temperature_final=0.3), 3, q_encoder="gru").name
+            'beta1-annealed-T1-0.3-n3-gru'
         """
         p = self.posterior
         name = f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
         name += f"-n{self.n_step}" + (f"-g{self.gamma:g}" if self.gamma != DEFAULT_GAMMA else "")
         name += "-soft" if self.soft_q_prior else ""
-        return name + (f"-cql{self.conservative_alpha:g}" if self.conservative_alpha else "")
+        name += f"-cql{self.conservative_alpha:g}" if self.conservative_alpha else ""
+        return name + (f"-{self.q_encoder}" if self.q_encoder != DEFAULT_Q_ENCODER else "")
 
 
 def grid(args: argparse.Namespace) -> list[Setting]:
     """The settings tried (``fixed`` ignores ``T_final``)."""
     out, seen = [], set()
-    for beta, sched, t_final, n_step, gamma, soft, alpha in itertools.product(
+    for beta, sched, t_final, n_step, gamma, soft, alpha, enc in itertools.product(
         args.betas,
         args.schedules,
         args.temperature_finals,
@@ -156,6 +173,7 @@ def grid(args: argparse.Namespace) -> list[Setting]:
         args.gammas,
         args.soft_q_priors,
         args.conservative_alphas,
+        args.q_encoders,
     ):
         t_final = args.temperature if sched == "fixed" else t_final
         post = PosteriorConfig(
@@ -164,10 +182,10 @@ def grid(args: argparse.Namespace) -> list[Setting]:
             temperature=args.temperature,
             temperature_final=min(t_final, args.temperature),
         )
-        key = (post.prior_weight, post.schedule, post.temperature_final, n_step, gamma, soft, alpha)
-        if key not in seen:
-            seen.add(key)
-            out.append(Setting(post, n_step, soft, alpha, gamma))
+        setting = Setting(post, n_step, soft, alpha, gamma, enc)
+        if setting.name not in seen:
+            seen.add(setting.name)
+            out.append(setting)
     return out
 
 
@@ -193,7 +211,12 @@ def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[
     if not same:
         return rows
     names = {r["name"] for r in rows}
-    defaults = {"soft_q_prior": False, "conservative_alpha": 0.0, "gamma": DEFAULT_GAMMA}
+    defaults = {
+        "soft_q_prior": False,
+        "conservative_alpha": 0.0,
+        "gamma": DEFAULT_GAMMA,
+        "q_encoder": DEFAULT_Q_ENCODER,
+    }
     kept = [{**defaults, **r} for r in old.get("settings", []) if r["name"] not in names]
     return kept + rows
 
@@ -244,6 +267,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                 gamma=point.gamma,
                 soft_q_prior=point.soft_q_prior,
                 conservative_alpha=point.conservative_alpha,
+                encoder=point.q_encoder,
             )
             cfg = replace(base, methods=("uncached",), settings=settings)
             name = point.name
@@ -257,6 +281,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                     "gamma": point.gamma,
                     "soft_q_prior": point.soft_q_prior,
                     "conservative_alpha": point.conservative_alpha,
+                    "q_encoder": point.q_encoder,
                     "success": agg["success_mean"],
                     "train_success_all": agg.get("train_success_all"),
                 }
@@ -276,6 +301,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             -r["gamma"],
             not r["soft_q_prior"],
             -r["conservative_alpha"],
+            r["q_encoder"] == DEFAULT_Q_ENCODER,
         ),
     )
     selection = {
@@ -292,6 +318,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "chosen_gamma": best["gamma"],
         "chosen_soft_q_prior": best["soft_q_prior"],
         "chosen_conservative_alpha": best["conservative_alpha"],
+        "chosen_q_encoder": best["q_encoder"],
         "chosen_success": best["success"],
         "wall_s": time.perf_counter() - t0,
     }

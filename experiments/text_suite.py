@@ -180,6 +180,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
                 s = replace(s, n_step=int(selection["chosen_n_step"]))
             if "chosen_gamma" in selection:
                 s = replace(s, gamma=float(selection["chosen_gamma"]))
+            if "chosen_q_encoder" in selection:
+                s = replace(s, encoder=str(selection["chosen_q_encoder"]))
             s = replace(
                 s,
                 soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)),

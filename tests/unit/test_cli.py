@@ -218,6 +218,7 @@ def test_select_posterior_grid_flags_are_checked(capsys):
         (["--conservative-alphas", "-0.1"], "--conservative-alphas must be finite"),
         (["--betas", ""], "--betas is empty"),
         (["--gammas", "1.5"], "--gammas must be in (0, 1]"),
+        (["--q-encoders", "bag,lstm"], "unknown Q encoder 'lstm'"),
     ):
         with pytest.raises(SystemExit) as bad:
             parse_args(argv)
@@ -236,6 +237,11 @@ def test_select_posterior_grid_flags_are_checked(capsys):
         "beta1-annealed-T1-0.3-n1-soft",
         "beta1-annealed-T1-0.3-n1-g0.99-soft",
     ]
+    args = parse_args([*grid_argv, "--q-encoders", "bag,gru"])
+    assert [(s.name, s.q_encoder) for s in grid(args)] == [
+        ("beta1-annealed-T1-0.3-n1", "bag"),
+        ("beta1-annealed-T1-0.3-n1-gru", "gru"),
+    ]
 
 
 def test_posterior_from_carries_the_chosen_td_target(tmp_path):
@@ -253,13 +259,14 @@ def test_posterior_from_carries_the_chosen_td_target(tmp_path):
                 "chosen_gamma": 0.99,
                 "chosen_soft_q_prior": True,
                 "chosen_conservative_alpha": 0.1,
+                "chosen_q_encoder": "gru",
             }
         )
     )
     base = ["--envs", "textworld", "--posterior-from", str(sel)]
     (cfg,) = build_configs(parse_args(base))
     assert cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.1
-    assert cfg.settings.gamma == 0.99
+    assert cfg.settings.gamma == 0.99 and cfg.settings.encoder == "gru"
     assert cfg.settings.posterior.temperature_final == 0.3
     (cfg,) = build_configs(parse_args([*base, "--no-soft-q-prior", "--conservative-alpha", "0"]))
     assert not cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.0
