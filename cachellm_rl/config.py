@@ -71,6 +71,7 @@ def init_ray(config: RayInitConfig | None = None, **overrides):
     temp_dir = cfg.temp_dir or default_temp_dir()
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     return ray.init(
+        address="local",  # a new instance, never a `ray start` cluster found on the machine
         num_cpus=cfg.num_cpus,
         include_dashboard=cfg.include_dashboard,
         namespace=cfg.namespace,
