@@ -176,14 +176,11 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
         if args.posterior_from is not None:
             selection = json.loads(Path(args.posterior_from).read_text())
             s = replace(s, posterior=PosteriorConfig.from_dict(selection["chosen"]))
-            if "chosen_n_step" in selection:
-                s = replace(s, n_step=int(selection["chosen_n_step"]))
-            if "chosen_gamma" in selection:
-                s = replace(s, gamma=float(selection["chosen_gamma"]))
-            if "chosen_q_encoder" in selection:
-                s = replace(s, encoder=str(selection["chosen_q_encoder"]))
             s = replace(
                 s,
+                n_step=int(selection.get("chosen_n_step", s.n_step)),
+                gamma=float(selection.get("chosen_gamma", s.gamma)),
+                encoder=str(selection.get("chosen_q_encoder", s.encoder)),
                 soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)),
                 conservative_alpha=float(selection.get("chosen_conservative_alpha", 0.0)),
             )

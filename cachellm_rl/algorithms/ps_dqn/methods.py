@@ -42,6 +42,7 @@ from cachellm_rl.algorithms.ps_dqn.replay import (
     N_STEP_TAILS,
     ClampedNStepPrioritizedEpisodeReplayBuffer,
 )
+from cachellm_rl.algorithms.ps_dqn.rl_module import ENCODERS
 from cachellm_rl.cache.actor import SharedCacheConfig, get_or_create_cache
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.correctness import CorrectnessConfig
@@ -214,8 +215,10 @@ class MethodSettings:
         for name in ("anneal_fraction", "epsilon_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"MethodSettings.{name} must be in (0, 1]")
-        if self.encoder not in ("bag", "gru"):
-            raise ValueError(f"MethodSettings.encoder must be 'bag' or 'gru', got {self.encoder!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(
+                f"MethodSettings.encoder must be one of {ENCODERS}, got {self.encoder!r}"
+            )
         if self.n_step_tail not in N_STEP_TAILS:
             raise ValueError(
                 f"MethodSettings.n_step_tail must be one of {N_STEP_TAILS}, "
