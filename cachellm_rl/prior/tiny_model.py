@@ -27,6 +27,9 @@ class TinyLMConfig:
         n_embd: Hidden size (divisible by ``n_head``).
         n_positions: Context length in tokens.
         max_vocab: Most frequent words kept in the tokenizer (plus special tokens).
+        dropout: Dropout of embeddings, residuals and attention weights during training
+            (GPT-2's 0.1). With 0, PyTorch's fused attention kernel runs in training too,
+            about twice as fast on a CPU.
         seed: Seed of the random initialisation.
     """
 
@@ -35,9 +38,12 @@ class TinyLMConfig:
     n_embd: int = 64
     n_positions: int = 512
     max_vocab: int = 5000
+    dropout: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TinyLMConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head:
             raise ValueError("TinyLMConfig.n_embd must be divisible by n_head")
         if min(self.n_layer, self.n_head, self.n_embd, self.n_positions, self.max_vocab) < 1:
@@ -109,6 +115,9 @@ def make_tiny_causal_lm(
             n_embd=cfg.n_embd,
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -44,6 +44,7 @@ def _tiny_suite_and_prior(env: str, suite_dir: Path, prior_dir: Path) -> None:
         out_dir=prior_dir,
         episodes_per_game=2,
         epochs=2,
+        dropout=0.0,
         evaluate=False,
         progress=False,
     )

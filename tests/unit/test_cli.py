@@ -127,6 +127,9 @@ def test_prior_train_writes_a_loadable_model(tw_suite, tmp_path):
 def test_prior_train_rejects_unknown_env(tmp_path):
     res = runner.invoke(app, ["prior", "train", "--env", "zork", "--out", str(tmp_path / "m")])
     assert res.exit_code == 2 and "unknown env id 'zork'" in " ".join(res.output.split())
+    args = ["prior", "train", "--env", "textworld", "--out", str(tmp_path / "m")]
+    res = runner.invoke(app, [*args, "--dropout", "1.5"])
+    assert res.exit_code == 2 and "dropout must be in [0, 1)" in " ".join(res.output.split())
 
 
 def test_games_make_babyai_and_unknown_suite(tmp_path):

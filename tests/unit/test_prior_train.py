@@ -62,9 +62,28 @@ def test_one_seed_gives_one_prior(tmp_path):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
+def test_dropout_reaches_the_saved_model_and_is_checked(tmp_path):
+    """The recipe's dropout is the saved GPT-2's (so a reload trains and scores the same)."""
+    import json
+
+    from cachellm_rl.prior.tiny_model import TinyLMConfig
+
+    examples = [(f"goal: eat. state: room {i}. actions: go north", "go north") for i in range(8)]
+    for dropout in (0.0, 0.25):
+        small = TinyLMConfig(n_layer=1, n_head=2, n_embd=16, n_positions=64, dropout=dropout)
+        cfg = PriorTrainConfig(model=small, epochs=1, batch_size=8)
+        report = train_prior(examples, tmp_path / f"m{dropout}", cfg, progress=False)
+        saved = json.loads((tmp_path / f"m{dropout}" / "config.json").read_text())
+        assert saved["attn_pdrop"] == saved["resid_pdrop"] == saved["embd_pdrop"] == dropout
+        assert report["config"]["model"]["dropout"] == dropout
+    with pytest.raises(ValueError, match="dropout"):
+        TinyLMConfig(dropout=1.0)
+
+
 def test_trained_prior_fits_the_train_split(tw_prior):
-    """The fixture's prior (≈50 s of training on 10 easy games) solves its own train games."""
+    """The fixture's prior (≈40 s of training on 10 easy games) solves its own train games."""
     _, report = tw_prior
+    assert report["config"]["model"]["dropout"] == 0.0
     assert report["epoch_losses"][-1] < report["epoch_losses"][0] / 4
     assert report["direct_success"]["train"]["success_rate"] >= 0.8
     assert set(report["direct_success"]) == {"train", "test"}
