@@ -1,7 +1,7 @@
 """Learning test: posterior-sampling DQN ends up playing better than its prior.
 
 Tiny generated cooking games (2 ingredients to fetch, one room, no cooking; the prior trained for
-about a minute on 10 train games). Both methods train on the 2 test games (``same_games``) for
+about 40 s on 10 train games). Both methods train on the 2 test games (``same_games``) for
 the same budget; ``frozen_q`` is the same agent and code path with learning rate 0, so its Q
 stays 0 and it plays the prior's argmax. The assertion is on *greedy* success after training,
 the argmax of ``beta log p + Q / T``: sampling the prior during training cannot pass it.
