@@ -424,11 +424,25 @@ def cache_train_encoder(
     out: Annotated[Path, typer.Option(help="Folder for the learned encoder.")],
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    verifier_epochs: Annotated[
+        int, typer.Option(help="Epochs of the reuse verifier trained after it (0: none).")
+    ] = 6,
 ) -> None:
     """Train the decision-aware state encoder on a cache's reuse labels (pairs of state texts
-    and whether reusing one's prior for the other was correct)."""
+    and whether reusing one's prior for the other was correct), then its reuse verifier on the
+    same labels (texts and the new encoder's cosine only: labels keep no candidates or
+    priors)."""
     from cachellm_rl.cache.adaptive import AdaptiveCache
     from cachellm_rl.cache.learned_encoder import EncoderTrainConfig, train_decision_encoder
+    from cachellm_rl.cache.verifier import (
+        VerifierConfig,
+        VerifierPair,
+        VerifierTrainConfig,
+        train_verifier,
+    )
+
+    if verifier_epochs < 0:
+        raise ValueError(f"--verifier-epochs must be >= 0, got {verifier_epochs}")
 
     if labels.is_file():
         lines = labels.read_text().splitlines()
@@ -452,10 +466,26 @@ def cache_train_encoder(
         train=EncoderTrainConfig(epochs=epochs, seed=seed),
         progress=True,
     )
+    if verifier_epochs:
+        a = enc.encode([r["query_text"] for r in usable])
+        b = enc.encode([r["neighbour_text"] for r in usable])
+        cos = (a * b).sum(axis=1).tolist()
+        pairs = [
+            VerifierPair(r["query_text"], r["neighbour_text"], c)
+            for r, c in zip(usable, cos, strict=True)
+        ]
+        verifier, _ = train_verifier(
+            pairs,
+            ys,
+            config=VerifierConfig(prior_features=False, candidate_features=False, seed=seed),
+            train=VerifierTrainConfig(epochs=verifier_epochs, seed=seed),
+            progress=True,
+        )
+        enc.attach_verifier(verifier)
     enc.save(out)
     print(
         f"{len(usable)} labels ({sum(ys)} correct); loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-        f"encoder {enc.tag} saved to {out}"
+        f"encoder {enc.tag}{' with its reuse verifier' if verifier_epochs else ''} saved to {out}"
     )
 
 

@@ -17,7 +17,11 @@ Per env, on the same logged states:
      swept over tau; the headline row is tau = 0.95;
    - ``minilm_delta``: MiniLM with the delta rule (the correctness model fitted online on the
      replay's own labels), swept over delta; headline delta = 0.05;
-   - ``learned_delta``: the learned encoder with the delta rule.
+   - ``learned_delta``: the learned encoder as the cache uses it: neighbours by its cosine,
+     the delta rule fitted on its reuse verifier's score (``cachellm_rl/cache/verifier.py``,
+     trained on the same train-game pairs after the encoder);
+   - sweeps only: ``learned_tau`` and ``learned_cos_delta`` (the learned cosine without the
+     verifier), ``verified_threshold`` (a fixed threshold on the verifier's score).
 
 Writes ``<out>/fidelity.json`` (flat keys ``<env>.<variant>.hit_rate``,
 ``<env>.<variant>.served_error_rate``, ``<env>.<variant>.served_error_rate_wilson_hi``, plus
@@ -49,6 +53,8 @@ TAUS = (0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 DELTAS = (0.01, 0.02, 0.05, 0.1, 0.2)
 HEADLINE_TAU = 0.95
 HEADLINE_DELTA = 0.05
+VERIFIER_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
+VERIFIER_EDGES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0 + 1e-9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tv", type=float, default=0.2, help="epsilon of a correct reuse")
     p.add_argument("--min-coverage", type=float, default=0.75)
     p.add_argument("--epochs", type=int, default=8, help="encoder training epochs")
+    p.add_argument("--verifier-epochs", type=int, default=6, help="reuse verifier epochs")
     p.add_argument("--prior-temperature", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=Path("results/fidelity"))
     p.add_argument("--encoder-out", type=Path, default=None, help="default artifacts/encoders")
@@ -163,6 +170,16 @@ def load_logged(folder: Path, signature: dict) -> tuple | None:
     return train, train_logp, train_mini, test, test_logp, test_mini
 
 
+def verifier_latency_ms(verifier, pairs: list) -> float:
+    """Median ms to score one pair (what a semantic lookup adds in the cache actor)."""
+    times = []
+    for pair in pairs:
+        t0 = time.perf_counter()
+        verifier.p_correct([pair])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)) if times else float("nan")
+
+
 def encode_latency_ms(encoder, texts: list[str]) -> float:
     """Median ms to embed one new text (memo off: every call is a new text)."""
     times = []
@@ -181,10 +198,14 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         collect_states,
         reliability,
         simulate_delta,
+        simulate_delta_on,
+        simulate_pairs,
         simulate_tau,
         training_pairs,
+        verifier_pairs,
     )
     from cachellm_rl.cache.learned_encoder import EncoderTrainConfig, train_decision_encoder
+    from cachellm_rl.cache.verifier import VerifierConfig, VerifierTrainConfig, train_verifier
     from cachellm_rl.envs.registry import default_games_dir, default_prior_dir, env_split_games
     from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
@@ -253,6 +274,16 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         train=EncoderTrainConfig(epochs=args.epochs, seed=args.seed),
         progress=progress,
     )
+    print(f"[{env}] training the reuse verifier on the same pairs", file=console)
+    vpairs = verifier_pairs(train, train_logp, encoder.encode(train_texts), ia, ib)
+    verifier, verifier_losses = train_verifier(
+        vpairs,
+        y,
+        config=VerifierConfig(seed=args.seed),
+        train=VerifierTrainConfig(epochs=args.verifier_epochs, seed=args.seed),
+        progress=progress,
+    )
+    encoder.attach_verifier(verifier)
     enc_dir = (args.encoder_out or Path("artifacts/encoders")) / env
     encoder.save(enc_dir)
     test_learned = encoder.encode(test_texts)
@@ -265,16 +296,42 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         simulate_delta(test, test_logp, test_mini, replace(base, delta=d), seed=args.seed, **common)
         for d in DELTAS
     ]
-    learned_delta = [
+    learned_cos_delta = [
         simulate_delta(
             test, test_logp, test_learned, replace(base, delta=d), seed=args.seed, **common
         )
         for d in DELTAS
     ]
+    # the learned encoder as the cache ships it: neighbours by its cosine, reuse decided by
+    # the delta rule on its verifier's score
+    verified = simulate_pairs(
+        test, test_logp, test_learned, max_tv=args.max_tv, verifier=verifier, **common
+    )
+    learned_delta = [
+        simulate_delta_on(verified, replace(base, delta=d), seed=args.seed) for d in DELTAS
+    ]
+    verified_tau = simulate_tau(
+        test,
+        test_logp,
+        test_learned,
+        VERIFIER_THRESHOLDS,
+        max_tv=args.max_tv,
+        verifier=verifier,
+        **common,
+    )
     reliable = {
         name: reliability(test, test_logp, emb, max_tv=args.max_tv, **common)
         for name, emb in (("minilm", test_mini), ("learned", test_learned))
     }
+    reliable["verified"] = reliability(
+        test,
+        test_logp,
+        test_learned,
+        edges=VERIFIER_EDGES,
+        max_tv=args.max_tv,
+        verifier=verifier,
+        **common,
+    )
     probe = test_texts[: min(50, len(test_texts))]
     latency = {
         "minilm_encode_p50_ms": encode_latency_ms(minilm, probe),
@@ -293,6 +350,8 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         "pairs": len(y),
         "pairs_correct": float(y.mean()) if len(y) else float("nan"),
         "encoder_losses": losses,
+        "verifier_losses": verifier_losses,
+        "verifier_pair_p50_ms": verifier_latency_ms(verifier, vpairs[:200]),
         "encoder_tag": encoder.tag,
         "encoder_dir": str(enc_dir),
         **latency,
@@ -302,7 +361,9 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
             "minilm_tau": [r.as_dict() for r in tau_rows],
             "learned_tau": [r.as_dict() for r in learned_tau],
             "minilm_delta": [r.as_dict() for r in mini_delta],
+            "learned_cos_delta": [r.as_dict() for r in learned_cos_delta],
             "learned_delta": [r.as_dict() for r in learned_delta],
+            "verified_threshold": [r.as_dict() for r in verified_tau],
         },
     }
 
@@ -319,6 +380,7 @@ def flat_keys(results: dict) -> dict:
             out[f"{env}.{variant}.lookups"] = row["lookups"]
         out[f"{env}.minilm_encode_p50_ms"] = res["minilm_encode_p50_ms"]
         out[f"{env}.learned_encode_p50_ms"] = res["learned_encode_p50_ms"]
+        out[f"{env}.verifier_pair_p50_ms"] = res["verifier_pair_p50_ms"]
     return out
 
 
@@ -335,7 +397,9 @@ def plot(results: dict, path: Path) -> None:
         "minilm_tau": ("MiniLM, fixed tau", "o-"),
         "learned_tau": ("learned, fixed tau", "o:"),
         "minilm_delta": ("MiniLM, delta rule", "s-"),
-        "learned_delta": ("learned, delta rule", "s--"),
+        "learned_cos_delta": ("learned cosine, delta rule", "s:"),
+        "verified_threshold": ("learned + verifier, fixed threshold", "^:"),
+        "learned_delta": ("learned + verifier, delta rule", "s--"),
     }
     for ax, env in zip(axes[0], envs, strict=True):
         for key, (label, style) in styles.items():
@@ -360,7 +424,8 @@ def plot(results: dict, path: Path) -> None:
 def print_reliability(results: dict, console) -> None:
     """P(reuse of the nearest neighbour is correct) by similarity bin, per env and encoder."""
     print(
-        "\nP(reuse correct) by similarity (a delta rule can serve only where this is >= 1 - delta)",
+        "\nP(reuse correct) by similarity, or by the verifier's score for 'verified' (a delta "
+        "rule can serve only where this is >= 1 - delta)",
         file=console,
     )
     print("| env | encoder | similarity | lookups (share) | correct [Wilson 95%] |", file=console)
@@ -413,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(
                 f"| {env} | encode p50 ms | MiniLM {res['minilm_encode_p50_ms']:.1f} | "
-                f"learned {res['learned_encode_p50_ms']:.2f} | | |",
+                f"learned {res['learned_encode_p50_ms']:.2f} | "
+                f"verifier {res['verifier_pair_p50_ms']:.2f} per pair | |",
                 file=console,
             )
         print_reliability(results, console)

@@ -232,8 +232,10 @@ class SharedPriorCache:
             logger.info("restored %d cache entries from %s", len(cache), snap)
             if cache.encoder_tag != tag:
                 cache.encoder_tag = tag  # entries of the old encoder become misses
-            return cache
-        return AdaptiveCache(cfg.cache, encoder_tag=tag)
+        else:
+            cache = AdaptiveCache(cfg.cache, encoder_tag=tag)
+        cache.verifier = None if self._encoder is None else self._encoder.verifier
+        return cache
 
     def _check_layout(self, snapshot: str | Path) -> None:
         """Refuse a snapshot written by a cache with another shard count (its keys belong to
@@ -327,6 +329,7 @@ class SharedPriorCache:
         """
         enc = self._install_encoder(blob)
         kept = self._cache.reembed(enc.tag, enc.encode)
+        self._cache.verifier = enc.verifier
         if _fan_out and self.config.num_shards > 1:
             for out in await self._on_peers("set_encoder", blob, False):
                 if isinstance(out, BaseException):
@@ -925,6 +928,7 @@ class SharedPriorCache:
             self._install_encoder(blob)
         tag = self._encoder.tag if self._encoder is not None else self.config.encoder_tag
         self._cache.encoder_tag = tag
+        self._cache.verifier = None if self._encoder is None else self._encoder.verifier
         n = len(self._cache)
         if _fan_out and self.config.num_shards > 1:
             for res in await self._on_peers("restore", path, False):

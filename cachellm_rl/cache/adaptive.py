@@ -33,6 +33,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -289,7 +290,8 @@ class CacheStats:
     ``shards_reporting`` shards) also counts ``hits_remote`` (semantic hits served from another
     shard's entry), ``shard_fanouts`` / ``shard_fanout_failures`` (semantic searches sent to
     the other shards, and peers that did not answer in time) and ``shard_syncs`` /
-    ``shard_sync_failures`` (exchanges with shard 0).
+    ``shard_sync_failures`` (exchanges with shard 0). ``verifier_calls`` counts pairs the
+    reuse verifier scored.
     """
 
     decisions: int = 0
@@ -324,6 +326,7 @@ class CacheStats:
     capacity_misses: int = 0
     version_misses: int = 0
     encoder_mismatches: int = 0
+    verifier_calls: int = 0
     inserts: int = 0
     size: int = 0
     capacity_entries: int = 0
@@ -397,7 +400,8 @@ class Neighbour:
         min_similarity: The entry's own similarity floor (``tau`` rule).
         model_version: Prior version of the entry.
         encoder_tag: Encoder of the entry's embedding.
-        text: The entry's state text (for labels).
+        text: The entry's state text (for labels and the reuse verifier).
+        actions: The entry's own candidate actions (for the reuse verifier).
     """
 
     entry_id: int
@@ -408,6 +412,7 @@ class Neighbour:
     model_version: str
     encoder_tag: str
     text: str = ""
+    actions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -449,6 +454,9 @@ class AdaptiveCache:
         self.refresh_probability = float(config.refresh_probability)
         self.explore_probability = float(config.correctness.explore_probability)
         self.correctness = CorrectnessModel(config.correctness)
+        # A ReuseVerifier (with p_correct(pairs)) whose score replaces the similarity in the
+        # delta rule; set by the owner with the learned encoder it travels with. None: cosine.
+        self.verifier: Any = None
         self.labels = LabelStore(config.label_store_size)
         self.index = PriorIndex(config.index_config())
         self.step = 0
@@ -605,12 +613,14 @@ class AdaptiveCache:
             and (len(self.index) or remote)
         ):
             refused = False
-            for sim, i, logp, cov, floor in self._semantic_candidates(query, remote):
+            for sim, i, logp, cov, floor, text, actions in self._semantic_candidates(query, remote):
                 if not delta_rule and (sim < tau or sim < floor):
                     continue
                 if cov < self.config.min_candidate_coverage:
                     continue
-                if delta_rule and not self.correctness.allows(sim, i):
+                if delta_rule and not self.correctness.allows(
+                    self.reuse_score(query, sim, text, actions, logp), i
+                ):
                     refused = True
                     continue
                 if delta_rule and update and self._rng.random() < explore:
@@ -649,10 +659,39 @@ class AdaptiveCache:
                 )
         return result
 
+    def reuse_score(
+        self,
+        query: CacheQuery,
+        similarity: float,
+        text: str,
+        actions: tuple[str, ...],
+        aligned_logp: np.ndarray,
+    ) -> float:
+        """What the correctness model reads for serving a neighbour to ``query``: the cosine
+        ``similarity``, or with a reuse verifier (:mod:`cachellm_rl.cache.verifier`) its
+        ``P(reuse correct)`` for the pair (0 when either text is unknown: such a pair is never
+        served and its label is not fitted)."""
+        if self.verifier is None:
+            return float(similarity)
+        if not query.text or not text:
+            return 0.0
+        from cachellm_rl.cache.verifier import VerifierPair
+
+        pair = VerifierPair(
+            text_a=query.text,
+            text_b=text,
+            cos=float(similarity),
+            candidates_a=tuple(query.request.candidates),
+            candidates_b=tuple(actions),
+            logp_b=tuple(float(v) for v in aligned_logp),
+        )
+        self.stats.verifier_calls += 1
+        return float(self.verifier.p_correct([pair])[0])
+
     def _semantic_candidates(self, query: CacheQuery, remote):
-        """``(similarity, entry id, aligned logp, coverage, entry floor)`` of the current
-        entries near ``query``, this cache's and ``remote``'s, most similar first (aligned
-        lazily: the first acceptable candidate ends the scan)."""
+        """``(similarity, entry id, aligned logp, coverage, entry floor, text, actions)`` of the
+        current entries near ``query``, this cache's and ``remote``'s, most similar first
+        (aligned lazily: the first acceptable candidate ends the scan)."""
         cands = query.request.candidates
         found: list[tuple[float, int, Neighbour | None]] = []
         if len(self.index) and query.embedding is not None:
@@ -666,11 +705,11 @@ class AdaptiveCache:
         found.sort(key=lambda t: -t[0])
         for sim, i, n in found:
             if n is not None:
-                yield sim, i, n.logp, n.coverage, n.min_similarity
+                yield sim, i, n.logp, n.coverage, n.min_similarity, n.text, n.actions
             else:
                 e = self._entries[i]
                 logp, cov = align_prior(e.actions, e.logp, cands, self.config.missing_action_margin)
-                yield sim, i, logp, cov, e.min_similarity
+                yield sim, i, logp, cov, e.min_similarity, e.text, e.actions
 
     def neighbours(self, query: CacheQuery) -> list[Neighbour]:
         """This cache's nearest current entries for another shard's query, aligned to its
@@ -705,6 +744,7 @@ class AdaptiveCache:
                 model_version=e.model_version,
                 encoder_tag=e.encoder_tag,
                 text=e.text,
+                actions=e.actions,
             )
 
     def touch(self, entry_ids: list[int]) -> None:
@@ -805,35 +845,37 @@ class AdaptiveCache:
         Returns:
             The label, or None when the state had no usable neighbour.
         """
-        found: tuple[int, float, np.ndarray, str] | None = None
+        found: tuple[int, float, np.ndarray, str, tuple[str, ...]] | None = None
         e = self._entries.get(entry_id) if entry_id is not None else None
         if e is not None and similarity is not None and self._current(e):
             logp, _ = align_prior(
                 e.actions, e.logp, query.request.candidates, self.config.missing_action_margin
             )
-            found = (e.entry_id, float(similarity), logp, e.text)
+            found = (e.entry_id, float(similarity), logp, e.text, e.actions)
         elif (
             entry_id is not None
             and not self.is_local_id(entry_id)
             and similarity is not None
             and reused_logp is not None
         ):
-            text = next((n.text for n in remote if n.entry_id == entry_id), "")
-            found = (entry_id, float(similarity), np.asarray(reused_logp), text)
+            n = next((n for n in remote if n.entry_id == entry_id), None)
+            text, actions = ("", ()) if n is None else (n.text, n.actions)
+            found = (entry_id, float(similarity), np.asarray(reused_logp), text, actions)
         elif entry_id is None:
             own = self._usable_neighbour(query)
             if own is not None:
-                found = (own.entry_id, own.similarity, own.logp, own.text)
+                found = (own.entry_id, own.similarity, own.logp, own.text, own.actions)
             cover = self.config.min_candidate_coverage
             for n in remote:
                 current = n.model_version == self.model_version and (
                     n.encoder_tag == self.encoder_tag
                 )
                 if current and n.coverage >= cover and (found is None or n.similarity > found[1]):
-                    found = (n.entry_id, n.similarity, n.logp, n.text)
+                    found = (n.entry_id, n.similarity, n.logp, n.text, n.actions)
         if found is None:
             return None
-        neighbour_id, sim, reused, neighbour_text = found
+        neighbour_id, sim, reused, neighbour_text, neighbour_actions = found
+        score = self.reuse_score(query, sim, neighbour_text, neighbour_actions, reused)
         label = make_label(
             np.asarray(fresh_logp, np.float64),
             reused,
@@ -846,11 +888,12 @@ class AdaptiveCache:
             neighbour_text=neighbour_text,
             entry_id=neighbour_id,
             step=self.step,
+            score=None if self.verifier is None else score,
         )
         if source != "audit":  # audits measure the cache; they never change what it does
-            self.correctness.record(sim, label.correct, neighbour_id)
+            self.correctness.record(score, label.correct, neighbour_id)
             if self.forward is not None:
-                self.forward.append((float(sim), bool(label.correct), int(neighbour_id)))
+                self.forward.append((float(score), bool(label.correct), int(neighbour_id)))
         if source in ("explore", "refresh"):
             self.window.served_labels += 1
             self.window.served_wrong += 0 if label.correct else 1

@@ -83,6 +83,8 @@ class ReuseLabel:
         neighbour_text: Canonical text of the neighbour ('' when unknown).
         entry_id: The neighbour's entry id.
         step: Cache decision counter when the label was made.
+        score: The reuse verifier's ``P(correct)`` for the pair, which the correctness model
+            was fitted on instead of the similarity (None without a verifier).
     """
 
     similarity: float
@@ -96,6 +98,7 @@ class ReuseLabel:
     neighbour_text: str = ""
     entry_id: int = -1
     step: int = 0
+    score: float | None = None
 
 
 def make_label(

@@ -22,6 +22,7 @@ import numpy as np
 from cachellm_rl.cache.adaptive import align_prior
 from cachellm_rl.cache.client import TextState
 from cachellm_rl.cache.correctness import CorrectnessConfig, CorrectnessModel, tv_distance
+from cachellm_rl.cache.verifier import ReuseVerifier, VerifierPair
 from cachellm_rl.stats import wilson_interval
 
 
@@ -215,6 +216,38 @@ def nearest_usable(
     return None
 
 
+def verifier_pair(
+    a: TextState, b: TextState, logp_b: np.ndarray, similarity: float
+) -> VerifierPair:
+    """The reuse verifier's view of serving ``b``'s prior for ``a`` (as the cache builds it:
+    ``b``'s prior aligned to ``a``'s candidates)."""
+    aligned, _ = align_prior(b.candidates, logp_b, a.candidates, 2.0)
+    return VerifierPair(
+        text_a=a.key_text(),
+        text_b=b.key_text(),
+        cos=float(similarity),
+        candidates_a=tuple(a.candidates),
+        candidates_b=tuple(b.candidates),
+        logp_b=tuple(float(v) for v in aligned),
+    )
+
+
+def verifier_pairs(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    index_a: np.ndarray,
+    index_b: np.ndarray,
+) -> list[VerifierPair]:
+    """:func:`verifier_pair` for each ``(index_a[k], index_b[k])`` (e.g. from
+    :func:`training_pairs`), with the cosine under ``embeddings``."""
+    sims = np.einsum("ij,ij->i", embeddings[index_a], embeddings[index_b])
+    return [
+        verifier_pair(states[a], states[b], logps[b], float(c))
+        for a, b, c in zip(index_a.tolist(), index_b.tolist(), sims.tolist(), strict=True)
+    ]
+
+
 def _replay_neighbours(
     states: Sequence[TextState],
     logps: Sequence[np.ndarray],
@@ -222,8 +255,10 @@ def _replay_neighbours(
     *,
     max_tv: float,
     min_cov: float,
+    verifier: ReuseVerifier | None = None,
 ) -> list[tuple[float, bool] | None]:
-    """For every state after the first: (similarity, reuse correct) of its usable neighbour."""
+    """For every state after the first: (similarity, reuse correct) of its usable neighbour;
+    with a ``verifier``, its ``P(correct)`` for the pair in place of the similarity."""
     out: list[tuple[float, bool] | None] = []
     for i in range(1, len(states)):
         nb = nearest_usable(states, embeddings, i, min_cov=min_cov)
@@ -232,8 +267,27 @@ def _replay_neighbours(
             continue
         j, sim = nb
         y = pair_label(states[i], logps[i], states[j], logps[j], max_tv=max_tv, min_cov=min_cov)
+        if verifier is not None:
+            pair = verifier_pair(states[i], states[j], logps[j], sim)
+            sim = float(verifier.p_correct([pair])[0])
         out.append((sim, bool(y)))
     return out
+
+
+def simulate_pairs(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+    *,
+    max_tv: float = 0.2,
+    min_cov: float = 0.75,
+    verifier: ReuseVerifier | None = None,
+) -> list[tuple[float, bool] | None]:
+    """The replay's lookups once, as ``(similarity or verifier score, reuse correct)`` (None:
+    no usable neighbour), for sweeps with :func:`simulate_delta_on`."""
+    return _replay_neighbours(
+        states, logps, embeddings, max_tv=max_tv, min_cov=min_cov, verifier=verifier
+    )
 
 
 def simulate_tau(
@@ -244,9 +298,13 @@ def simulate_tau(
     *,
     max_tv: float = 0.2,
     min_cov: float = 0.75,
+    verifier: ReuseVerifier | None = None,
 ) -> list[StreamResult]:
-    """The fixed-threshold rule: serve the neighbour when ``cos >= tau``, for each ``tau``."""
-    pairs = _replay_neighbours(states, logps, embeddings, max_tv=max_tv, min_cov=min_cov)
+    """The fixed-threshold rule: serve the neighbour when ``cos >= tau`` (with a ``verifier``:
+    its ``P(correct) >= tau``), for each ``tau``."""
+    pairs = _replay_neighbours(
+        states, logps, embeddings, max_tv=max_tv, min_cov=min_cov, verifier=verifier
+    )
     lookups = len(pairs)
     out = []
     for tau in taus:
@@ -264,12 +322,23 @@ def simulate_delta(
     *,
     min_cov: float = 0.75,
     seed: int = 0,
+    verifier: ReuseVerifier | None = None,
 ) -> StreamResult:
     """The delta rule as the adaptive cache runs it: a lookup whose neighbour the correctness
     model (fitted only on the labels the replay has produced so far) allows is served (or, with
     the exploration probability, sent to the LM and labelled); every other lookup with a
-    neighbour is a miss whose LM answer becomes a label."""
-    pairs = _replay_neighbours(states, logps, embeddings, max_tv=config.max_tv, min_cov=min_cov)
+    neighbour is a miss whose LM answer becomes a label. With a ``verifier`` the model is
+    fitted on, and decides by, the verifier's score as the cache does."""
+    pairs = _replay_neighbours(
+        states, logps, embeddings, max_tv=config.max_tv, min_cov=min_cov, verifier=verifier
+    )
+    return simulate_delta_on(pairs, config, seed=seed)
+
+
+def simulate_delta_on(
+    pairs: Sequence[tuple[float, bool] | None], config: CorrectnessConfig, *, seed: int = 0
+) -> StreamResult:
+    """:func:`simulate_delta` on replayed ``(score, correct)`` lookups (None: no neighbour)."""
     rng = np.random.default_rng(seed)
     model = CorrectnessModel(config)
     served = wrong = 0
@@ -296,8 +365,10 @@ def reliability(
     edges: Sequence[float] = RELIABILITY_EDGES,
     max_tv: float = 0.2,
     min_cov: float = 0.75,
+    verifier: ReuseVerifier | None = None,
 ) -> list[dict]:
-    """How often reusing the nearest earlier state's prior is correct, by its similarity.
+    """How often reusing the nearest earlier state's prior is correct, by its similarity (with
+    a ``verifier``: by its score).
 
     A reuse rule that keeps the served error under ``delta`` can only serve in bins whose
     correct rate is at least ``1 - delta`` (with room for its confidence bound): this table
@@ -315,7 +386,9 @@ def reliability(
         One row per non-empty bin: ``sim_lo``, ``sim_hi``, ``n``, ``share`` (of all lookups),
         ``correct`` (rate) and its Wilson 95% bounds ``correct_lo``, ``correct_hi``.
     """
-    pairs = _replay_neighbours(states, logps, embeddings, max_tv=max_tv, min_cov=min_cov)
+    pairs = _replay_neighbours(
+        states, logps, embeddings, max_tv=max_tv, min_cov=min_cov, verifier=verifier
+    )
     lookups = len(pairs)
     usable = [p for p in pairs if p is not None]
     rows = []

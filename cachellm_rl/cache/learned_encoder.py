@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,9 +38,14 @@ from torch import nn
 
 from cachellm_rl.cache.encoders import MemoCounters, TextMemo, default_text_model_dir
 
+if TYPE_CHECKING:
+    from cachellm_rl.cache.verifier import ReuseVerifier
+
 _WORD = re.compile(r"[a-z]+|\d+")
 WEIGHTS_FILE = "decision_encoder.safetensors"
 CONFIG_FILE = "decision_encoder.json"
+VERIFIER_KEY = "verifier"  # the verifier's config in the saved head
+VERIFIER_PREFIX = "verifier."  # its weights' names among the encoder's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +214,8 @@ class DecisionStateEncoder(MemoCounters):
         weights: Trained weights (:meth:`DecisionEncoderNet.trainable_state`); None leaves the
             random initialisation (an untrained encoder, for tests and training).
         memo_entries: Exact-text memo size (LRU); 0 disables it.
+        verifier: A trained reuse verifier that travels with the encoder (same version tag;
+            see :mod:`cachellm_rl.cache.verifier`), or None.
     """
 
     def __init__(
@@ -216,6 +224,7 @@ class DecisionStateEncoder(MemoCounters):
         weights: dict[str, torch.Tensor] | None = None,
         *,
         memo_entries: int = 100_000,
+        verifier: ReuseVerifier | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -233,15 +242,35 @@ class DecisionStateEncoder(MemoCounters):
         self.net.eval()
         self.dim = self.config.dim
         self._memo = TextMemo(self.config.dim, memo_entries)
+        self.verifier = verifier
         self.tag = ""
         self._retag()
 
+    def attach_verifier(self, verifier: ReuseVerifier | None) -> None:
+        """Make ``verifier`` part of this encoder version (the tag changes with it)."""
+        self.verifier = verifier
+        self._retag()
+
+    def _all_weights(self) -> dict[str, torch.Tensor]:
+        """Trained weights of the encoder and, prefixed ``verifier.``, of its verifier."""
+        out = dict(self.net.trainable_state())
+        if self.verifier is not None:
+            out.update({f"{VERIFIER_PREFIX}{k}": v for k, v in self.verifier.state().items()})
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def _head(self) -> dict:
+        """Config (and the verifier's, when there is one) as saved beside the weights."""
+        head = asdict(self.config)
+        if self.verifier is not None:
+            head[VERIFIER_KEY] = self.verifier.config_dict()
+        return head
+
     def _retag(self) -> None:
         h = hashlib.blake2b(digest_size=6)
-        h.update(json.dumps(asdict(self.config), sort_keys=True).encode())
-        for k, v in sorted(self.net.trainable_state().items()):
+        h.update(json.dumps(self._head(), sort_keys=True).encode())
+        for k, v in sorted(self._all_weights().items()):
             h.update(k.encode())
-            h.update(v.detach().cpu().numpy().tobytes())
+            h.update(v.cpu().numpy().tobytes())
         self.tag = f"decision-{self.dim}-{h.hexdigest()}"
         self._memo.clear()
 
@@ -284,8 +313,8 @@ class DecisionStateEncoder(MemoCounters):
         carry)."""
         from safetensors.torch import save
 
-        weights = save({k: v.contiguous() for k, v in self.net.trainable_state().items()})
-        head = json.dumps(asdict(self.config)).encode()
+        weights = save(self._all_weights())
+        head = json.dumps(self._head()).encode()
         return len(head).to_bytes(8, "little") + head + weights
 
     @classmethod
@@ -294,8 +323,24 @@ class DecisionStateEncoder(MemoCounters):
         from safetensors.torch import load
 
         n = int.from_bytes(blob[:8], "little")
-        cfg = DecisionEncoderConfig(**json.loads(blob[8 : 8 + n].decode()))
-        return cls(cfg, load(blob[8 + n :]), **kw)
+        return cls._build(json.loads(blob[8 : 8 + n].decode()), load(blob[8 + n :]), **kw)
+
+    @classmethod
+    def _build(cls, head: dict, weights: dict[str, torch.Tensor], **kw) -> DecisionStateEncoder:
+        """An encoder (and its verifier, when the head names one) from a saved head and
+        weights."""
+        from cachellm_rl.cache.verifier import ReuseVerifier, VerifierConfig
+
+        head = dict(head)
+        head.pop("tag", None)
+        vcfg = head.pop(VERIFIER_KEY, None)
+        own = {k: v for k, v in weights.items() if not k.startswith(VERIFIER_PREFIX)}
+        verifier = None
+        if vcfg is not None:
+            n = len(VERIFIER_PREFIX)
+            vw = {k[n:]: v for k, v in weights.items() if k.startswith(VERIFIER_PREFIX)}
+            verifier = ReuseVerifier(VerifierConfig(**vcfg), vw)
+        return cls(DecisionEncoderConfig(**head), own, verifier=verifier, **kw)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``decision_encoder.json`` and ``decision_encoder.safetensors``."""
@@ -303,22 +348,17 @@ class DecisionStateEncoder(MemoCounters):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in self.net.trainable_state().items()}, d / WEIGHTS_FILE
-        )
-        (d / CONFIG_FILE).write_text(json.dumps({**asdict(self.config), "tag": self.tag}))
+        save_file(self._all_weights(), d / WEIGHTS_FILE)
+        (d / CONFIG_FILE).write_text(json.dumps({**self._head(), "tag": self.tag}))
         return d
 
     @classmethod
     def load(cls, directory: str | Path, **kw) -> DecisionStateEncoder:
-        """Load an encoder written by :meth:`save`."""
+        """Load an encoder (with its verifier, when it was saved with one) written by
+        :meth:`save`."""
         from safetensors.torch import load_file
 
-        cfg_dict = _saved_config(directory)
-        cfg_dict.pop("tag", None)
-        return cls(
-            DecisionEncoderConfig(**cfg_dict), load_file(Path(directory) / WEIGHTS_FILE), **kw
-        )
+        return cls._build(_saved_config(directory), load_file(Path(directory) / WEIGHTS_FILE), **kw)
 
 
 def saved_encoder_dim(directory: str | Path) -> int:

@@ -84,6 +84,18 @@ def test_cache_train_encoder_from_labels(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "enc" / "decision_encoder.json").is_file() and "saved to" in res.output
+    from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
+
+    enc = DecisionStateEncoder.load(tmp_path / "enc")
+    assert enc.verifier is not None and "with its reuse verifier" in res.output
+    assert not enc.verifier.config.prior_features and not enc.verifier.config.candidate_features
+    line = _one_line_error(
+        runner.invoke(
+            app,
+            ["cache", "train-encoder", str(labels), "--out", "x", "--verifier-epochs", "-1"],
+        )
+    )
+    assert "--verifier-epochs must be >= 0" in line
     labels.write_text("\n".join(json.dumps(r) for r in rows[:5]))
     line = _one_line_error(
         runner.invoke(app, ["cache", "train-encoder", str(labels), "--out", str(tmp_path / "e2")])

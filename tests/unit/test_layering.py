@@ -16,6 +16,7 @@ import cachellm_rl.prior.tiny_model
 import cachellm_rl.cache.adaptive, cachellm_rl.cache.meta, cachellm_rl.cache.index
 import cachellm_rl.cache.encoders, cachellm_rl.cache.actor, cachellm_rl.cache.client
 import cachellm_rl.cache.correctness, cachellm_rl.cache.learned_encoder
+import cachellm_rl.cache.verifier
 import cachellm_rl.cache.fidelity
 assert not any(m.startswith("ray.rllib") for m in sys.modules)
 print("ok")
