@@ -21,7 +21,9 @@ Per env, on the same logged states:
      the delta rule fitted on its reuse verifier's score (``cachellm_rl/cache/verifier.py``,
      trained on the same train-game pairs after the encoder);
    - sweeps only: ``learned_tau`` and ``learned_cos_delta`` (the learned cosine without the
-     verifier), ``verified_threshold`` (a fixed threshold on the verifier's score).
+     verifier), ``verified_threshold`` (a fixed threshold on the verifier's score), and each
+     delta-rule sweep again under the other bound (``--bound``: ``delta_method`` or
+     ``region``), keyed ``<variant>_delta_<bound>``.
 
 Writes ``<out>/fidelity.json`` (flat keys ``<env>.<variant>.hit_rate``,
 ``<env>.<variant>.served_error_rate``, ``<env>.<variant>.served_error_rate_wilson_hi``, plus
@@ -69,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-coverage", type=float, default=0.75)
     p.add_argument("--epochs", type=int, default=8, help="encoder training epochs")
     p.add_argument("--verifier-epochs", type=int, default=6, help="reuse verifier epochs")
+    p.add_argument(
+        "--bound",
+        default="delta_method",
+        choices=("delta_method", "region"),
+        help="the delta rule's bound in the headline rows (the other one is swept too)",
+    )
     p.add_argument("--prior-temperature", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=Path("results/fidelity"))
     p.add_argument("--encoder-out", type=Path, default=None, help="default artifacts/encoders")
@@ -197,7 +205,6 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
     from cachellm_rl.cache.fidelity import (
         collect_states,
         reliability,
-        simulate_delta,
         simulate_delta_on,
         simulate_pairs,
         simulate_tau,
@@ -288,28 +295,30 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
     encoder.save(enc_dir)
     test_learned = encoder.encode(test_texts)
 
-    base = CorrectnessConfig(max_tv=args.max_tv)
+    base = CorrectnessConfig(max_tv=args.max_tv, bound=args.bound)
+    other = replace(base, bound="region" if args.bound == "delta_method" else "delta_method")
     common = {"min_cov": args.min_coverage}
     tau_rows = simulate_tau(test, test_logp, test_mini, TAUS, max_tv=args.max_tv, **common)
     learned_tau = simulate_tau(test, test_logp, test_learned, TAUS, max_tv=args.max_tv, **common)
-    mini_delta = [
-        simulate_delta(test, test_logp, test_mini, replace(base, delta=d), seed=args.seed, **common)
-        for d in DELTAS
-    ]
-    learned_cos_delta = [
-        simulate_delta(
-            test, test_logp, test_learned, replace(base, delta=d), seed=args.seed, **common
-        )
-        for d in DELTAS
-    ]
-    # the learned encoder as the cache ships it: neighbours by its cosine, reuse decided by
-    # the delta rule on its verifier's score
-    verified = simulate_pairs(
-        test, test_logp, test_learned, max_tv=args.max_tv, verifier=verifier, **common
+    replays = {
+        "minilm": simulate_pairs(test, test_logp, test_mini, max_tv=args.max_tv, **common),
+        "learned_cos": simulate_pairs(test, test_logp, test_learned, max_tv=args.max_tv, **common),
+        # the learned encoder as the cache ships it: neighbours by its cosine, reuse decided
+        # by the delta rule on its verifier's score
+        "learned": simulate_pairs(
+            test, test_logp, test_learned, max_tv=args.max_tv, verifier=verifier, **common
+        ),
+    }
+
+    def sweep(name: str, cfg: CorrectnessConfig) -> list:
+        return [
+            simulate_delta_on(replays[name], replace(cfg, delta=d), seed=args.seed) for d in DELTAS
+        ]
+
+    mini_delta, learned_cos_delta, learned_delta = (
+        sweep(n, base) for n in ("minilm", "learned_cos", "learned")
     )
-    learned_delta = [
-        simulate_delta_on(verified, replace(base, delta=d), seed=args.seed) for d in DELTAS
-    ]
+    other_sweeps = {f"{n}_delta_{other.bound}": sweep(n, other) for n in replays}
     verified_tau = simulate_tau(
         test,
         test_logp,
@@ -363,6 +372,7 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
             "minilm_delta": [r.as_dict() for r in mini_delta],
             "learned_cos_delta": [r.as_dict() for r in learned_cos_delta],
             "learned_delta": [r.as_dict() for r in learned_delta],
+            **{k: [r.as_dict() for r in v] for k, v in other_sweeps.items()},
             "verified_threshold": [r.as_dict() for r in verified_tau],
         },
     }

@@ -183,6 +183,13 @@ class CorrectnessConfig:
         refit_every: New pooled labels between refits of the pooled curve.
         explore_probability: Chance that a servable semantic hit calls the LM anyway, so that
             labels keep coming at the similarities that are served (counted as LM queries).
+        bound: Which upper bound of ``P(wrong)`` the rule holds to ``delta``:
+            ``"delta_method"`` bounds ``P(wrong | s)`` at the lookup's own similarity, from the
+            logistic fit (pooled, or the entry's own); ``"region"`` bounds the error rate of
+            the region ``[s, 1]`` the rule serves, by the one-sided Wilson upper bound of the
+            wrong share among the pooled labels at or above ``s`` (no curve, so no
+            misspecification; it bounds what a served hit's error is on average, which is
+            what the served error rate measures; no per-entry curves).
     """
 
     max_tv: float = 0.2
@@ -200,8 +207,11 @@ class CorrectnessConfig:
     min_similarity: float = 0.8
     refit_every: int = 10
     explore_probability: float = 0.05
+    bound: str = "delta_method"
 
     def __post_init__(self) -> None:
+        if self.bound not in BOUNDS:
+            raise ValueError(f"CorrectnessConfig.bound must be one of {BOUNDS}, got {self.bound!r}")
         if not 0.0 <= self.max_tv <= 1.0:
             raise ValueError(f"CorrectnessConfig.max_tv must be in [0, 1], got {self.max_tv}")
         if not 0.0 < self.delta < 1.0:
@@ -231,6 +241,60 @@ class CorrectnessConfig:
 
 # feature name -> default (center, scale) of its standardisation
 SIMILARITY_FEATURES = {"log_distance": (3.0, 1.0), "cosine": (0.9, 0.05)}
+BOUNDS = ("delta_method", "region")
+
+
+def region_threshold(
+    similarities: Sequence[float] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
+    *,
+    delta: float,
+    z: float = 1.645,
+    min_labels: int = 50,
+) -> float:
+    """Lowest similarity ``s`` whose region ``[s, 1]`` holds at least ``min_labels`` labels
+    with a one-sided Wilson upper bound of their wrong share at most ``delta`` (inf: none).
+
+    Example:
+        >>> s = np.linspace(0.8, 1.0, 400)
+        >>> round(region_threshold(s, s > 0.9, delta=0.05), 3)  # all wrong below 0.9
+        0.898
+    """
+    sims = np.asarray(similarities, np.float64).reshape(-1)
+    ok = np.asarray(correct, bool).reshape(-1)
+    if sims.shape != ok.shape:
+        raise ValueError(f"{sims.size} similarities but {ok.size} labels")
+    order = np.argsort(-sims, kind="stable")
+    sims, wrong = sims[order], (~ok[order]).astype(np.float64)
+    n = np.arange(1, sims.size + 1, dtype=np.float64)
+    k = np.cumsum(wrong)
+    # a region ends after the last label of a tied similarity
+    last = np.r_[sims[1:] != sims[:-1], True] if sims.size else np.zeros(0, bool)
+    p = k / n
+    denom = 1 + z**2 / n
+    hi = (p + z**2 / (2 * n) + z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / denom
+    good = last & (n >= min_labels) & (hi <= delta)
+    return float(sims[good].min()) if good.any() else math.inf
+
+
+def region_wrong_ucb(
+    similarities: Sequence[float] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
+    at: float,
+    *,
+    z: float = 1.645,
+) -> float:
+    """One-sided Wilson upper bound of the wrong share among labels at or above ``at`` (1.0
+    when there are none)."""
+    sims = np.asarray(similarities, np.float64).reshape(-1)
+    sel = sims >= at
+    n = int(sel.sum())
+    if n == 0:
+        return 1.0
+    k = int((~np.asarray(correct, bool).reshape(-1)[sel]).sum())
+    p = k / n
+    denom = 1 + z**2 / n
+    return float((p + z**2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / denom)
 _MIN_DISTANCE = 1e-4
 
 
@@ -390,6 +454,8 @@ class CorrectnessModel:
         self._entries: dict[int, _EntryLabels] = {}
         self._pooled: LogisticFit | None = None
         self._since_fit = 0
+        self._region: float | None = None  # the region bound's threshold (None: to compute)
+        self._since_region = 0
         self.labels_total = 0
         self.labels_wrong = 0
 
@@ -406,6 +472,7 @@ class CorrectnessModel:
         self._sims.append(float(similarity))
         self._correct.append(bool(correct))
         self._since_fit += 1
+        self._since_region += 1
         if entry_id is not None and entry_id >= 0:
             el = self._entries.setdefault(entry_id, _EntryLabels())
             el.sims.append(float(similarity))
@@ -479,8 +546,35 @@ class CorrectnessModel:
             el.dirty = False
         return el.fit
 
+    def region_threshold(self) -> float:
+        """The ``region`` bound's lowest servable similarity (inf: none), recomputed every
+        ``refit_every`` labels."""
+        cfg = self.config
+        if len(self._sims) < cfg.min_labels:
+            return math.inf
+        if self._region is None or self._since_region >= cfg.refit_every:
+            self._region = region_threshold(
+                np.fromiter(self._sims, np.float64),
+                np.fromiter(self._correct, bool),
+                delta=cfg.delta,
+                z=cfg.confidence_z,
+                min_labels=cfg.min_labels,
+            )
+            self._since_region = 0
+        return self._region
+
     def p_wrong_ucb(self, similarity: float, entry_id: int | None = None) -> float:
-        """Upper confidence bound of ``P(wrong | similarity)`` (1.0 before enough labels)."""
+        """Upper confidence bound of ``P(wrong | similarity)`` (``delta_method``) or of the
+        wrong share of the region ``[similarity, 1]`` (``region``); 1.0 before enough labels."""
+        if self.config.bound == "region":
+            if len(self._sims) < self.config.min_labels:
+                return 1.0
+            return region_wrong_ucb(
+                np.fromiter(self._sims, np.float64),
+                np.fromiter(self._correct, bool),
+                similarity,
+                z=self.config.confidence_z,
+            )
         fit = self.fit_for(entry_id)
         if fit is None:
             return 1.0
@@ -488,13 +582,19 @@ class CorrectnessModel:
 
     def allows(self, similarity: float, entry_id: int | None = None) -> bool:
         """The delta rule: serve a semantic hit only when ``similarity >= min_similarity`` and
-        ``P(wrong)_ucb <= delta``."""
+        the bound holds (``P(wrong)_ucb <= delta``, or for ``region`` the similarity is at or
+        above :meth:`region_threshold`)."""
         if similarity < self.config.min_similarity:
             return False
+        if self.config.bound == "region":
+            return similarity >= self.region_threshold()
         return self.p_wrong_ucb(similarity, entry_id) <= self.config.delta
 
     def min_servable_similarity(self, entry_id: int | None = None) -> float:
         """Smallest similarity (0.001 grid) the rule serves at; nan when none."""
+        if self.config.bound == "region":
+            t = self.region_threshold()
+            return float(max(t, self.config.min_similarity)) if math.isfinite(t) else math.nan
         grid = np.linspace(0.0, 1.0, 1001)
         grid = grid[grid >= self.config.min_similarity]
         fit = self.fit_for(entry_id)
@@ -533,4 +633,5 @@ class CorrectnessModel:
         model.labels_total = int(state["labels_total"])
         model.labels_wrong = int(state["labels_wrong"])
         model._since_fit = model.config.refit_every  # fit on first use
+        model._region = None
         return model

@@ -288,3 +288,47 @@ def test_a_snapshot_keeps_owner_blobs(tmp_path):
     assert AdaptiveCache.restore(tmp_path).encoder_tag == "decision-32-abc"
     with pytest.raises(ValueError, match="blob name"):
         c.save(tmp_path, blobs={"meta.json": b"{}"})
+
+
+# -- the region bound ---------------------------------------------------------------------------
+def test_the_region_bound_serves_where_the_labels_say_the_served_error_is_small():
+    """Labels correct above 0.95 and wrong below: the region bound serves from just about 0.95
+    up (not below, where the region's wrong share would pass delta), nothing before
+    ``min_labels``, and each served similarity's region bound is <= delta."""
+    from cachellm_rl.cache.correctness import region_threshold
+
+    m = CorrectnessModel(CorrectnessConfig(bound="region", min_labels=50, refit_every=1))
+    rng = np.random.default_rng(0)
+    sims = rng.uniform(0.85, 1.0, 3000)
+    for s in sims[:49]:
+        m.record(float(s), bool(s >= 0.95))
+    assert not m.allows(0.9999) and np.isnan(m.min_servable_similarity())
+    for s in sims[49:]:
+        m.record(float(s), bool(s >= 0.95))
+    t = m.min_servable_similarity()
+    assert 0.94 < t < 0.955
+    assert m.allows(0.97) and not m.allows(0.9)
+    assert m.p_wrong_ucb(t) <= 0.05 < m.p_wrong_ucb(0.9)
+    assert region_threshold(sims, sims >= 2.0, delta=0.05) == np.inf  # all wrong: never
+
+
+def test_the_region_bound_is_not_fooled_by_labels_at_one_similarity():
+    """300 correct labels at one score: the delta method's curve cannot be told its slope and
+    stays unsure (bound 0.13); the region's Wilson bound is 0.9% and serves. One wrong label
+    in ten there and neither serves at delta = 0.05."""
+    region = CorrectnessModel(CorrectnessConfig(bound="region", refit_every=1))
+    curve = CorrectnessModel(CorrectnessConfig(refit_every=1))
+    for _ in range(300):
+        region.record(0.999, True)
+        curve.record(0.999, True)
+    assert region.allows(0.999) and not curve.allows(0.999)
+    assert region.p_wrong_ucb(0.999) < 0.01 and curve.p_wrong_ucb(0.999) > 0.1
+    noisy = CorrectnessModel(CorrectnessConfig(bound="region", refit_every=1))
+    for i in range(300):
+        noisy.record(0.999, i % 10 != 0)
+    assert not noisy.allows(0.999)
+    state = region.state_dict()
+    again = CorrectnessModel.from_state(state)
+    assert again.config.bound == "region" and again.allows(0.999)
+    with pytest.raises(ValueError, match="bound must be one of"):
+        CorrectnessConfig(bound="wilson")
