@@ -295,6 +295,8 @@ def region_wrong_ucb(
     p = k / n
     denom = 1 + z**2 / n
     return float((p + z**2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / denom)
+
+
 _MIN_DISTANCE = 1e-4
 
 

@@ -1,7 +1,7 @@
 """Measuring how faithful semantic reuse is, on logged states (see docs/cache.md, "Cache
 fidelity").
 
-The functional core of ``experiments/cache_fidelity.py`` and ``cachellm-rl encoder train``:
+The functional core of ``experiments/cache_fidelity.py``:
 collect the distinct states a perturbed expert visits, score each once with the prior LM, then
 
 - label pairs of states (would reusing one's prior for the other be correct?) to train the

@@ -107,8 +107,9 @@ class MethodSettings:
         audit_probability: Chance that a served semantic reuse of ``lru``, ``static`` or
             ``adaptive`` is audited by a fresh LM call that changes nothing (its served-error
             rate; audit calls are reported apart from the method's LM queries).
-        state_encoder_dir: A learned state encoder (``cachellm-rl encoder train`` output) that
-            ``adaptive``'s cache holds and hands to the env runners; None: MiniLM.
+        state_encoder_dir: A learned state encoder (``cachellm-rl cache train-encoder`` or
+            ``experiments/cache_fidelity.py`` output, with its reuse verifier when it has one)
+            that ``adaptive``'s cache holds and hands to the env runners; None: MiniLM.
         posterior: The posterior ``beta * log p + Q / T`` and its temperature schedule (its
             ``anneal_env_steps`` is set per run from ``anneal_fraction``).
         anneal_fraction: Fraction of the step budget over which ``annealed`` lowers ``T``.
