@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--delta", type=float, default=None, help="adaptive's error budget (0.05)")
     p.add_argument(
+        "--bound",
+        choices=("delta_method", "region"),
+        default=None,
+        help="adaptive's upper bound of P(wrong) (default delta_method; see docs/cache.md)",
+    )
+    p.add_argument(
         "--env-runner-resource",
         default=None,
         help="custom Ray resource each env runner reserves one unit of (pins env runners to "
@@ -219,6 +225,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, cache_shards=args.cache_shards)
         if args.delta is not None:
             s = replace(s, correctness=replace(s.correctness, delta=args.delta))
+        if args.bound is not None:
+            s = replace(s, correctness=replace(s.correctness, bound=args.bound))
         if args.state_encoder != "minilm":
             folder = (
                 Path("artifacts/encoders") / env

@@ -209,6 +209,21 @@ def test_cache_shards_flag_is_checked_and_reaches_the_settings(capsys):
     assert cfg.settings.cache_shards == 2
 
 
+def test_delta_and_bound_flags_reach_adaptives_correctness_settings(capsys):
+    import pytest
+
+    from experiments.text_suite import build_configs, parse_args
+
+    (cfg,) = build_configs(parse_args(["--envs", "textworld"]))
+    assert cfg.settings.correctness.bound == "delta_method"
+    args = ["--envs", "textworld", "--delta", "0.1", "--bound", "region"]
+    (cfg,) = build_configs(parse_args(args))
+    assert cfg.settings.correctness.bound == "region" and cfg.settings.correctness.delta == 0.1
+    with pytest.raises(SystemExit) as bad:
+        parse_args(["--bound", "wilson"])
+    assert bad.value.code == 2 and "invalid choice: 'wilson'" in capsys.readouterr().err
+
+
 def test_select_posterior_controls_flag_is_checked(capsys):
     import pytest
 
