@@ -70,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tv", type=float, default=0.2, help="epsilon of a correct reuse")
     p.add_argument("--min-coverage", type=float, default=0.75)
     p.add_argument("--epochs", type=int, default=8, help="encoder training epochs")
-    p.add_argument("--verifier-epochs", type=int, default=6, help="reuse verifier epochs")
+    p.add_argument(
+        "--verifier-epochs",
+        type=int,
+        default=8,
+        help="most reuse-verifier epochs (the best on held-out train games is kept)",
+    )
     p.add_argument(
         "--bound",
         default="delta_method",
@@ -283,11 +288,19 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
     )
     print(f"[{env}] training the reuse verifier on the same pairs", file=console)
     vpairs = verifier_pairs(train, train_logp, encoder.encode(train_texts), ia, ib)
+    # early stopping on the last fifth of the train states (states come game by game, so
+    # these are other games' states); pairs across the cut are left out of both
+    cut = int(0.8 * len(train))
+    fit = (ia < cut) & (ib < cut)
+    held = (ia >= cut) & (ib >= cut)
     verifier, verifier_losses = train_verifier(
-        vpairs,
-        y,
+        [p for p, f in zip(vpairs, fit, strict=True) if f],
+        y[fit],
         config=VerifierConfig(seed=args.seed),
         train=VerifierTrainConfig(epochs=args.verifier_epochs, seed=args.seed),
+        valid=([p for p, h in zip(vpairs, held, strict=True) if h], y[held])
+        if held.any()
+        else None,
         progress=progress,
     )
     encoder.attach_verifier(verifier)

@@ -246,6 +246,14 @@ class ReuseVerifier:
         z = np.clip(self.logits(pairs), -30.0, 30.0)
         return 1.0 / (1.0 + np.exp(-z))
 
+    def log_loss(
+        self, pairs: Sequence[VerifierPair], correct: Sequence[bool] | np.ndarray
+    ) -> float:
+        """Mean binary cross-entropy of the verifier's ``P(correct)`` on labelled pairs."""
+        z = self.logits(pairs)
+        y = np.asarray(correct, np.float64)
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
     def state(self) -> dict[str, torch.Tensor]:
         """Trained weights."""
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -280,6 +288,7 @@ def train_verifier(
     *,
     config: VerifierConfig | None = None,
     train: VerifierTrainConfig | None = None,
+    valid: tuple[Sequence[VerifierPair], Sequence[bool] | np.ndarray] | None = None,
     progress: bool = False,
 ) -> tuple[ReuseVerifier, list[float]]:
     """Fit the verifier to labelled pairs (binary cross-entropy).
@@ -289,16 +298,21 @@ def train_verifier(
         correct: Whether reusing the neighbour's prior was correct.
         config: Shape.
         train: Training settings.
+        valid: Held-out pairs and labels (states of other games): the weights of the epoch
+            with the lowest held-out loss are kept (early stopping; a verifier trained too
+            long grows sure of itself on games it has not seen).
         progress: Show a progress bar.
 
     Returns:
-        The trained verifier and the mean loss of each epoch (over its members).
+        The trained verifier and the mean training loss of each epoch (over its members).
     """
     from tqdm import tqdm
 
     y = torch.as_tensor(np.asarray(correct, np.float32))
     if len(pairs) != len(y) or len(y) == 0:
         raise ValueError(f"need equal, non-zero numbers of pairs and labels, got {len(pairs)}")
+    if valid is not None and (len(valid[0]) != len(valid[1]) or len(valid[0]) == 0):
+        raise ValueError("valid needs equal, non-zero numbers of pairs and labels")
     tc = train or VerifierTrainConfig()
     ver = ReuseVerifier(config)
     ids, offsets, cos = ver.featurize(pairs)
@@ -309,7 +323,8 @@ def train_verifier(
     ]
     rngs = [np.random.default_rng([tc.seed, k]) for k in range(len(members))]
     ver.net.train()
-    losses = []
+    losses: list[float] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
     per_epoch = math.ceil(len(y) / tc.batch_pairs)
     bar = tqdm(
         total=tc.epochs * per_epoch * len(members),
@@ -334,7 +349,15 @@ def train_verifier(
                 bar.update(1)
         losses.append(total / (len(y) * len(members)))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if valid is not None:
+            ver.net.eval()
+            valid_loss = ver.log_loss(*valid)
+            ver.net.train()
+            if best is None or valid_loss < best[0]:
+                best = (valid_loss, ver.state())
     bar.close()
+    if best is not None:
+        ver.net.load_state_dict(best[1])
     ver.net.eval()
     return ver, losses
 

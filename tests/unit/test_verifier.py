@@ -207,3 +207,20 @@ def test_the_fidelity_replay_decides_by_the_verifier_when_given_one():
     assert d.served > 50 and d.served_wrong == 0
     (t,) = simulate_tau(states, logps, emb, [0.9], verifier=TextStub())
     assert t.served_wrong == 0 and t.served > 250
+
+
+def test_early_stopping_keeps_the_epoch_best_on_held_out_pairs():
+    """Held-out pairs whose labels say the opposite of the training pairs: every epoch of
+    training makes the held-out loss worse, so early stopping must keep the first epoch's
+    weights (a 12-epoch run without it ends far worse there)."""
+    ps, y = pairs(("carrot", "potato", "apple"), ROOMS[:4])
+    tps, ty = pairs(("pepper", "tomato"), ROOMS[2:], seed=1)
+    flipped = ~ty
+    tc = VerifierTrainConfig(epochs=12)
+    stopped, _ = train_verifier(ps, y, config=SMALL, train=tc, valid=(tps, flipped))
+    first, _ = train_verifier(ps, y, config=SMALL, train=VerifierTrainConfig(epochs=1))
+    full, _ = train_verifier(ps, y, config=SMALL, train=tc)
+    assert stopped.log_loss(tps, flipped) == pytest.approx(first.log_loss(tps, flipped))
+    assert full.log_loss(tps, flipped) > first.log_loss(tps, flipped) + 0.05
+    with pytest.raises(ValueError, match="valid needs"):
+        train_verifier(ps, y, config=SMALL, valid=([], []))
