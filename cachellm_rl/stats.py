@@ -165,6 +165,22 @@ def compare(
     }
 
 
+def wilson_upper(k, n, *, z: float = 1.645) -> np.ndarray:
+    """Wilson upper bound of ``k / n`` (elementwise; one-sided 95% for ``z = 1.645``), the
+    upper end of :func:`wilson_interval` without its checks, for arrays of counts.
+
+    Example:
+        >>> round(float(wilson_upper(0, 300, z=1.96)), 4)
+        0.0126
+    """
+    k = np.asarray(k, np.float64)
+    n = np.asarray(n, np.float64)
+    p = k / n
+    denom = 1 + z**2 / n
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return np.minimum(1.0, (p + z**2 / (2 * n) + half) / denom)
+
+
 def wilson_interval(k: int, n: int, *, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion ``k / n`` (95% for ``z = 1.96``).
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cachellm_rl.stats import wilson_upper
+
 
 def tv_distance(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
     """Total-variation distance ``0.5 * sum |p - q|`` of two log-prob vectors.
@@ -267,12 +269,9 @@ def region_threshold(
     order = np.argsort(-sims, kind="stable")
     sims, wrong = sims[order], (~ok[order]).astype(np.float64)
     n = np.arange(1, sims.size + 1, dtype=np.float64)
-    k = np.cumsum(wrong)
     # a region ends after the last label of a tied similarity
     last = np.r_[sims[1:] != sims[:-1], True] if sims.size else np.zeros(0, bool)
-    p = k / n
-    denom = 1 + z**2 / n
-    hi = (p + z**2 / (2 * n) + z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / denom
+    hi = wilson_upper(np.cumsum(wrong), n, z=z)
     good = last & (n >= min_labels) & (hi <= delta)
     return float(sims[good].min()) if good.any() else math.inf
 
@@ -292,9 +291,7 @@ def region_wrong_ucb(
     if n == 0:
         return 1.0
     k = int((~np.asarray(correct, bool).reshape(-1)[sel]).sum())
-    p = k / n
-    denom = 1 + z**2 / n
-    return float((p + z**2 / (2 * n) + z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))) / denom)
+    return float(wilson_upper(k, n, z=z))
 
 
 _MIN_DISTANCE = 1e-4

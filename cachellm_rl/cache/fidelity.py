@@ -248,17 +248,18 @@ def verifier_pairs(
     ]
 
 
-def _replay_neighbours(
+def simulate_pairs(
     states: Sequence[TextState],
     logps: Sequence[np.ndarray],
     embeddings: np.ndarray,
     *,
-    max_tv: float,
-    min_cov: float,
+    max_tv: float = 0.2,
+    min_cov: float = 0.75,
     verifier: ReuseVerifier | None = None,
 ) -> list[tuple[float, bool] | None]:
-    """For every state after the first: (similarity, reuse correct) of its usable neighbour;
-    with a ``verifier``, its ``P(correct)`` for the pair in place of the similarity."""
+    """The replay's lookups: for every state after the first, ``(similarity, reuse correct)``
+    of its usable neighbour (None: none), with a ``verifier`` its ``P(correct)`` for the pair in
+    place of the similarity; computed once, for sweeps with :func:`simulate_delta_on`."""
     out: list[tuple[float, bool] | None] = []
     for i in range(1, len(states)):
         nb = nearest_usable(states, embeddings, i, min_cov=min_cov)
@@ -274,22 +275,6 @@ def _replay_neighbours(
     return out
 
 
-def simulate_pairs(
-    states: Sequence[TextState],
-    logps: Sequence[np.ndarray],
-    embeddings: np.ndarray,
-    *,
-    max_tv: float = 0.2,
-    min_cov: float = 0.75,
-    verifier: ReuseVerifier | None = None,
-) -> list[tuple[float, bool] | None]:
-    """The replay's lookups once, as ``(similarity or verifier score, reuse correct)`` (None:
-    no usable neighbour), for sweeps with :func:`simulate_delta_on`."""
-    return _replay_neighbours(
-        states, logps, embeddings, max_tv=max_tv, min_cov=min_cov, verifier=verifier
-    )
-
-
 def simulate_tau(
     states: Sequence[TextState],
     logps: Sequence[np.ndarray],
@@ -302,7 +287,7 @@ def simulate_tau(
 ) -> list[StreamResult]:
     """The fixed-threshold rule: serve the neighbour when ``cos >= tau`` (with a ``verifier``:
     its ``P(correct) >= tau``), for each ``tau``."""
-    pairs = _replay_neighbours(
+    pairs = simulate_pairs(
         states, logps, embeddings, max_tv=max_tv, min_cov=min_cov, verifier=verifier
     )
     lookups = len(pairs)
@@ -329,7 +314,7 @@ def simulate_delta(
     the exploration probability, sent to the LM and labelled); every other lookup with a
     neighbour is a miss whose LM answer becomes a label. With a ``verifier`` the model is
     fitted on, and decides by, the verifier's score as the cache does."""
-    pairs = _replay_neighbours(
+    pairs = simulate_pairs(
         states, logps, embeddings, max_tv=config.max_tv, min_cov=min_cov, verifier=verifier
     )
     return simulate_delta_on(pairs, config, seed=seed)
@@ -386,7 +371,7 @@ def reliability(
         One row per non-empty bin: ``sim_lo``, ``sim_hi``, ``n``, ``share`` (of all lookups),
         ``correct`` (rate) and its Wilson 95% bounds ``correct_lo``, ``correct_hi``.
     """
-    pairs = _replay_neighbours(
+    pairs = simulate_pairs(
         states, logps, embeddings, max_tv=max_tv, min_cov=min_cov, verifier=verifier
     )
     lookups = len(pairs)
