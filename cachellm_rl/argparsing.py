@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -182,6 +183,10 @@ def suite_ray(*, verbose: bool, num_cpus: int | None) -> Iterator[None]:
     try:
         yield
     finally:
+        # Finalise what the run dropped (Ray Data's batch iterators of offline learners) while
+        # Ray is still up and the run's log still takes library noise: finalised after
+        # ray.shutdown, at interpreter exit, they print a traceback on the terminal.
+        gc.collect()
         if joins:
             with contextlib.suppress(RayServeException):  # Serve never started
                 serve.delete(DEFAULT_PRIOR_APP)

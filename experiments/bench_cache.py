@@ -4,7 +4,9 @@ Measures, on this machine, with real parts: FAISS flat vs HNSW search latency an
 real all-MiniLM-L6-v2 embeddings of generated game-like state texts; ``get_priors`` latency
 through the named cache actor (exact hits, semantic hits with encoding, misses served by a real
 tiny GPT-2 in a real Serve deployment); single-flight LM calls; prefix-sharing speedup and
-accuracy; bytes per cached entry at 100k entries.
+accuracy; bytes per cached entry at 100k entries; and (part ``verified``) one decision's latency
+by outcome under the adaptive method's delta rule with a trained state encoder and its reuse
+verifier, on real env states scored by the env's trained prior.
 
 Usage:
     python experiments/bench_cache.py --json results/bench_cache.json [--n-entries 100000]
@@ -440,6 +442,100 @@ def bench_learned_semantic_hits(cached_states, args) -> dict:
     return out
 
 
+def bench_verified_decisions(args) -> dict:
+    """One decision at a time through the ``adaptive`` method's cache: the delta rule, a trained
+    state encoder with its reuse verifier (``--state-encoder``, as ``cache_fidelity.py`` writes
+    it), the env's trained prior behind Serve, on the states a perturbed expert visits in the
+    env's test games, in visit order (as an env runner asks). The cache starts empty, so the
+    first decisions are misses that give the correctness model its labels; semantic hits come
+    once its bound allows them. Per outcome (semantic hit, exact hit, LM), the client-side time
+    of one ``get_priors`` call of one state, encoding included. Nothing else runs in this
+    process while it is timed; other load on the machine is not controlled."""
+    from dataclasses import replace
+
+    import ray
+
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings, cache_config_for
+    from cachellm_rl.algorithms.ps_dqn.suite import preset, suite_games
+    from cachellm_rl.cache.actor import get_or_create_cache
+    from cachellm_rl.cache.client import PriorCacheClient
+    from cachellm_rl.cache.fidelity import collect_states
+    from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
+    from cachellm_rl.config import init_ray
+    from cachellm_rl.prior.scoring import ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+
+    cfg = preset("quick", env=args.verified_env, split="test", num_games=0, progress=False)
+    enc_dir = Path(args.state_encoder or f"artifacts/encoders/{args.verified_env}")
+    if not (enc_dir / "decision_encoder.json").is_file():
+        print(f"verified: skipped, no learned encoder in {enc_dir} (cache_fidelity.py trains it)")
+        return {}
+    if not (Path(str(cfg.prior_model)) / "config.json").is_file():
+        print(f"verified: skipped, no prior in {cfg.prior_model} (`cachellm-rl prior train`)")
+        return {}
+    encoder = DecisionStateEncoder.load(enc_dir)
+    if encoder.verifier is None:
+        print(f"verified: the encoder in {enc_dir} has no reuse verifier; timing without one")
+    games = suite_games(cfg)
+    logged = collect_states(
+        args.verified_env,
+        games,
+        episodes_per_game=args.verified_episodes,
+        seed=args.verified_seed,
+        progress=True,
+    )
+    init_ray(num_cpus=os.cpu_count() or 2)
+    app = "bench_prior_verified"
+    deploy_prior_server(
+        PriorServerConfig(
+            scorer=ScorerConfig(
+                model_dir=str(cfg.prior_model), prior_temperature=cfg.prior_temperature
+            ),
+            num_cpus=0.5,
+        ),
+        app_name=app,
+    )
+    settings = MethodSettings(state_encoder_dir=str(enc_dir.resolve()), prior_app=app)
+    settings = replace(settings, correctness=replace(settings.correctness, delta=args.delta))
+    cache_cfg = cache_config_for("adaptive", settings, env=args.verified_env)
+    assert cache_cfg is not None
+    name = "bench_cache_verified"
+    handle = get_or_create_cache(cache_cfg, name=name)
+    client = PriorCacheClient(encoder, cache_name=name)
+    times: dict[str, list[float]] = {}
+    inside: dict[str, list[float]] = {}  # the actor's own time to the answer
+    for ls in tqdm(logged, desc=f"verified decisions ({args.verified_env})", unit="decision"):
+        t = time.perf_counter()
+        (res,) = client.get_priors([ls.state])
+        times.setdefault(res.source.value, []).append(time.perf_counter() - t)
+        inside.setdefault(res.source.value, []).append(res.latency_ms / 1e3)
+    # the same states again: exact hits, the baseline of the path (RPC, actor, encoding)
+    for ls in logged[: args.semantic_iters]:
+        t = time.perf_counter()
+        (res,) = client.get_priors([ls.state])
+        times.setdefault(f"repeat_{res.source.value}", []).append(time.perf_counter() - t)
+    stats = ray.get(handle.stats.remote())
+    ray.kill(handle)
+    from ray import serve
+
+    serve.delete(app)
+    out: dict = {
+        "verified_env": args.verified_env,
+        "verified_delta": args.delta,
+        "verified_decisions": len(logged),
+        "verified_with_verifier": encoder.verifier is not None,
+        "verified_verifier_calls": int(stats.verifier_calls),
+        "verified_actor_hit_p50_ms_inside_actor": stats.latency_hit.quantile(0.5),
+    }
+    for source, ts in sorted(times.items()):
+        out[f"verified_{source}_decisions"] = len(ts)
+        out[f"verified_{source}_p50_ms"] = p50_ms(ts)
+        out[f"verified_{source}_p95_ms"] = float(np.percentile(ts, 95) * 1e3)
+        if source in inside:
+            out[f"verified_{source}_inside_actor_p50_ms"] = p50_ms(inside[source])
+    return out
+
+
 def _timed(fn, *a) -> float:
     t = time.perf_counter()
     fn(*a)
@@ -504,34 +600,11 @@ def bench_prefix_sharing(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--json", type=Path, default=Path("results/bench_cache.json"))
-    ap.add_argument("--n-entries", type=int, default=100_000)
-    ap.add_argument("--n-queries", type=int, default=1000)
-    ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--hnsw-ef-construction", type=int, default=80)
-    ap.add_argument("--hnsw-ef-search", type=int, default=64)
-    ap.add_argument("--actor-iters", type=int, default=500)
-    ap.add_argument("--miss-iters", type=int, default=40)
-    ap.add_argument("--semantic-iters", type=int, default=100)
-    ap.add_argument("--ps-layers", type=int, default=6)
-    ap.add_argument("--ps-embd", type=int, default=512)
-    ap.add_argument("--ps-iters", type=int, default=10)
-    ap.add_argument("--skip", default="", help="comma list of: index,memory,actor,prefix")
-    args = ap.parse_args(argv)
-    if args.n_entries < 100:
-        ap.error("--n-entries must be >= 100")
-    skip = set(filter(None, args.skip.split(",")))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+def bench_minilm_parts(args, skip: set[str]) -> dict:
+    """Parts index, memory and actor: generated texts embedded with MiniLM."""
     from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
     from cachellm_rl.prior.tiny_model import TinyLMConfig, make_tiny_causal_lm
 
-    t_start = time.perf_counter()
     art = Path("artifacts/bench_cache")
     states = generate_states(args.n_entries + args.n_queries, seed=0)
     index_states, query_states = states[: args.n_entries], states[args.n_entries :]
@@ -568,8 +641,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "mean_candidates_per_entry": r["mean_candidates_per_entry"],
             }
         )
-    if "prefix" not in skip:
-        out.update(bench_prefix_sharing(args))
     if "actor" not in skip:
         with tempfile.TemporaryDirectory() as d:
             model_dir = Path(d) / "tiny_gpt2"
@@ -582,13 +653,60 @@ def main(argv: list[str] | None = None) -> dict:
             out["actor_miss_model"] = (
                 "GPT-2 2 layers x 64 hidden, word tokenizer, CPU, Serve batch<=16"
             )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--json", type=Path, default=Path("results/bench_cache.json"))
+    ap.add_argument("--n-entries", type=int, default=100_000)
+    ap.add_argument("--n-queries", type=int, default=1000)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--hnsw-ef-construction", type=int, default=80)
+    ap.add_argument("--hnsw-ef-search", type=int, default=64)
+    ap.add_argument("--actor-iters", type=int, default=500)
+    ap.add_argument("--miss-iters", type=int, default=40)
+    ap.add_argument("--semantic-iters", type=int, default=100)
+    ap.add_argument("--ps-layers", type=int, default=6)
+    ap.add_argument("--ps-embd", type=int, default=512)
+    ap.add_argument("--ps-iters", type=int, default=10)
+    ap.add_argument(
+        "--verified-env", default="textworld", choices=("textworld", "babyai", "alfworld")
+    )
+    ap.add_argument(
+        "--state-encoder",
+        type=Path,
+        default=None,
+        help="learned encoder (+ verifier) for part verified (default artifacts/encoders/<env>)",
+    )
+    ap.add_argument("--delta", type=float, default=0.05, help="error budget of part verified")
+    ap.add_argument("--verified-episodes", type=int, default=2, help="expert episodes per game")
+    ap.add_argument("--verified-seed", type=int, default=0)
+    ap.add_argument("--skip", default="", help="comma list of: index,memory,actor,prefix,verified")
+    args = ap.parse_args(argv)
+    if args.n_entries < 100:
+        ap.error("--n-entries must be >= 100")
+    skip = set(filter(None, args.skip.split(",")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    t_start = time.perf_counter()
+    out: dict = {}
+    if not {"index", "memory", "actor"} <= skip:
+        out.update(bench_minilm_parts(args, skip))
+    if "prefix" not in skip:
+        out.update(bench_prefix_sharing(args))
+    if "verified" not in skip:
+        out.update(bench_verified_decisions(args))
     out["wall_s"] = time.perf_counter() - t_start
     out["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     print_table(out)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2, default=str))
     print(f"\nwrote {args.json}")
-    if "actor" not in skip:
+    if not {"actor", "verified"} <= skip:
         import ray
         from ray import serve
 
@@ -599,6 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 TARGETS = {
     "learned_semantic_hit_batch1_p50_ms": ("<=", 10.0),
+    "verified_cache_semantic_p50_ms": ("<=", 10.0),
     "hnsw_100k_p50_ms": ("<=", 0.5),
     "hnsw_100k_recall_at_1": (">=", 0.98),
     "actor_exact_hit_batch8_p50_ms": ("<=", 2.0),

@@ -613,14 +613,17 @@ class AdaptiveCache:
             and (len(self.index) or remote)
         ):
             refused = False
-            for sim, i, logp, cov, floor, text, actions in self._semantic_candidates(query, remote):
+            found = self._semantic_candidates(query, remote)
+            if delta_rule:  # with the score the rule reads
+                found = self._scored_candidates(query, found)
+            else:
+                found = ((*c, c[0]) for c in found)
+            for sim, i, logp, cov, floor, _text, _actions, score in found:
                 if not delta_rule and (sim < tau or sim < floor):
                     continue
                 if cov < self.config.min_candidate_coverage:
                     continue
-                if delta_rule and not self.correctness.allows(
-                    self.reuse_score(query, sim, text, actions, logp), i
-                ):
+                if delta_rule and not self.correctness.allows(score, i):
                     refused = True
                     continue
                 if delta_rule and update and self._rng.random() < explore:
@@ -671,22 +674,58 @@ class AdaptiveCache:
         ``similarity``, or with a reuse verifier (:mod:`cachellm_rl.cache.verifier`) its
         ``P(reuse correct)`` for the pair (0 when either text is unknown: such a pair is never
         served and its label is not fitted)."""
+        return self.reuse_scores(query, [(similarity, text, actions, aligned_logp)])[0]
+
+    def reuse_scores(
+        self,
+        query: CacheQuery,
+        neighbours: list[tuple[float, str, tuple[str, ...], np.ndarray]],
+    ) -> list[float]:
+        """:meth:`reuse_score` of several ``(similarity, text, actions, aligned logp)``
+        neighbours of one query, the verifier's in one batch (one forward pass)."""
         if self.verifier is None:
-            return float(similarity)
-        if not query.text or not text:
-            return 0.0
+            return [float(sim) for sim, *_ in neighbours]
         from cachellm_rl.cache.verifier import VerifierPair
 
-        pair = VerifierPair(
-            text_a=query.text,
-            text_b=text,
-            cos=float(similarity),
-            candidates_a=tuple(query.request.candidates),
-            candidates_b=tuple(actions),
-            logp_b=tuple(float(v) for v in aligned_logp),
-        )
-        self.stats.verifier_calls += 1
-        return float(self.verifier.p_correct([pair])[0])
+        scores = [0.0] * len(neighbours)
+        pairs, where = [], []
+        for k, (sim, text, actions, logp) in enumerate(neighbours):
+            if query.text and text:
+                where.append(k)
+                pairs.append(
+                    VerifierPair(
+                        text_a=query.text,
+                        text_b=text,
+                        cos=float(sim),
+                        candidates_a=tuple(query.request.candidates),
+                        candidates_b=tuple(actions),
+                        logp_b=tuple(float(v) for v in logp),
+                    )
+                )
+        if pairs:
+            self.stats.verifier_calls += len(pairs)
+            for k, p in zip(where, self.verifier.p_correct(pairs), strict=True):
+                scores[k] = float(p)
+        return scores
+
+    def _scored_candidates(self, query: CacheQuery, found):
+        """The delta rule's semantic candidates (``_semantic_candidates``' tuples plus the reuse
+        score). With a verifier, those with enough candidate coverage are scored in one batch,
+        and not at all while the correctness model can serve nothing (before its labels): the
+        decisions are those of scoring them one at a time, at the cost of one forward pass."""
+        if self.verifier is None:
+            for c in found:
+                yield (*c, c[0])
+            return
+        cover = self.config.min_candidate_coverage
+        items = [c for c in found if c[3] >= cover]
+        if not self.correctness.can_serve():  # every candidate is refused: none is scored
+            for c in items:
+                yield (*c, 0.0)
+            return
+        scores = self.reuse_scores(query, [(c[0], c[5], c[6], c[2]) for c in items])
+        for c, score in zip(items, scores, strict=True):
+            yield (*c, score)
 
     def _semantic_candidates(self, query: CacheQuery, remote):
         """``(similarity, entry id, aligned logp, coverage, entry floor, text, actions)`` of the

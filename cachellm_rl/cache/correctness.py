@@ -579,6 +579,14 @@ class CorrectnessModel:
             return 1.0
         return float(fit.p_wrong_ucb(similarity, self.config.confidence_z))
 
+    def can_serve(self) -> bool:
+        """Whether the rule could serve any similarity now: False before ``min_labels`` labels
+        (and, for ``region``, while no region meets the bound). When False, :meth:`allows`
+        refuses everything, so callers may skip computing similarities."""
+        if len(self._sims) < self.config.min_labels:
+            return False
+        return self.config.bound != "region" or math.isfinite(self.region_threshold())
+
     def allows(self, similarity: float, entry_id: int | None = None) -> bool:
         """The delta rule: serve a semantic hit only when ``similarity >= min_similarity`` and
         the bound holds (``P(wrong)_ucb <= delta``, or for ``region`` the similarity is at or

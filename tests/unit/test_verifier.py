@@ -224,3 +224,43 @@ def test_early_stopping_keeps_the_epoch_best_on_held_out_pairs():
     assert full.log_loss(tps, flipped) > first.log_loss(tps, flipped) + 0.05
     with pytest.raises(ValueError, match="valid needs"):
         train_verifier(ps, y, config=SMALL, valid=([], []))
+
+
+class _CountingStub(_Stub):
+    def __init__(self, by_text):
+        super().__init__(by_text)
+        self.batches: list[int] = []
+
+    def p_correct(self, ps):
+        self.batches.append(len(ps))
+        return super().p_correct(ps)
+
+
+def test_the_delta_rule_scores_a_querys_neighbours_in_one_batch_and_none_before_labels():
+    """Three cached neighbours of one query: before the correctness model has its labels no pair
+    is scored (nothing is servable); after, all three in one verifier call, and the hit is the
+    most similar neighbour the rule allows, as when they were scored one by one."""
+    from cachellm_rl.contracts import HitTier, PriorResponse
+    from tests.helpers import query, unit
+
+    e = np.eye(8, dtype=np.float32)
+    c = _delta_cache()
+    stub = _CountingStub({"text of q": 0.99})
+    c.verifier = stub
+    lp = np.log(np.array([0.7, 0.2, 0.1], np.float32))
+    for k, cos in enumerate((0.999, 0.998, 0.997)):
+        c.insert(
+            query(f"s{k}", unit(cos * e[0] + np.sqrt(1 - cos**2) * e[k + 1])),
+            PriorResponse(logp=lp, model_version="v1"),
+        )
+    assert c.lookup(query("q", e[0])).tier is HitTier.MISS
+    assert stub.batches == [] and c.stats.verifier_calls == 0
+    assert c.stats.semantic_refused == 1
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        s = float(rng.uniform(0.5, 1.0))
+        c.correctness.record(s, s >= 0.95)
+    res = c.lookup(query("q", e[0]))
+    assert res.tier is HitTier.SEMANTIC and res.similarity == pytest.approx(0.999, abs=1e-3)
+    assert stub.batches == [3] and c.stats.verifier_calls == 3
+    assert [p.text_b for p in stub.seen] == ["text of s0", "text of s1", "text of s2"]
