@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / job dir
@@ -74,6 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-valid-games", type=int, default=None, help="valid games (0 = all)")
     p.add_argument("--episodes", type=int, default=None, help="dataset episodes if made")
     p.add_argument(
+        "--audit-probability",
+        type=float,
+        default=None,
+        help="chance that a served semantic reuse is checked by a fresh LM call (default 0.1)",
+    )
+    p.add_argument(
+        "--state-encoder",
+        type=Path,
+        default=None,
+        help="learned state encoder (+ reuse verifier) for the adaptive preset, as "
+        "cache_fidelity.py or `cachellm-rl cache train-encoder` writes it (default: MiniLM)",
+    )
+    p.add_argument(
         "--dataset-dir", type=Path, default=None, help="dataset folder (one env and dataset)"
     )
     add_suite_arguments(p)
@@ -122,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = build_configs(args)
     except (ValueError, OSError, KeyError) as e:
         return user_error("offline_suite.py", str(e))
+    if args.audit_probability is not None and not 0.0 <= args.audit_probability <= 1.0:
+        return user_error("offline_suite.py", "--audit-probability must be in [0, 1]")
+    if args.state_encoder and not (args.state_encoder / "decision_encoder.json").is_file():
+        return user_error(
+            "offline_suite.py", f"--state-encoder {args.state_encoder} holds no learned encoder"
+        )
     for cfg in cfgs:
         if not has_games(cfg.env, Path(str(cfg.games_dir))):
             return user_error(
@@ -147,6 +167,11 @@ def run_all(cfgs: list[OfflineSuiteConfig], args, out: Path, console) -> int:
 
     t0 = time.perf_counter()
     summaries: dict[str, dict] = {}
+    settings = MethodSettings(
+        state_encoder_dir=str(args.state_encoder.resolve()) if args.state_encoder else None
+    )
+    if args.audit_probability is not None:
+        settings = replace(settings, audit_probability=args.audit_probability)
 
     def log(msg: str) -> None:
         print(msg, file=console, flush=True)
@@ -165,7 +190,7 @@ def run_all(cfgs: list[OfflineSuiteConfig], args, out: Path, console) -> int:
                 deployed = (cfg.prior_model, cfg.prior_temperature)
             key = f"{cfg.env}-{cfg.dataset}"
             sub = out if len(cfgs) == 1 else out / key
-            summaries[key] = run_offline_suite(cfg, sub, MethodSettings(), console=console, log=log)
+            summaries[key] = run_offline_suite(cfg, sub, settings, console=console, log=log)
             print((sub / "table.md").read_text(), file=console, flush=True)
     if len(cfgs) > 1:
         print(write_env_summary(out, summaries, ENV_TABLE_COLUMNS, "offline suite"), file=console)

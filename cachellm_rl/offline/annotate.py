@@ -36,6 +36,17 @@ def annotated_dir(dataset_dir: str | Path, preset: str) -> Path:
     return d.with_name(f"{d.name}-prior-{preset}")
 
 
+def annotation_encoder(preset: str, settings) -> str:
+    """What embeds the states of an annotation: ``"minilm"``, or the tag of the learned state
+    encoder (``settings.state_encoder_dir``, used by the ``adaptive`` preset only). An
+    annotation made with another encoder is made again."""
+    enc_dir = getattr(settings, "state_encoder_dir", None)
+    if preset != "adaptive" or enc_dir is None:
+        return "minilm"
+    head = json.loads((Path(enc_dir) / "decision_encoder.json").read_text())
+    return f"learned:{head.get('tag', '?')}"
+
+
 def annotate_dataset(
     dataset_dir: str | Path,
     preset: str,
@@ -76,13 +87,17 @@ def annotate_dataset(
         raise ValueError(f"{src} is not a dataset (no {CARD_FILE}); make it with `data make`")
     dst = Path(out) if out is not None else annotated_dir(src, preset)
     done = read_card(dst)
+    encoder = annotation_encoder(preset, settings)
     if (
         done is not None
         and done.get("fingerprint") == card["fingerprint"]
         and done.get("annotation", {}).get("preset") == preset
+        and done["annotation"].get("state_encoder", "minilm") == encoder
     ):
         log(f"{dst}: already annotated under {preset}")
         return done
+    if done is not None:
+        log(f"{dst}: annotated with other settings; annotating again under {preset}")
     t0 = time.perf_counter()
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -130,6 +145,7 @@ def annotate_dataset(
     reuse = decisions - lm
     annotation: dict[str, Any] = {
         "preset": preset,
+        "state_encoder": encoder,
         "prior_model_version": version,
         "transitions": card["transitions"],
         "distinct_states": card["distinct_states"],

@@ -108,3 +108,32 @@ def test_a_vector_envs_space_is_read_as_one_envs():
     assert one["tokens"].dtype == np.int64
     plain = gym.spaces.Dict({"mask": gym.spaces.Box(0.0, 1.0, (3,), np.float32)})
     assert single_space(plain) is plain
+
+
+def test_an_annotation_names_the_encoder_of_its_adaptive_preset(tmp_path):
+    """The adaptive preset's annotation is keyed by its state encoder (MiniLM or a learned
+    encoder's tag), so switching encoders annotates again; other presets embed nothing."""
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
+    from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
+    from cachellm_rl.offline.annotate import annotation_encoder
+
+    enc = DecisionStateEncoder()
+    enc.save(tmp_path / "enc")
+    learned = MethodSettings(state_encoder_dir=str(tmp_path / "enc"))
+    assert annotation_encoder("adaptive", MethodSettings()) == "minilm"
+    assert annotation_encoder("adaptive", learned) == f"learned:{enc.tag}"
+    assert annotation_encoder("static", learned) == "minilm"
+    assert annotation_encoder("uncached", learned) == "minilm"
+
+
+def test_the_offline_suite_refuses_a_folder_without_an_encoder(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "offline_suite.py"
+    spec = importlib.util.spec_from_file_location("offline_suite_cli", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--state-encoder", str(tmp_path)]) == 2
+    assert "holds no learned encoder" in capsys.readouterr().err

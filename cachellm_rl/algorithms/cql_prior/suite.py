@@ -497,6 +497,7 @@ def run_learner(
         "annotation_hit_rate": (
             1.0 - ann["lm_queries"] / ann["decisions"] if ann.get("decisions") else None
         ),
+        "annotation_state_encoder": ann.get("state_encoder", "minilm"),
         "annotation_audits": ann.get("audits"),
         "annotation_audits_wrong": ann.get("audits_wrong"),
         # the final evaluation's LM queries (0 when the policy is the argmax of Q); the
