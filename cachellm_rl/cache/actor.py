@@ -306,8 +306,13 @@ class SharedPriorCache:
         return self.config.num_shards, self.config.shard_group, self.config.shard_namespace
 
     def _install_encoder(self, blob: bytes):
+        import torch
+
         from cachellm_rl.cache.learned_encoder import DecisionStateEncoder
 
+        # The verifier's forward passes are tiny (a few pairs per lookup): one thread. Two
+        # threads on a loaded machine wait on each other and doubled a lookup's time.
+        torch.set_num_threads(1)
         self._encoder = DecisionStateEncoder.from_bytes(blob, memo_entries=0)
         self._encoder_blob = blob
         return self._encoder
