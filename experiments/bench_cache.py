@@ -504,11 +504,13 @@ def bench_verified_decisions(args) -> dict:
     client = PriorCacheClient(encoder, cache_name=name)
     times: dict[str, list[float]] = {}
     inside: dict[str, list[float]] = {}  # the actor's own time to the answer
+    encode: dict[str, list[float]] = {}  # the caller's state encoding
     for ls in tqdm(logged, desc=f"verified decisions ({args.verified_env})", unit="decision"):
         t = time.perf_counter()
         (res,) = client.get_priors([ls.state])
         times.setdefault(res.source.value, []).append(time.perf_counter() - t)
         inside.setdefault(res.source.value, []).append(res.latency_ms / 1e3)
+        encode.setdefault(res.source.value, []).append(client.last_encode_s)
     # the same states again: exact hits, the baseline of the path (RPC, actor, encoding)
     for ls in logged[: args.semantic_iters]:
         t = time.perf_counter()
@@ -533,6 +535,7 @@ def bench_verified_decisions(args) -> dict:
         out[f"verified_{source}_p95_ms"] = float(np.percentile(ts, 95) * 1e3)
         if source in inside:
             out[f"verified_{source}_inside_actor_p50_ms"] = p50_ms(inside[source])
+            out[f"verified_{source}_encode_p50_ms"] = p50_ms(encode[source])
     return out
 
 
