@@ -614,9 +614,9 @@ class AdaptiveCache:
         ):
             refused = False
             found = self._semantic_candidates(query, remote)
-            if delta_rule:  # with the score the rule reads
-                found = self._scored_candidates(query, found)
-            else:
+            if delta_rule and self.verifier is not None:  # the verifier's score
+                found = self._verified_candidates(query, found)
+            else:  # the cosine is the score
                 found = ((*c, c[0]) for c in found)
             for sim, i, logp, cov, floor, _text, _actions, score in found:
                 if not delta_rule and (sim < tau or sim < floor):
@@ -708,15 +708,11 @@ class AdaptiveCache:
                 scores[k] = float(p)
         return scores
 
-    def _scored_candidates(self, query: CacheQuery, found):
-        """The delta rule's semantic candidates (``_semantic_candidates``' tuples plus the reuse
-        score). With a verifier, those with enough candidate coverage are scored in one batch,
-        and not at all while the correctness model can serve nothing (before its labels): the
-        decisions are those of scoring them one at a time, at the cost of one forward pass."""
-        if self.verifier is None:
-            for c in found:
-                yield (*c, c[0])
-            return
+    def _verified_candidates(self, query: CacheQuery, found):
+        """The delta rule's semantic candidates (``_semantic_candidates``' tuples plus the
+        verifier's score): those with enough candidate coverage, scored in one batch, and not
+        at all while the correctness model can serve nothing (before its labels). The decisions
+        are those of scoring them one at a time, at the cost of one forward pass."""
         cover = self.config.min_candidate_coverage
         items = [c for c in found if c[3] >= cover]
         if not self.correctness.can_serve():  # every candidate is refused: none is scored

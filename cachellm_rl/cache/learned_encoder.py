@@ -370,6 +370,11 @@ def saved_encoder_dim(directory: str | Path) -> int:
     return int(_saved_config(directory)["dim"])
 
 
+def saved_encoder_tag(directory: str | Path) -> str:
+    """The version tag of the encoder saved in ``directory`` (without loading its weights)."""
+    return str(_saved_config(directory)["tag"])
+
+
 def _saved_config(directory: str | Path) -> dict:
     """The ``decision_encoder.json`` written by :meth:`DecisionStateEncoder.save`."""
     path = Path(directory) / CONFIG_FILE

@@ -43,8 +43,9 @@ def annotation_encoder(preset: str, settings) -> str:
     enc_dir = getattr(settings, "state_encoder_dir", None)
     if preset != "adaptive" or enc_dir is None:
         return "minilm"
-    head = json.loads((Path(enc_dir) / "decision_encoder.json").read_text())
-    return f"learned:{head.get('tag', '?')}"
+    from cachellm_rl.cache.learned_encoder import saved_encoder_tag
+
+    return f"learned:{saved_encoder_tag(enc_dir)}"
 
 
 def annotate_dataset(
