@@ -198,13 +198,19 @@ def data_make(
         int, typer.Option(help="medium: episodes per calibration measurement.")
     ] = 30,
     progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Library logs.")] = False,
 ) -> None:
     """Record a behaviour policy on the train split's games as an RLlib offline dataset
-    (parquet through Ray Data, plus a dataset.json card); idempotent. See docs/offline.md."""
-    import logging
-
+    (parquet through Ray Data, plus a dataset.json card); idempotent. Library logs go to
+    <dataset>.log beside the dataset folder. See docs/offline.md."""
     from cachellm_rl.config import init_ray
-    from cachellm_rl.offline.datasets import DEFAULT_EPISODES, DatasetConfig, make_dataset
+    from cachellm_rl.logs import run_log
+    from cachellm_rl.offline.datasets import (
+        DEFAULT_EPISODES,
+        DatasetConfig,
+        default_dataset_dir,
+        make_dataset,
+    )
 
     _check_env_option(env)
     cfg = DatasetConfig(
@@ -217,15 +223,36 @@ def data_make(
         medium_mix=medium_mix,
         calibration_episodes=calibration_episodes,
     )
+    folder = out or default_dataset_dir(env, policy)
+    with run_log(_beside(folder, ".log"), verbose=verbose) as console:
+        _quiet_ray_data(init_ray)
+
+        def say(message: str) -> None:
+            print(message, file=console)
+
+        card = make_dataset(cfg, folder, progress=progress, bar_file=console, log=say)
+        keys = ("episodes", "transitions", "distinct_states", "behaviour_success", "medium_mix")
+        say(json.dumps({k: card[k] for k in keys}, indent=1))
+
+
+def _beside(folder: Path, suffix: str) -> Path:
+    """``data/offline/x/random`` -> ``data/offline/x/random<suffix>``: a run's log file kept
+    beside its output folder (which the run may replace as a whole)."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + suffix)
+
+
+def _quiet_ray_data(init_ray) -> None:
+    """Start a local Ray for a data command; Ray Data's progress and INFO lines are not for
+    this CLI."""
+    import logging
+
     init_ray(num_cpus=2, log_to_driver=False)
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    for name in ("ray", "ray.data"):  # Ray Data's progress and INFO lines are not for this CLI
+    for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    card = make_dataset(cfg, out, progress=progress)
-    keys = ("episodes", "transitions", "distinct_states", "behaviour_success", "medium_mix")
-    print(json.dumps({k: card[k] for k in keys}, indent=1))
 
 
 @data_app.command("annotate")
@@ -244,13 +271,16 @@ def data_annotate(
         Path | None, typer.Option(help="Output folder (default <dataset>-prior-<preset>).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Library logs.")] = False,
 ) -> None:
     """Add the prior's log-probabilities to a dataset through the shared cache actor and the
-    Serve prior, under a cache preset; counts LM queries per preset. See docs/offline.md."""
+    Serve prior, under a cache preset; counts LM queries per preset. Library logs go to
+    <output>.log beside the output folder. See docs/offline.md."""
     from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
     from cachellm_rl.config import init_ray
     from cachellm_rl.envs.registry import default_prior_dir
-    from cachellm_rl.offline.annotate import annotate_dataset
+    from cachellm_rl.logs import run_log
+    from cachellm_rl.offline.annotate import ANNOTATION_PRESETS, annotate_dataset, annotated_dir
     from cachellm_rl.offline.datasets import read_card
     from cachellm_rl.prior.scoring import ScorerConfig
     from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
@@ -261,11 +291,29 @@ def data_annotate(
     model = prior_model or default_prior_dir(card["env"])
     if not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"no prior model in {model}; train it with `prior train`")
-    init_ray(num_cpus=2, log_to_driver=False)
-    scorer = ScorerConfig(model_dir=str(Path(model).resolve()), prior_temperature=prior_temperature)
-    deploy_prior_server(PriorServerConfig(scorer=scorer, num_cpus=0))
-    result = annotate_dataset(dataset, preset, MethodSettings(), out=out, progress=progress)
-    print(json.dumps(result["annotation"], indent=1))
+    if preset not in ANNOTATION_PRESETS:
+        raise ValueError(f"unknown cache preset {preset!r}; known: {list(ANNOTATION_PRESETS)}")
+    target = out or annotated_dir(dataset, preset)
+    with run_log(_beside(target, ".log"), verbose=verbose) as console:
+        init_ray(num_cpus=2, log_to_driver=False)
+        scorer = ScorerConfig(
+            model_dir=str(Path(model).resolve()), prior_temperature=prior_temperature
+        )
+        deploy_prior_server(PriorServerConfig(scorer=scorer, num_cpus=0))
+
+        def say(message: str) -> None:
+            print(message, file=console)
+
+        result = annotate_dataset(
+            dataset,
+            preset,
+            MethodSettings(),
+            out=target,
+            progress=progress,
+            bar_file=console,
+            log=say,
+        )
+        say(json.dumps(result["annotation"], indent=1))
 
 
 def _check_env_option(env: str) -> None:

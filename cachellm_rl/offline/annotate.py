@@ -22,7 +22,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cachellm_rl.offline.datasets import CARD_FILE, COL_INFOS, COL_OBS, json_default, read_card
 
@@ -57,6 +57,7 @@ def annotate_dataset(
     out: str | Path | None = None,
     batch_states: int = 64,
     progress: bool = False,
+    bar_file: TextIO | None = None,
     log=print,
 ) -> dict:
     """Annotate a dataset with priors under a cache preset (idempotent).
@@ -70,6 +71,7 @@ def annotate_dataset(
         out: Annotated dataset folder (default :func:`annotated_dir`).
         batch_states: States per cache-actor call.
         progress: Progress bar.
+        bar_file: The progress bar's stream (default stderr).
         log: Where one-line status messages go.
 
     Returns:
@@ -120,7 +122,12 @@ def annotate_dataset(
     tmp.mkdir(parents=True)
     try:
         client = make_prior_client(connector_config_for(preset, settings, cache_name))
-        bar = tqdm(total=card["transitions"], desc=f"priors ({preset})", disable=not progress)
+        bar = tqdm(
+            total=card["transitions"],
+            desc=f"priors ({preset})",
+            disable=not progress,
+            file=bar_file,
+        )
         for f in files:
             table = pq.read_table(f)
             infos = table.column(COL_INFOS).to_pylist()

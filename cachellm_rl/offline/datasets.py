@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -158,6 +158,7 @@ def rollout_episodes(
     seed: int,
     first_episode: int = 0,
     progress: bool | str = False,
+    bar_file: TextIO | None = None,
 ) -> list[EpisodeLog]:
     """Play ``episodes`` episodes with the behaviour policy, games of ``games`` in turn.
 
@@ -170,6 +171,7 @@ def rollout_episodes(
         seed: Seed of the behaviour's choices.
         first_episode: Index of the first episode (its ``eps_id`` and game).
         progress: Show a progress bar (a string: its label).
+        bar_file: The progress bar's stream (default stderr).
 
     Returns:
         One :class:`EpisodeLog` per episode.
@@ -179,7 +181,8 @@ def rollout_episodes(
     rng = np.random.default_rng(seed)
     out = []
     label = progress if isinstance(progress, str) else f"{policy} episodes"
-    for k in tqdm(range(episodes), desc=label, disable=not progress, unit="ep"):
+    bar = tqdm(range(episodes), desc=label, disable=not progress, unit="ep", file=bar_file)
+    for k in bar:
         index = first_episode + k
         game = games[index % len(games)]
         obs, info = env.reset(options={"game": game})
@@ -364,7 +367,12 @@ def json_default(obj: Any):
 
 
 def make_dataset(
-    cfg: DatasetConfig, out: str | Path | None = None, *, progress: bool = True, log=print
+    cfg: DatasetConfig,
+    out: str | Path | None = None,
+    *,
+    progress: bool = True,
+    bar_file: TextIO | None = None,
+    log=print,
 ) -> dict:
     """Record a dataset into ``out`` (default ``data/offline/<env>/<policy>``), unless a
     complete one made with the same settings and games is there already (idempotent).
@@ -373,6 +381,7 @@ def make_dataset(
         cfg: What to record.
         out: Dataset folder.
         progress: Progress bars.
+        bar_file: The progress bars' stream (default stderr).
         log: Where one-line status messages go.
 
     Returns:
@@ -411,7 +420,7 @@ def make_dataset(
         mix = {"random": 1.0, "expert": 0.0}.get(cfg.policy, cfg.medium_mix or 0.0)
         calibration = None
         if cfg.policy == "medium" and cfg.medium_mix is None:
-            mix, calibration = _calibrate(env, games, cfg, progress, log)
+            mix, calibration = _calibrate(env, games, cfg, progress, bar_file, log)
         logs = rollout_episodes(
             env,
             games,
@@ -420,6 +429,7 @@ def make_dataset(
             episodes=cfg.episodes,
             seed=cfg.seed,
             progress=f"{cfg.env} {cfg.policy}" if progress else False,
+            bar_file=bar_file,
         )
     finally:
         env.close()
@@ -443,13 +453,23 @@ def make_dataset(
     return card
 
 
-def _calibrate(env, games, cfg: DatasetConfig, progress: bool, log) -> tuple[float, dict]:
+def _calibrate(
+    env, games, cfg: DatasetConfig, progress: bool, bar_file: TextIO | None, log
+) -> tuple[float, dict]:
     """``medium``'s mix, measured on calibration episodes (seeds apart from the dataset's)."""
     n = cfg.calibration_episodes
 
     def measure(policy: str, mix: float, seed: int) -> float:
         logs = rollout_episodes(
-            env, games, policy=policy, mix=mix, episodes=n, seed=seed, first_episode=0
+            env,
+            games,
+            policy=policy,
+            mix=mix,
+            episodes=n,
+            seed=seed,
+            first_episode=0,
+            progress=f"calibration: {policy} {mix:.2f}" if progress else False,
+            bar_file=bar_file,
         )
         return success_rate(logs)
 

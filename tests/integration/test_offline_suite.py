@@ -86,3 +86,17 @@ def test_offline_suite_cli_refuses_bad_input_in_one_line():
     )
     assert res.returncode == 2
     assert "unknown datasets ['human']" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_data_make_shows_its_progress_and_keeps_ray_noise_in_its_log(tw_suite, tmp_path):
+    out = tmp_path / "random"
+    cmd = [sys.executable, "-m", "cachellm_rl.cli", "data", "make", "--env", "textworld"]
+    cmd += ["--games", str(tw_suite), "--episodes", "2", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert '"episodes": 2' in res.stdout and "textworld random" in res.stdout  # result, bar
+    terminal = res.stdout + res.stderr
+    assert "WARNING" not in terminal and "INFO" not in terminal, terminal
+    log = (tmp_path / "random.log").read_text()
+    assert "ray" in log.lower(), log  # Ray's start-up lines went to the log file
+    assert (out / "dataset.json").is_file()

@@ -210,11 +210,21 @@ def split_games(cfg: OfflineSuiteConfig, split: str, n: int) -> list[str]:
 
 # -- data -------------------------------------------------------------------------------------
 def prepare_data(
-    cfg: OfflineSuiteConfig, settings: MethodSettings, *, log=print
+    cfg: OfflineSuiteConfig,
+    settings: MethodSettings,
+    *,
+    console: TextIO | None = None,
+    log=print,
 ) -> dict[str, dict]:
     """Make the dataset (when missing) and annotate it under every preset the methods need
     (each once, reused across seeds and learners). Needs Ray and, for annotations, the
     deployed prior.
+
+    Args:
+        cfg: The suite.
+        settings: Cache settings of the annotation presets.
+        console: The progress bars' stream (default stderr).
+        log: Where one-line status messages go.
 
     Returns:
         The card of each dataset the learners read, keyed by cache preset (``none``: the raw
@@ -228,7 +238,7 @@ def prepare_data(
             games_dir=cfg.games_dir,
             episodes=cfg.dataset_episodes or default_episodes(cfg.env),
         )
-        card = make_dataset(dcfg, cfg.dataset_dir, progress=cfg.progress, log=log)
+        card = make_dataset(dcfg, cfg.dataset_dir, progress=cfg.progress, bar_file=console, log=log)
     cards = {"none": card}
     for preset in cfg.cache_presets():
         cards[preset] = annotate_dataset(
@@ -237,6 +247,7 @@ def prepare_data(
             settings,
             cache_name=f"offline-annotate-{preset}",
             progress=cfg.progress,
+            bar_file=console,
             log=log,
         )
     return cards
@@ -756,7 +767,7 @@ def run_offline_suite(
     games = split_games(cfg, "test", cfg.num_games)
     train_games = split_games(cfg, "train", 0)
     write_json(out / "config.json", {"suite": asdict(cfg), "games": games, "protocol": "offline"})
-    cards = prepare_data(cfg, settings, log=log)
+    cards = prepare_data(cfg, settings, console=console, log=log)
     chosen = select_hyperparameters(cfg, out, train_games, settings, log=log)
     methods = [*REFERENCE_METHODS.values(), *(OFFLINE_METHODS[m] for m in cfg.methods)]
     plan = suite_layer.planned_runs(methods, cfg.seeds)
