@@ -215,6 +215,11 @@ def load_pddl_env(game: str | Path | Mapping):
     return env
 
 
+# What ALFWorld's hand-coded expert raises when it loses track of the game (seen: IndexError
+# from ``random.choice`` over an empty list of objects of interest).
+_EXPERT_LOST_TRACK = (IndexError, KeyError, ValueError, AttributeError, TypeError)
+
+
 class HandCodedExpert:
     """ALFWorld's ``HandCodedTWAgent`` driven per step (with the ``move``/``put`` fix).
 
@@ -234,6 +239,7 @@ class HandCodedExpert:
             policy = self._agent.get_task_policy(task_params)
             self._agent.policy = policy(dict(task_params), max_steps=max_steps)
         self.failed = False
+        self.error: str | None = None  # why the expert stopped answering, if it raised
 
     def observe_intro(self, intro: str) -> None:
         """Give the expert the intro text (it lists the receptacles)."""
@@ -253,6 +259,13 @@ class HandCodedExpert:
                 return self._agent.act(state, 0, bool(state["won"]), last_command)
         except (HandCodedAgentTimeout, HandCodedAgentFailed):
             self.failed = True
+            return None
+        except _EXPERT_LOST_TRACK as e:
+            # Off its own trajectory (random steps of a ``medium`` behaviour policy) the
+            # hand-coded expert can index an empty list of objects it expected to see; it has
+            # no answer from then on, as when it fails.
+            self.failed = True
+            self.error = f"{type(e).__name__}: {e}"
             return None
 
 

@@ -109,6 +109,7 @@ class EpisodeLog:
     rows: list[dict] = field(default_factory=list)
     won: bool = False
     ret: float = 0.0
+    expert_silent: int = 0  # steps where the env's expert had no answer among the candidates
 
 
 def behaviour_action(policy: str, mix: float, info: dict, rng: np.random.Generator) -> int:
@@ -191,6 +192,7 @@ def rollout_episodes(
         t, done = 0, False
         while not done:
             state = _state_info(env, game)
+            log.expert_silent += info.get(INFO_EXPERT_ACTION) not in info[INFO_CANDIDATES]
             action = behaviour_action(policy, mix, info, rng)
             new_obs, reward, term, trunc, info = env.step(action)
             log.rows.append(
@@ -296,6 +298,10 @@ def dataset_card(
         "behaviour_success": success_rate(logs),
         "behaviour_return": float(np.mean([log.ret for log in logs])) if logs else 0.0,
         "mean_episode_length": float(np.mean([len(log.rows) for log in logs])) if logs else 0.0,
+        # medium and expert take a uniform candidate where the expert has no answer
+        "expert_silent_steps": (
+            None if cfg.policy == "random" else sum(log.expert_silent for log in logs)
+        ),
         "prior_model_version": prior_version,
         "columns": [
             COL_EPS_ID,

@@ -243,3 +243,23 @@ def test_official_data_layout(alf_suite, tmp_path, monkeypatch):
         done = term or trunc
     assert info["won"]
     e.close()
+
+
+def test_an_expert_that_raises_stops_answering_instead_of_crashing_the_episode(alf_suite):
+    # ALFWorld's hand-coded expert can raise IndexError off its own trajectory (medium data).
+    game = alfworld_split_games(alf_suite, "train")[0]
+    e = make_text_env("alfworld", {"games": [game], "expert": True, "max_episode_steps": 10})
+    info = e.reset(options={"game": game})[1]
+    assert info["expert_action"] is not None
+    expert = e._expert
+
+    def broken(*args, **kwargs):
+        raise IndexError("Cannot choose from an empty sequence")
+
+    expert._agent.act = broken
+    info = e.step(0)[-1]
+    assert info["expert_action"] is None and expert.failed
+    assert expert.error == "IndexError: Cannot choose from an empty sequence"
+    info = e.step(0)[-1]  # the episode goes on, the expert stays silent
+    assert info["expert_action"] is None
+    e.close()

@@ -71,6 +71,13 @@ def test_the_card_counts_transitions_distinct_states_and_success():
     assert (card["episodes"], card["transitions"], card["distinct_states"]) == (2, 4, 2)
     assert card["behaviour_success"] == 0.5 and card["behaviour_return"] == 0.5
     assert card["medium_mix"] is None and card["prior_model_version"] == "v"
+    assert card["expert_silent_steps"] is None  # random never asks the expert
+    logs[0].expert_silent, logs[1].expert_silent = 2, 1
+    medium = DatasetConfig(env="textworld", policy="medium", episodes=2)
+    card = dataset_card(
+        medium, logs, games=["g1"], mix=0.5, calibration=None, prior_version="v", seconds=1.0
+    )
+    assert card["expert_silent_steps"] == 3
 
 
 def test_stored_observations_decode_to_the_spaces_shapes():
