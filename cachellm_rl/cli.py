@@ -203,7 +203,6 @@ def data_make(
     """Record a behaviour policy on the train split's games as an RLlib offline dataset
     (parquet through Ray Data, plus a dataset.json card); idempotent. Library logs go to
     <dataset>.log beside the dataset folder. See docs/offline.md."""
-    from cachellm_rl.config import init_ray
     from cachellm_rl.logs import run_log
     from cachellm_rl.offline.datasets import (
         DEFAULT_EPISODES,
@@ -225,11 +224,8 @@ def data_make(
     )
     folder = out or default_dataset_dir(env, policy)
     with run_log(_beside(folder, ".log"), verbose=verbose) as console:
-        _quiet_ray_data(init_ray)
-
-        def say(message: str) -> None:
-            print(message, file=console)
-
+        _init_ray_for_data()
+        say = functools.partial(print, file=console)
         card = make_dataset(cfg, folder, progress=progress, bar_file=console, log=say)
         keys = ("episodes", "transitions", "distinct_states", "behaviour_success", "medium_mix")
         say(json.dumps({k: card[k] for k in keys}, indent=1))
@@ -242,10 +238,12 @@ def _beside(folder: Path, suffix: str) -> Path:
     return folder.with_name(folder.name + suffix)
 
 
-def _quiet_ray_data(init_ray) -> None:
+def _init_ray_for_data() -> None:
     """Start a local Ray for a data command; Ray Data's progress and INFO lines are not for
     this CLI."""
     import logging
+
+    from cachellm_rl.config import init_ray
 
     init_ray(num_cpus=2, log_to_driver=False)
     import ray
@@ -300,10 +298,7 @@ def data_annotate(
             model_dir=str(Path(model).resolve()), prior_temperature=prior_temperature
         )
         deploy_prior_server(PriorServerConfig(scorer=scorer, num_cpus=0))
-
-        def say(message: str) -> None:
-            print(message, file=console)
-
+        say = functools.partial(print, file=console)
         result = annotate_dataset(
             dataset,
             preset,

@@ -182,8 +182,7 @@ def rollout_episodes(
     rng = np.random.default_rng(seed)
     out = []
     label = progress if isinstance(progress, str) else f"{policy} episodes"
-    bar = tqdm(range(episodes), desc=label, disable=not progress, unit="ep", file=bar_file)
-    for k in bar:
+    for k in tqdm(range(episodes), desc=label, disable=not progress, unit="ep", file=bar_file):
         index = first_episode + k
         game = games[index % len(games)]
         obs, info = env.reset(options={"game": game})
