@@ -121,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="adaptive's upper bound of P(wrong) (default delta_method; see docs/cache.md)",
     )
     p.add_argument(
+        "--no-served-guard",
+        action="store_true",
+        help="adaptive without the on-policy guard of its served error (an ablation; see "
+        "docs/cache.md)",
+    )
+    p.add_argument(
         "--env-runner-resource",
         default=None,
         help="custom Ray resource each env runner reserves one unit of (pins env runners to "
@@ -227,6 +233,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, correctness=replace(s.correctness, delta=args.delta))
         if args.bound is not None:
             s = replace(s, correctness=replace(s.correctness, bound=args.bound))
+        if args.no_served_guard:
+            s = replace(s, correctness=replace(s.correctness, served_guard=False))
         if args.state_encoder != "minilm":
             folder = (
                 Path("artifacts/encoders") / env

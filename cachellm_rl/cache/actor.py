@@ -51,6 +51,9 @@ DEFAULT_CACHE_NAME = "cachellm_prior_cache"
 ENCODER_BLOB = "encoder.bin"
 DEFAULT_NAMESPACE = "cachellm_rl"
 MAX_UNACKED = 300  # exchanges a shard keeps for shard 0 while it does not answer
+# one exchange a shard sends shard 0: its number, decision window, labels
+# ``(score, correct, entry id, on-policy)`` and evicted entry ids
+Payload = tuple[int, WindowCounters, list[tuple[float, bool, int, bool]], list[int]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -576,11 +579,18 @@ class SharedPriorCache:
     def _near_inflight(self, q: CacheQuery) -> tuple[bytes, float] | None:
         """An in-flight LM request for a near state whose answer this query may reuse, under the
         same reuse rule as a semantic hit (the pooled correctness curve under ``delta``, since
-        the leader has no entry yet; ``cos >= tau`` under ``tau``). None in a cache without a
-        semantic tier (``exact_only``): it reuses nothing but exact keys."""
+        the leader has no entry yet, and only while the on-policy guard is open; ``cos >= tau``
+        under ``tau``). None in a cache without a semantic tier (``exact_only``): it reuses
+        nothing but exact keys. None under ``delta`` with a reuse verifier: its correctness
+        model reads the verifier's score of a cached prior, which an answer still in flight
+        does not have."""
         if q.embedding is None or not self._inflight_near or not self._cache.config.semantic_tier:
             return None
         cache = self._cache
+        if cache.config.reuse_rule == "delta" and (
+            cache.verifier is not None or not cache.correctness.guard_open()
+        ):
+            return None
         cands = q.request.candidates
         for key, (emb, leader_cands) in self._inflight_near.items():
             sim = float(np.dot(emb, q.embedding))
@@ -818,7 +828,7 @@ class SharedPriorCache:
         self,
         shard_index: int,
         incarnation: str,
-        payloads: list[tuple[int, WindowCounters, list[tuple[float, bool, int]], list[int]]],
+        payloads: list[Payload],
     ) -> dict[str, Any]:
         """Shard 0's side of :meth:`sync_now`: fold another shard's windows into the
         meta-optimiser's and its labels into the correctness model (each numbered payload
@@ -832,8 +842,8 @@ class SharedPriorCache:
             if seq <= done:
                 continue
             merge_window(cache.window, window)
-            for sim, correct, eid in labels:
-                cache.correctness.record(sim, correct, eid)
+            for sim, correct, eid, on_policy in labels:
+                cache.correctness.record(sim, correct, eid, on_policy=on_policy)
             for eid in forgets:
                 cache.correctness.forget_entry(eid)
             done = seq

@@ -283,7 +283,9 @@ class CacheStats:
     ``hits_semantic`` (a near state that the reuse rule accepts), and also in
     ``coalesced_exact`` / ``coalesced_semantic``; ``coalesced_misses`` counts both.
     ``semantic_refused`` counts lookups whose near, covering neighbour the reuse rule refused;
-    ``explore_calls`` servable hits sent to the LM anyway; ``labels`` / ``labels_wrong`` the
+    ``explore_calls`` servable hits sent to the LM anyway, ``guard_held`` those of them the
+    on-policy guard sent (its bound above ``delta``; see
+    :class:`~cachellm_rl.cache.correctness.CorrectnessConfig`); ``labels`` / ``labels_wrong`` the
     reuse labels measured. ``audits`` / ``audits_wrong`` count served semantic reuses checked
     against a fresh LM answer that changed nothing the caller got; their LM calls are
     ``audit_queries``, never part of ``lm_queries``. A sharded cache (its stats summed over
@@ -303,6 +305,7 @@ class CacheStats:
     coalesced_semantic: int = 0
     semantic_refused: int = 0
     explore_calls: int = 0
+    guard_held: int = 0
     labels: int = 0
     labels_wrong: int = 0
     explore_probability: float = 0.0
@@ -468,7 +471,7 @@ class AdaptiveCache:
         self._next_id = 0
         self._id_offset, self._id_stride = 0, 1
         # Labels and evictions another process must hear about (a shard's primary); None: none.
-        self.forward: list[tuple[float, bool, int]] | None = None
+        self.forward: list[tuple[float, bool, int, bool]] | None = None
         self.forward_forgets: list[int] = []
         # Similarity floors to raise on other shards' entries (tau rule), for the owner to send.
         self.remote_narrow: list[tuple[int, float]] = []
@@ -626,7 +629,10 @@ class AdaptiveCache:
                 if delta_rule and not self.correctness.allows(score, i):
                     refused = True
                     continue
-                if delta_rule and update and self._rng.random() < explore:
+                guarded = delta_rule and not self.correctness.guard_open()
+                if guarded and not update:  # a peek: the guard would not serve it
+                    break
+                if delta_rule and update and (guarded or self._rng.random() < explore):
                     result = LookupResult(
                         tier=HitTier.MISS,
                         logp=logp,
@@ -636,6 +642,7 @@ class AdaptiveCache:
                         explore=True,
                     )
                     self.stats.explore_calls += 1
+                    self.stats.guard_held += 1 if guarded else 0
                 else:
                     result = LookupResult(
                         tier=HitTier.SEMANTIC, logp=logp, similarity=sim, coverage=cov, entry_id=i
@@ -926,9 +933,14 @@ class AdaptiveCache:
             score=None if self.verifier is None else score,
         )
         if source != "audit":  # audits measure the cache; they never change what it does
-            self.correctness.record(score, label.correct, neighbour_id)
+            # exploration calls and refreshes of served hits are random draws of what the
+            # rule serves: the on-policy guard reads them
+            on_policy = source in ("explore", "refresh")
+            self.correctness.record(score, label.correct, neighbour_id, on_policy=on_policy)
             if self.forward is not None:
-                self.forward.append((float(score), bool(label.correct), int(neighbour_id)))
+                self.forward.append(
+                    (float(score), bool(label.correct), int(neighbour_id), on_policy)
+                )
         if source in ("explore", "refresh"):
             self.window.served_labels += 1
             self.window.served_wrong += 0 if label.correct else 1

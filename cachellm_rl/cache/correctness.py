@@ -22,6 +22,7 @@ Pure numpy; no Ray.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cachellm_rl.stats import wilson_upper
+from cachellm_rl.stats import wilson_interval, wilson_upper
 
 
 def tv_distance(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
@@ -192,6 +193,21 @@ class CorrectnessConfig:
             wrong share among the pooled labels at or above ``s`` (no curve, so no
             misspecification; it bounds what a served hit's error is on average, which is
             what the served error rate measures; no per-entry curves).
+        served_guard: The on-policy guard. The curve (or region) is fitted on every label,
+            most of them from states the LM had to answer, and the states the rule then
+            serves may not behave like them. With the guard on, a lookup the rule would serve
+            is served only while the one-sided Wilson upper bound of the wrong share among the
+            newest ``served_window`` *on-policy* labels (exploration calls and refreshes of
+            served hits: random draws of what the rule serves) is at most ``delta``. While it
+            is not, every lookup the rule would serve goes to the LM instead and gives an
+            on-policy label (a miss the cache would have paid for without a semantic tier).
+            When the newest ``served_recent`` on-policy labels alone show the served error
+            above ``delta`` (the one-sided Wilson *lower* bound of their wrong share above
+            it), the older ones are dropped (``guard_resets``): a shift after the guard opened
+            then closes it within a few wrong labels, where the long window would take dozens,
+            and it reopens only on a new run of right ones.
+        served_window: Newest on-policy labels the guard reads.
+        served_recent: Newest on-policy labels of its quick check.
     """
 
     max_tv: float = 0.2
@@ -210,6 +226,9 @@ class CorrectnessConfig:
     refit_every: int = 10
     explore_probability: float = 0.05
     bound: str = "delta_method"
+    served_guard: bool = True
+    served_window: int = 300
+    served_recent: int = 20
 
     def __post_init__(self) -> None:
         if self.bound not in BOUNDS:
@@ -235,8 +254,19 @@ class CorrectnessConfig:
             object.__setattr__(self, "similarity_scale", scale)
         if self.confidence_z < 0 or not (self.similarity_scale or 0.0) > 0:
             raise ValueError("CorrectnessConfig.confidence_z must be >= 0 and similarity_scale > 0")
-        if min(self.min_labels, self.entry_min_labels, self.refit_every) < 1:
-            raise ValueError("CorrectnessConfig label counts and refit_every must be >= 1")
+        if (
+            min(
+                self.min_labels,
+                self.entry_min_labels,
+                self.refit_every,
+                self.served_window,
+                self.served_recent,
+            )
+            < 1
+        ):
+            raise ValueError(
+                "CorrectnessConfig label counts, refit_every and served windows must be >= 1"
+            )
         if self.prior_precision <= 0 or self.entry_prior_precision <= 0:
             raise ValueError("CorrectnessConfig prior precisions must be > 0")
 
@@ -455,17 +485,38 @@ class CorrectnessModel:
         self._since_fit = 0
         self._region: float | None = None  # the region bound's threshold (None: to compute)
         self._since_region = 0
+        self._served: deque[bool] = deque(maxlen=self.config.served_window)
         self.labels_total = 0
         self.labels_wrong = 0
+        self.guard_resets = 0
 
     # -- labels -------------------------------------------------------------------------------
-    def record(self, similarity: float, correct: bool, entry_id: int | None = None) -> None:
+    def record(
+        self,
+        similarity: float,
+        correct: bool,
+        entry_id: int | None = None,
+        *,
+        on_policy: bool = False,
+    ) -> None:
         """Add one label (pooled, and to ``entry_id``'s own labels when given); a label below
-        ``min_similarity`` is counted but not fitted."""
+        ``min_similarity`` is counted but not fitted. ``on_policy`` marks a label of a lookup
+        the rule would have served (an exploration call or a refresh of a served hit): it
+        also goes to the guard's window."""
         if not math.isfinite(similarity):
             raise ValueError(f"label similarity must be finite, got {similarity}")
         self.labels_total += 1
         self.labels_wrong += 0 if correct else 1
+        if on_policy:
+            self._served.append(bool(correct))
+            if (
+                len(self._served) > self.config.served_recent
+                and self.served_recent_wrong_lcb() > self.config.delta
+            ):  # the served region has shifted: what came before no longer speaks for it
+                recent = list(self._served)[-self.config.served_recent :]
+                self._served.clear()
+                self._served.extend(recent)
+                self.guard_resets += 1
         if similarity < self.config.min_similarity:
             return
         self._sims.append(float(similarity))
@@ -579,6 +630,33 @@ class CorrectnessModel:
             return 1.0
         return float(fit.p_wrong_ucb(similarity, self.config.confidence_z))
 
+    @property
+    def served_labels(self) -> int:
+        """On-policy labels in the guard's window."""
+        return len(self._served)
+
+    def served_wrong_ucb(self) -> float:
+        """One-sided Wilson upper bound of the wrong share among the guard's on-policy labels
+        (1.0 when there are none)."""
+        n = len(self._served)
+        if n == 0:
+            return 1.0
+        k = n - sum(self._served)
+        return float(wilson_upper(k, n, z=self.config.confidence_z))
+
+    def served_recent_wrong_lcb(self) -> float:
+        """One-sided Wilson lower bound of the wrong share among the newest
+        ``served_recent`` on-policy labels (0.0 when there are none)."""
+        recent = list(itertools.islice(reversed(self._served), self.config.served_recent))
+        if not recent:
+            return 0.0
+        n = len(recent)
+        return wilson_interval(n - sum(recent), n, z=self.config.confidence_z)[0]
+
+    def guard_open(self) -> bool:
+        """Whether the on-policy guard lets the rule serve (always, with the guard off)."""
+        return not self.config.served_guard or self.served_wrong_ucb() <= self.config.delta
+
     def can_serve(self) -> bool:
         """Whether the rule could serve any similarity now: False before ``min_labels`` labels
         (and, for ``region``, while no region meets the bound). When False, :meth:`allows`
@@ -621,6 +699,8 @@ class CorrectnessModel:
                 str(k): [list(v.sims), [bool(c) for c in v.correct]]
                 for k, v in self._entries.items()
             },
+            "served": [bool(c) for c in self._served],
+            "guard_resets": self.guard_resets,
             "labels_total": self.labels_total,
             "labels_wrong": self.labels_wrong,
         }
@@ -637,6 +717,8 @@ class CorrectnessModel:
             el.sims.extend(float(s) for s in sims)
             el.correct.extend(bool(c) for c in correct)
             model._entries[int(k)] = el
+        model._served.extend(bool(c) for c in state.get("served", ()))
+        model.guard_resets = int(state.get("guard_resets", 0))
         model.labels_total = int(state["labels_total"])
         model.labels_wrong = int(state["labels_wrong"])
         model._since_fit = model.config.refit_every  # fit on first use

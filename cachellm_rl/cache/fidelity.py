@@ -311,7 +311,8 @@ def simulate_delta(
 ) -> StreamResult:
     """The delta rule as the adaptive cache runs it: a lookup whose neighbour the correctness
     model (fitted only on the labels the replay has produced so far) allows is served (or, with
-    the exploration probability, sent to the LM and labelled); every other lookup with a
+    the exploration probability or while the on-policy guard is closed, sent to the LM and
+    labelled as on-policy); every other lookup with a
     neighbour is a miss whose LM answer becomes a label. With a ``verifier`` the model is
     fitted on, and decides by, the verifier's score as the cache does."""
     pairs = simulate_pairs(
@@ -331,11 +332,13 @@ def simulate_delta_on(
         if p is None:
             continue
         sim, ok = p
-        if model.allows(sim) and rng.random() >= config.explore_probability:
+        if not model.allows(sim):
+            model.record(sim, ok)  # a miss
+        elif model.guard_open() and rng.random() >= config.explore_probability:
             served += 1
             wrong += 0 if ok else 1
-        else:
-            model.record(sim, ok)
+        else:  # exploration, or the on-policy guard holding it: an on-policy label
+            model.record(sim, ok, on_policy=True)
     return StreamResult.of(f"delta={config.delta:g}", len(pairs), served, wrong, model.labels_total)
 
 

@@ -137,10 +137,12 @@ def test_an_entry_with_enough_labels_gets_its_own_curve():
 
 # -- the delta rule inside the cache -----------------------------------------------------------
 def _train(c: AdaptiveCache, n: int, correct_above: float) -> None:
+    """Labels wrong below ``correct_above`` and right above it; those above it are also what
+    exploration of the served region would have measured (on-policy, all right)."""
     rng = np.random.default_rng(0)
     for _ in range(n):
         s = float(rng.uniform(0.85, 1.0))
-        c.correctness.record(s, s >= correct_above)
+        c.correctness.record(s, s >= correct_above, on_policy=s >= correct_above)
 
 
 def test_the_cache_serves_semantic_hits_only_once_the_rule_allows():
@@ -209,6 +211,95 @@ def test_a_new_prior_version_resets_the_labels():
     _train(c, 100, correct_above=0.9)
     c.insert(query("s1", E[1]), resp([0.7, 0.2, 0.1], version="v2"))
     assert c.correctness.num_labels == 0
+
+
+# -- the on-policy guard ------------------------------------------------------------------------
+def test_the_guard_opens_only_on_enough_right_on_policy_labels():
+    m = CorrectnessModel(CorrectnessConfig(delta=0.05, served_window=300))
+    assert not m.guard_open() and m.served_wrong_ucb() == 1.0
+    for _ in range(2000):  # labels of misses do not open it, however right
+        m.record(0.99, True)
+    assert not m.guard_open() and m.served_labels == 0
+    for _ in range(60):
+        m.record(0.99, True, on_policy=True)
+    assert m.guard_open()
+    for _ in range(30):  # one in ten served reuses wrong: closed again
+        for k in range(10):
+            m.record(0.99, k > 0, on_policy=True)
+    assert not m.guard_open() and m.served_wrong_ucb() > 0.05
+    r = CorrectnessModel.from_state(m.state_dict())
+    assert r.served_labels == m.served_labels and not r.guard_open()
+    off = CorrectnessModel(CorrectnessConfig(served_guard=False))
+    assert off.guard_open()
+
+
+def test_the_guard_sends_what_the_curve_certifies_to_the_lm_until_served_reuse_is_right():
+    c = delta_cache()
+    c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # the curve is certain: labels of misses, right above 0.95
+        s = float(rng.uniform(0.85, 1.0))
+        c.correctness.record(s, s >= 0.95)
+    assert c.correctness.allows(0.99)
+    r = c.lookup(query("q", near(0, 0.99)))
+    assert r.tier is HitTier.MISS and r.explore and r.entry_id == 0
+    assert c.stats.guard_held == 1 and c.stats.explore_calls == 1
+    assert c.lookup(query("q", near(0, 0.99)), update=False).tier is HitTier.MISS  # a peek
+    for k in range(100):  # what it would have served is wrong one time in five
+        lab = c.record_label(
+            query(f"x{k}", near(0, 0.99)),
+            resp([0.2, 0.7, 0.1] if k % 5 == 0 else [0.7, 0.2, 0.1]).logp,
+            source="explore",
+            entry_id=r.entry_id,
+            similarity=r.similarity,
+        )
+        assert lab is not None
+    assert c.correctness.guard_resets > 0 and not c.correctness.guard_open()
+    assert c.lookup(query("q2", near(0, 0.99))).tier is HitTier.MISS
+    # without the guard the curve alone serves (with it, on right on-policy labels: the tests
+    # above, whose labels above 0.95 are on-policy)
+    c2 = delta_cache(served_guard=False)
+    c2.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
+    for _ in range(3000):
+        s = float(rng.uniform(0.85, 1.0))
+        c2.correctness.record(s, s >= 0.95)
+    assert c2.lookup(query("q", near(0, 0.99))).tier is HitTier.SEMANTIC
+
+
+def _stream(shift_at: int, n: int = 8000) -> list[tuple[float, bool] | None]:
+    """Lookups at cosine U(0.85, 1): reuse right above 0.95 and wrong below it, until
+    ``shift_at``; from there on also wrong on one reuse in five above 0.95."""
+    rng = np.random.default_rng(1)
+    pairs: list[tuple[float, bool] | None] = []
+    for i in range(n):
+        s = float(rng.uniform(0.85, 1.0))
+        pairs.append((s, s >= 0.95 and (i < shift_at or rng.random() > 0.2)))
+    return pairs
+
+
+def test_the_guard_keeps_served_error_down_where_the_labels_of_misses_mislead():
+    """The replay of the delta rule as the cache runs it. The curve is fitted on every label,
+    most of them from misses below the served region, which never show that served reuses
+    are wrong one time in five; only on-policy labels (exploration, and the guard's own) do."""
+    from cachellm_rl.cache.fidelity import simulate_delta_on
+
+    base = {"delta": 0.05, "min_labels": 50, "explore_probability": 0.05, "refit_every": 10}
+
+    def run(shift_at: int, guard: bool):
+        cfg = CorrectnessConfig(**base, served_guard=guard)
+        return simulate_delta_on(_stream(shift_at), cfg, seed=0)
+
+    # served reuse wrong from the start: the curve alone serves it, the guard never opens
+    assert run(0, False).served > 500 and run(0, False).served_error_rate > 0.15
+    assert run(0, True).served == 0
+    # nothing misleads: the guard costs only its first on-policy labels
+    ok_guarded, ok_free = run(10**6, True), run(10**6, False)
+    assert ok_guarded.served >= 0.9 * ok_free.served and ok_guarded.served_wrong == 0
+    # a shift half-way: caught within a few wrong on-policy labels
+    shifted_guarded, shifted_free = run(4000, True), run(4000, False)
+    assert shifted_free.served_error_rate > 0.08
+    assert shifted_guarded.served_error_rate <= 0.05
+    assert shifted_guarded.served_error_rate < shifted_free.served_error_rate / 2
 
 
 # -- persistence --------------------------------------------------------------------------------

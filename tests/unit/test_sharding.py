@@ -207,19 +207,24 @@ def test_bad_shard_settings_are_refused():
 
 def test_a_retried_exchange_is_applied_once():
     s0, _ = shards(cache={"reuse_rule": "delta"})
-    payload = (1, WindowCounters(decisions=4), [(0.95, True, 3), (0.97, False, 3)], [])
+    labels = [(0.95, True, 3, False), (0.97, False, 3, False)]
+    payload = (1, WindowCounters(decisions=4), labels, [])
     s0.shard_sync(1, "incarnation-a", [payload])
     again = s0.shard_sync(1, "incarnation-a", [payload])  # the answer was lost: sent again
     assert again["applied"] == 1
     assert s0._cache.correctness.labels_total == 2 and s0._cache.window.decisions == 4
     s0.shard_sync(1, "incarnation-b", [payload])  # a restarted shard numbers from 1 again
     assert s0._cache.correctness.labels_total == 4
+    assert s0._cache.correctness.served_labels == 0
+    on_policy = [(0.99, True, 3, True)]  # another shard's exploration call: the guard reads it
+    s0.shard_sync(1, "incarnation-b", [(2, WindowCounters(), on_policy, [])])
+    assert s0._cache.correctness.served_labels == 1
 
 
 def test_a_restarted_shard_numbers_new_entries_above_those_shard_0_knows():
     s0, s1 = shards(cache={"reuse_rule": "delta"})
     # shard 0 holds labels of shard 1's entry 9 (made after shard 1's last snapshot, say)
-    s0.shard_sync(1, "old", [(1, WindowCounters(), [(0.95, True, 9)], [])])
+    s0.shard_sync(1, "old", [(1, WindowCounters(), [(0.95, True, 9, False)], [])])
     assert asyncio.run(s1.sync_now())  # s1 is the restarted shard: it starts at id 1
     eid = s1._cache.insert(query("fresh", None), PriorResponse(LOGP, "v1"))
     assert eid == 11 and s1._cache.is_local_id(eid)

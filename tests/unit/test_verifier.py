@@ -137,7 +137,7 @@ def test_the_delta_rule_reads_the_verifiers_score_not_the_cosine():
     rng = np.random.default_rng(0)
     for _ in range(2000):
         s = float(rng.uniform(0.5, 1.0))
-        c.correctness.record(s, s >= 0.95)
+        c.correctness.record(s, s >= 0.95, on_policy=s >= 0.95)
     assert c.lookup(query("good", near)).tier is HitTier.SEMANTIC
     assert c.lookup(query("bad", near)).tier is HitTier.MISS
     assert c.stats.verifier_calls >= 3
@@ -259,7 +259,7 @@ def test_the_delta_rule_scores_a_querys_neighbours_in_one_batch_and_none_before_
     rng = np.random.default_rng(0)
     for _ in range(2000):
         s = float(rng.uniform(0.5, 1.0))
-        c.correctness.record(s, s >= 0.95)
+        c.correctness.record(s, s >= 0.95, on_policy=s >= 0.95)
     res = c.lookup(query("q", e[0]))
     assert res.tier is HitTier.SEMANTIC and res.similarity == pytest.approx(0.999, abs=1e-3)
     assert stub.batches == [3] and c.stats.verifier_calls == 3
