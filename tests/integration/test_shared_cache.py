@@ -429,6 +429,9 @@ def test_connector_degrades_to_uniform_priors_while_the_actor_is_gone(ray_sessio
     rows = [None, None]
     conn._cache_rows([0, 1], [info, info], rows, 8)
     assert all(r is not None for r in rows) and conn.report.actor_failures == 0
+    assert conn.report.latency_all_hit.total == 0  # the first call asked the LM
+    conn._cache_rows([0, 1], [info, info], rows, 8)  # both cached now: an all-hit call
+    assert conn.report.latency_all_hit.total == 1 and conn.report.latency_hit.total >= 2
     kill_cache(name)
     uniform = [object(), object()]
     rows = list(uniform)

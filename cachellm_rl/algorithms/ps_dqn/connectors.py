@@ -97,7 +97,14 @@ class PriorConnectorConfig:
 
 @dataclass
 class PriorConnectorReport:
-    """What one env runner's connector measured (picklable; merged by the driver)."""
+    """What one env runner's connector measured (picklable; merged by the driver).
+
+    ``latency_hit`` / ``latency_miss`` record each decision's actor call (encoding included)
+    by its own outcome, so a hit that shares a call with a miss waits for the miss's LM call;
+    ``latency_all_hit`` records only the calls whose every decision was a hit: what a vector
+    step served from the cache costs the runner, end to end. ``latency_call`` is the actor
+    round trip of every call, encoding excluded.
+    """
 
     decisions: int = 0
     actor_calls: int = 0
@@ -109,6 +116,7 @@ class PriorConnectorReport:
     latency_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_miss: LatencyHistogram = field(default_factory=LatencyHistogram)
     latency_call: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency_all_hit: LatencyHistogram = field(default_factory=LatencyHistogram)
     hit_rate_ema: float = 0.0
     connector_s: float = 0.0
     actor_call_s: float = 0.0
@@ -132,6 +140,7 @@ class PriorConnectorReport:
             latency_hit=self.latency_hit.merged(other.latency_hit),
             latency_miss=self.latency_miss.merged(other.latency_miss),
             latency_call=self.latency_call.merged(other.latency_call),
+            latency_all_hit=self.latency_all_hit.merged(other.latency_all_hit),
             hit_rate_ema=_weighted(self, other, "hit_rate_ema"),
             connector_s=self.connector_s + other.connector_s,
             actor_call_s=self.actor_call_s + other.actor_call_s,
@@ -359,6 +368,8 @@ class PriorObservationConnector(ConnectorV2):
             rep.hits += int(hit)
             rep.sources[r.source.value] = rep.sources.get(r.source.value, 0) + 1
             (rep.latency_hit if hit else rep.latency_miss).record(ms)
+        if all(r.hit for r in results):  # a decision served from the cache, end to end
+            rep.latency_all_hit.record(ms)
         rep.hit_rate_ema = self._hit_ema
 
 
