@@ -9,7 +9,9 @@ and when the *reuse rule* accepts its cosine similarity:
 - ``reuse_rule="delta"`` (the adaptive cache): a correctness model fitted on measured reuse
   labels (:mod:`cachellm_rl.cache.correctness`) must bound ``P(wrong | similarity)`` by the
   user's ``delta``; before enough labels exist no semantic hit is served, and a servable hit
-  calls the LM anyway with a small exploration probability so labels keep coming.
+  calls the LM anyway with a small exploration probability so labels keep coming. The
+  on-policy guard serves only while those exploration labels (what the rule would serve)
+  bound the served error by ``delta`` too; until then every servable hit calls the LM.
 - ``reuse_rule="tau"`` (the ``lru`` and ``static`` baselines): ``cos >= min_cosine_similarity``
   (higher is stricter), plus, with ``learn_entry_radius``, a per-entry similarity floor raised
   whenever a refresh finds that the entry served a prior whose choice the fresh prior rejects.
