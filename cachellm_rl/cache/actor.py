@@ -579,16 +579,17 @@ class SharedPriorCache:
     def _near_inflight(self, q: CacheQuery) -> tuple[bytes, float] | None:
         """An in-flight LM request for a near state whose answer this query may reuse, under the
         same reuse rule as a semantic hit (the pooled correctness curve under ``delta``, since
-        the leader has no entry yet, and only while the on-policy guard is open; ``cos >= tau``
-        under ``tau``). None in a cache without a semantic tier (``exact_only``): it reuses
-        nothing but exact keys. None under ``delta`` with a reuse verifier: its correctness
-        model reads the verifier's score of a cached prior, which an answer still in flight
-        does not have."""
+        the leader has no entry yet; ``cos >= tau`` under ``tau``). None in a cache without a
+        semantic tier (``exact_only``): it reuses nothing but exact keys. None under ``delta``
+        with the on-policy guard (the default): such a reuse is never explored or refreshed,
+        so the guard could not check it; and None with a reuse verifier, whose curve reads
+        the verifier's score of a cached prior, which an answer still in flight does not
+        have."""
         if q.embedding is None or not self._inflight_near or not self._cache.config.semantic_tier:
             return None
         cache = self._cache
         if cache.config.reuse_rule == "delta" and (
-            cache.verifier is not None or not cache.correctness.guard_open()
+            cache.verifier is not None or cache.config.correctness.served_guard
         ):
             return None
         cands = q.request.candidates

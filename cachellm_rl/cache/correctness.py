@@ -203,9 +203,10 @@ class CorrectnessConfig:
             on-policy label (a miss the cache would have paid for without a semantic tier).
             When the newest ``served_recent`` on-policy labels alone show the served error
             above ``delta`` (the one-sided Wilson *lower* bound of their wrong share above
-            it), the older ones are dropped (``guard_resets``): a shift after the guard opened
-            then closes it within a few wrong labels, where the long window would take dozens,
-            and it reopens only on a new run of right ones.
+            it), the older ones are dropped: a shift after the guard opened then closes it
+            within a few wrong labels, where the long window would take dozens, and it
+            reopens only on a new run of right ones. ``guard_closures`` counts the labels at
+            which an open guard closed.
         served_window: Newest on-policy labels the guard reads.
         served_recent: Newest on-policy labels of its quick check.
     """
@@ -488,7 +489,7 @@ class CorrectnessModel:
         self._served: deque[bool] = deque(maxlen=self.config.served_window)
         self.labels_total = 0
         self.labels_wrong = 0
-        self.guard_resets = 0
+        self.guard_closures = 0
 
     # -- labels -------------------------------------------------------------------------------
     def record(
@@ -508,6 +509,7 @@ class CorrectnessModel:
         self.labels_total += 1
         self.labels_wrong += 0 if correct else 1
         if on_policy:
+            was_open = self.guard_open()
             self._served.append(bool(correct))
             if (
                 len(self._served) > self.config.served_recent
@@ -516,7 +518,8 @@ class CorrectnessModel:
                 recent = list(self._served)[-self.config.served_recent :]
                 self._served.clear()
                 self._served.extend(recent)
-                self.guard_resets += 1
+            if was_open and not self.guard_open():
+                self.guard_closures += 1
         if similarity < self.config.min_similarity:
             return
         self._sims.append(float(similarity))
@@ -700,7 +703,7 @@ class CorrectnessModel:
                 for k, v in self._entries.items()
             },
             "served": [bool(c) for c in self._served],
-            "guard_resets": self.guard_resets,
+            "guard_closures": self.guard_closures,
             "labels_total": self.labels_total,
             "labels_wrong": self.labels_wrong,
         }
@@ -718,7 +721,7 @@ class CorrectnessModel:
             el.correct.extend(bool(c) for c in correct)
             model._entries[int(k)] = el
         model._served.extend(bool(c) for c in state.get("served", ()))
-        model.guard_resets = int(state.get("guard_resets", 0))
+        model.guard_closures = int(state.get("guard_closures", 0))
         model.labels_total = int(state["labels_total"])
         model.labels_wrong = int(state["labels_wrong"])
         model._since_fit = model.config.refit_every  # fit on first use

@@ -57,36 +57,38 @@ def test_spsa_mode_moves_tau_from_caller_groups():
     assert actor.local_stats().min_cosine_similarity > 0.9  # the + side earned more return
 
 
-def test_near_inflight_reuse_follows_the_guard_and_is_off_with_a_verifier():
+def test_near_inflight_reuse_under_delta_only_without_the_guard_and_the_verifier():
     """A near state's in-flight answer is reused under the delta rule only where the curve
-    allows it, the on-policy guard is open and no verifier decides (its curve reads verifier
-    scores, which an answer in flight has none of)."""
+    allows it, with the on-policy guard off (the guard could never check such a reuse: it is
+    not explored) and no verifier deciding (its curve reads verifier scores, which an answer
+    in flight has none of)."""
     from cachellm_rl.cache.correctness import CorrectnessConfig
 
-    cfg = SharedCacheConfig(
-        cache=small_config(
-            reuse_rule="delta",
-            min_candidate_coverage=0.5,
-            correctness=CorrectnessConfig(min_labels=20, refit_every=1),
-        ),
-        prior_app=None,
-    )
-    actor = SharedPriorCache(cfg)
+    def actor_with(guard: bool) -> SharedPriorCache:
+        cfg = SharedCacheConfig(
+            cache=small_config(
+                reuse_rule="delta",
+                min_candidate_coverage=0.5,
+                correctness=CorrectnessConfig(min_labels=20, refit_every=1, served_guard=guard),
+            ),
+            prior_app=None,
+        )
+        actor = SharedPriorCache(cfg)
+        rng = np.random.default_rng(0)
+        for _ in range(2000):
+            s = float(rng.uniform(0.85, 1.0))
+            actor._cache.correctness.record(s, s >= 0.95, on_policy=s >= 0.95)
+        assert actor._cache.correctness.allows(0.99)
+        return actor
+
     e = np.eye(8, dtype=np.float32)
     leader = query("leader", e[0])
-    actor._inflight_near[leader.exact_key] = (leader.embedding, frozenset(("a", "b", "c")))
-    near = e[0] * 0.99 + e[1] * np.sqrt(1 - 0.99**2)
-    follower = query("follower", near.astype(np.float32))
-    model = actor._cache.correctness
-    rng = np.random.default_rng(0)
-    for _ in range(2000):  # the curve allows 0.99; no on-policy label yet
-        s = float(rng.uniform(0.85, 1.0))
-        model.record(s, s >= 0.95)
-    assert model.allows(0.99) and not model.guard_open()
-    assert actor._near_inflight(follower) is None
-    for _ in range(100):
-        model.record(0.99, True, on_policy=True)
-    assert model.guard_open()
-    assert actor._near_inflight(follower) == (leader.exact_key, pytest.approx(0.99, abs=1e-4))
-    actor._cache.verifier = object()  # type: ignore[assignment]  # any verifier
-    assert actor._near_inflight(follower) is None
+    follower = query("follower", (e[0] * 0.99 + e[1] * np.sqrt(1 - 0.99**2)).astype(np.float32))
+    guarded, free = actor_with(True), actor_with(False)
+    for actor in (guarded, free):
+        actor._inflight_near[leader.exact_key] = (leader.embedding, frozenset(("a", "b", "c")))
+    assert guarded._cache.correctness.guard_open()
+    assert guarded._near_inflight(follower) is None
+    assert free._near_inflight(follower) == (leader.exact_key, pytest.approx(0.99, abs=1e-4))
+    free._cache.verifier = object()  # type: ignore[assignment]  # any verifier
+    assert free._near_inflight(follower) is None

@@ -227,43 +227,63 @@ def test_the_guard_opens_only_on_enough_right_on_policy_labels():
         for k in range(10):
             m.record(0.99, k > 0, on_policy=True)
     assert not m.guard_open() and m.served_wrong_ucb() > 0.05
+    assert m.guard_closures == 1
     r = CorrectnessModel.from_state(m.state_dict())
     assert r.served_labels == m.served_labels and not r.guard_open()
+    assert r.guard_closures == 1
     off = CorrectnessModel(CorrectnessConfig(served_guard=False))
     assert off.guard_open()
 
 
-def test_the_guard_sends_what_the_curve_certifies_to_the_lm_until_served_reuse_is_right():
-    c = delta_cache()
+def _cache_with_certain_curve(**corr) -> AdaptiveCache:
+    """A delta cache holding s0 whose curve (labels of misses, right above 0.95, none of them
+    on-policy) allows a semantic hit at 0.99."""
+    c = delta_cache(**corr)
     c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
     rng = np.random.default_rng(0)
-    for _ in range(3000):  # the curve is certain: labels of misses, right above 0.95
+    for _ in range(3000):
         s = float(rng.uniform(0.85, 1.0))
         c.correctness.record(s, s >= 0.95)
-    assert c.correctness.allows(0.99)
+    assert c.correctness.allows(0.99, 0)
+    return c
+
+
+def test_the_guard_sends_what_the_curve_certifies_to_the_lm_until_served_reuse_is_right():
+    c = _cache_with_certain_curve()
     r = c.lookup(query("q", near(0, 0.99)))
     assert r.tier is HitTier.MISS and r.explore and r.entry_id == 0
     assert c.stats.guard_held == 1 and c.stats.explore_calls == 1
     assert c.lookup(query("q", near(0, 0.99)), update=False).tier is HitTier.MISS  # a peek
-    for k in range(100):  # what it would have served is wrong one time in five
+    # the full path: the held lookups' LM answers agree with s0's prior, as labels of their own
+    # (on-policy), and the guard opens once they bound the served error under delta
+    k = 0
+    while c.lookup(query(f"x{k}", near(0, 0.99))).tier is HitTier.MISS:
         lab = c.record_label(
             query(f"x{k}", near(0, 0.99)),
-            resp([0.2, 0.7, 0.1] if k % 5 == 0 else [0.7, 0.2, 0.1]).logp,
+            resp([0.7, 0.2, 0.1]).logp,
             source="explore",
-            entry_id=r.entry_id,
-            similarity=r.similarity,
+            entry_id=0,
+            similarity=0.99,
         )
-        assert lab is not None
-    assert c.correctness.guard_resets > 0 and not c.correctness.guard_open()
-    assert c.lookup(query("q2", near(0, 0.99))).tier is HitTier.MISS
-    # without the guard the curve alone serves (with it, on right on-policy labels: the tests
-    # above, whose labels above 0.95 are on-policy)
-    c2 = delta_cache(served_guard=False)
-    c2.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
-    for _ in range(3000):
-        s = float(rng.uniform(0.85, 1.0))
-        c2.correctness.record(s, s >= 0.95)
-    assert c2.lookup(query("q", near(0, 0.99))).tier is HitTier.SEMANTIC
+        assert lab is not None and lab.correct
+        k += 1
+        assert k < 200
+    assert c.correctness.served_labels == k and 50 <= k <= 60
+    assert c.stats.guard_held == k + 1
+
+
+def test_the_guard_holds_back_what_on_policy_labels_show_wrong():
+    c = _cache_with_certain_curve()
+    for k in range(100):  # what the curve would serve is wrong one time in five
+        c.correctness.record(0.999, k % 5 != 0, on_policy=True)
+    assert c.correctness.allows(0.99, 0) and not c.correctness.guard_open()
+    r = c.lookup(query("q2", near(0, 0.99)))
+    assert r.tier is HitTier.MISS and r.explore and c.stats.guard_held == 1
+    # without the guard the curve alone serves
+    c2 = _cache_with_certain_curve(served_guard=False)
+    for k in range(100):
+        c2.correctness.record(0.999, k % 5 != 0, on_policy=True)
+    assert c2.lookup(query("q2", near(0, 0.99))).tier is HitTier.SEMANTIC
 
 
 def _stream(shift_at: int, n: int = 8000) -> list[tuple[float, bool] | None]:
@@ -300,6 +320,7 @@ def test_the_guard_keeps_served_error_down_where_the_labels_of_misses_mislead():
     assert shifted_free.served_error_rate > 0.08
     assert shifted_guarded.served_error_rate <= 0.05
     assert shifted_guarded.served_error_rate < shifted_free.served_error_rate / 2
+    assert shifted_guarded.served_wrong < shifted_free.served_wrong / 3
 
 
 # -- persistence --------------------------------------------------------------------------------
