@@ -287,7 +287,9 @@ class CacheStats:
     ``semantic_refused`` counts lookups whose near, covering neighbour the reuse rule refused;
     ``explore_calls`` servable hits sent to the LM anyway, ``guard_held`` those of them the
     on-policy guard sent (its bound above ``delta``; see
-    :class:`~cachellm_rl.cache.correctness.CorrectnessConfig`); ``labels`` / ``labels_wrong`` the
+    :class:`~cachellm_rl.cache.correctness.CorrectnessConfig`), ``on_policy_labels`` /
+    ``on_policy_wrong`` the labels the guard reads (of exploration calls and refreshes of
+    served hits); ``labels`` / ``labels_wrong`` the
     reuse labels measured. ``audits`` / ``audits_wrong`` count served semantic reuses checked
     against a fresh LM answer that changed nothing the caller got; their LM calls are
     ``audit_queries``, never part of ``lm_queries``. A sharded cache (its stats summed over
@@ -308,6 +310,8 @@ class CacheStats:
     semantic_refused: int = 0
     explore_calls: int = 0
     guard_held: int = 0
+    on_policy_labels: int = 0
+    on_policy_wrong: int = 0
     labels: int = 0
     labels_wrong: int = 0
     explore_probability: float = 0.0
@@ -939,6 +943,8 @@ class AdaptiveCache:
             # rule serves: the on-policy guard reads them
             on_policy = source in ("explore", "refresh")
             self.correctness.record(score, label.correct, neighbour_id, on_policy=on_policy)
+            self.stats.on_policy_labels += int(on_policy)
+            self.stats.on_policy_wrong += int(on_policy and not label.correct)
             if self.forward is not None:
                 self.forward.append(
                     (float(score), bool(label.correct), int(neighbour_id), on_policy)
