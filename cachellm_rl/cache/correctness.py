@@ -487,6 +487,7 @@ class CorrectnessModel:
         self._region: float | None = None  # the region bound's threshold (None: to compute)
         self._since_region = 0
         self._served: deque[bool] = deque(maxlen=self.config.served_window)
+        self._served_ucb: float | None = None  # the guard's bound (None: to compute)
         self.labels_total = 0
         self.labels_wrong = 0
         self.guard_closures = 0
@@ -511,6 +512,7 @@ class CorrectnessModel:
         if on_policy:
             was_open = self.guard_open()
             self._served.append(bool(correct))
+            self._served_ucb = None
             if (
                 len(self._served) > self.config.served_recent
                 and self.served_recent_wrong_lcb() > self.config.delta
@@ -518,6 +520,7 @@ class CorrectnessModel:
                 recent = list(self._served)[-self.config.served_recent :]
                 self._served.clear()
                 self._served.extend(recent)
+                self._served_ucb = None
             if was_open and not self.guard_open():
                 self.guard_closures += 1
         if similarity < self.config.min_similarity:
@@ -641,11 +644,11 @@ class CorrectnessModel:
     def served_wrong_ucb(self) -> float:
         """One-sided Wilson upper bound of the wrong share among the guard's on-policy labels
         (1.0 when there are none)."""
-        n = len(self._served)
-        if n == 0:
-            return 1.0
-        k = n - sum(self._served)
-        return float(wilson_upper(k, n, z=self.config.confidence_z))
+        if self._served_ucb is None:  # read on every servable lookup: computed once per label
+            n = len(self._served)
+            k = n - sum(self._served)
+            self._served_ucb = float(wilson_upper(k, n, z=self.config.confidence_z)) if n else 1.0
+        return self._served_ucb
 
     def served_recent_wrong_lcb(self) -> float:
         """One-sided Wilson lower bound of the wrong share among the newest
