@@ -286,8 +286,8 @@ class SharedPriorCache:
             self._tell(eid % self.config.num_shards, "raise_floor", eid, floor)
 
     def raise_floor(self, entry_id: int, floor: float) -> None:
-        """Another shard's refresh found this shard's entry served a wrong prior (``tau``
-        rule): raise the entry's similarity floor."""
+        """Another shard's refresh (``tau`` rule) or on-policy label (``delta``) found this
+        shard's entry served a wrong prior: raise the entry's similarity floor."""
         self._cache.raise_floor(entry_id, floor)
 
     async def _on_peers(
@@ -656,6 +656,8 @@ class SharedPriorCache:
                     reused_logp=lookup.logp,
                     remote=remote or (),
                 )
+                if self._cache.remote_narrow:
+                    self._send_floors()
             else:
                 self._cache.record_label(q, resp.logp, source="miss", remote=remote or ())
             self._cache.insert(q, resp)
@@ -900,6 +902,22 @@ class SharedPriorCache:
                 out.shards_reporting = 1
                 parts.append(out)
         return merge_stats(parts)
+
+    def local_label_records(self) -> list[dict]:
+        """This shard's kept reuse labels (audits included), oldest first, as JSON-ready
+        dicts."""
+        return self._cache.labels.records()
+
+    async def label_records(self) -> list[dict]:
+        """The kept reuse labels of every shard that answers (audits included), each with its
+        ``shard``: what a run's ``labels/`` file holds for analysis (see docs/cache.md)."""
+        out = [{**r, "shard": self.config.shard_index} for r in self.local_label_records()]
+        if self.config.num_shards > 1:
+            peers = await self._on_peers("local_label_records")
+            for k, part in zip(self._others(), peers, strict=True):
+                if not isinstance(part, BaseException):
+                    out += [{**r, "shard": k} for r in part]
+        return out
 
     def call_counts(self) -> dict[str, tuple[int, int]]:
         """``caller_id -> (get_priors calls, queries)`` since the actor started."""

@@ -83,7 +83,8 @@ class CacheConfig:
             top action is at least this many nats less likely than the fresh prior's top action
             under the fresh prior (``log p(a*) - log p(a_cached)``).
         learn_entry_radius: On an error, raise the serving entry's own similarity floor above
-            the similarity it served at, so it no longer answers that neighbour.
+            the similarity it served at, so it no longer answers that neighbour (``tau``
+            rule; under ``delta`` an on-policy label that finds a reuse wrong always does).
         entry_radius_margin: How far above the erring similarity the entry's floor is set.
         visit_bonus_steps: How many decisions of recency one doubling of visit count is worth
             in the eviction order (0 = plain LRU).
@@ -406,7 +407,7 @@ class Neighbour:
         similarity: Cosine similarity to the query.
         logp: The entry's prior aligned to the query's candidates.
         coverage: Fraction of the query's candidates the entry has.
-        min_similarity: The entry's own similarity floor (``tau`` rule).
+        min_similarity: The entry's own similarity floor.
         model_version: Prior version of the entry.
         encoder_tag: Encoder of the entry's embedding.
         text: The entry's state text (for labels and the reuse verifier).
@@ -530,7 +531,7 @@ class AdaptiveCache:
             self.forward_forgets.clear()
 
     def raise_floor(self, entry_id: int, floor: float) -> None:
-        """Raise an entry's similarity floor (``tau`` rule), as another shard's refresh asks."""
+        """Raise an entry's similarity floor, as another shard's wrong label asks."""
         e = self._entries.get(entry_id)
         if e is not None:
             e.min_similarity = max(e.min_similarity, min(1.0, floor))
@@ -602,6 +603,9 @@ class AdaptiveCache:
         tau = self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
         explore = self.explore_probability if explore_probability is None else explore_probability
         delta_rule = self.config.reuse_rule == "delta"
+        corr = self.config.correctness
+        if delta_rule and corr.served_guard:  # the guard keeps reading what is served
+            explore = max(explore, corr.guard_explore_probability)
         cands = query.request.candidates
         result = LookupResult(tier=HitTier.MISS)
         eid = self._by_key.get(query.exact_key)
@@ -628,7 +632,7 @@ class AdaptiveCache:
             else:  # the cosine is the score
                 found = ((*c, c[0]) for c in found)
             for sim, i, logp, cov, floor, _text, _actions, score in found:
-                if not delta_rule and (sim < tau or sim < floor):
+                if sim < floor or (not delta_rule and sim < tau):
                     continue
                 if cov < self.config.min_candidate_coverage:
                     continue
@@ -945,6 +949,9 @@ class AdaptiveCache:
             self.correctness.record(score, label.correct, neighbour_id, on_policy=on_policy)
             self.stats.on_policy_labels += int(on_policy)
             self.stats.on_policy_wrong += int(on_policy and not label.correct)
+            if on_policy and not label.correct and self.config.reuse_rule == "delta":
+                # what was wrong where it would have been served is not served there again
+                self._narrow(neighbour_id, sim)
             if self.forward is not None:
                 self.forward.append(
                     (float(score), bool(label.correct), int(neighbour_id), on_policy)
@@ -1185,15 +1192,22 @@ class AdaptiveCache:
             and self.config.reuse_rule == "tau"
             and self.config.learn_entry_radius
             and similarity is not None
+            and (old is None or old.exact_key != query.exact_key)
         ):
-            floor = similarity + self.config.entry_radius_margin
-            if old is not None and old.exact_key != query.exact_key:
-                old.min_similarity = max(old.min_similarity, min(1.0, floor))
-                s.radius_narrowed += 1
-            elif old is None and not self.is_local_id(entry_id):
-                self.remote_narrow.append((entry_id, floor))  # its shard narrows it
+            self._narrow(entry_id, similarity)
         self.insert(query, fresh)
         return m
+
+    def _narrow(self, entry_id: int, similarity: float) -> None:
+        """Raise an entry's similarity floor above ``similarity`` (this cache's entry, or
+        queued for its shard in ``remote_narrow``)."""
+        floor = similarity + self.config.entry_radius_margin
+        e = self._entries.get(entry_id)
+        if e is not None:
+            e.min_similarity = max(e.min_similarity, min(1.0, floor))
+            self.stats.radius_narrowed += 1
+        elif not self.is_local_id(entry_id):
+            self.remote_narrow.append((entry_id, floor))  # its shard narrows it
 
     # -- persistence --------------------------------------------------------------------------
     def save(

@@ -22,7 +22,6 @@ Pure numpy; no Ray.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cachellm_rl.stats import wilson_interval, wilson_upper
+from cachellm_rl.stats import wilson_upper
 
 
 def tv_distance(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
@@ -196,19 +195,31 @@ class CorrectnessConfig:
         served_guard: The on-policy guard. The curve (or region) is fitted on every label,
             most of them from states the LM had to answer, and the states the rule then
             serves may not behave like them. With the guard on, a lookup the rule would serve
-            is served only while the one-sided Wilson upper bound of the wrong share among the
-            newest ``served_window`` *on-policy* labels (exploration calls and refreshes of
-            served hits: random draws of what the rule serves) is at most ``delta``. While it
-            is not, every lookup the rule would serve goes to the LM instead and gives an
-            on-policy label (a miss the cache would have paid for without a semantic tier).
-            When the newest ``served_recent`` on-policy labels alone show the served error
-            above ``delta`` (the one-sided Wilson *lower* bound of their wrong share above
-            it), the older ones are dropped: a shift after the guard opened then closes it
-            within a few wrong labels, where the long window would take dozens, and it
-            reopens only on a new run of right ones. ``guard_closures`` counts the labels at
-            which an open guard closed.
-        served_window: Newest on-policy labels the guard reads.
-        served_recent: Newest on-policy labels of its quick check.
+            is served only while a sequential probability ratio test on the *on-policy*
+            labels (exploration calls and refreshes of served hits: random draws of what the
+            rule serves) has accepted that their wrong share is below ``delta``. The test
+            weighs each label by the likelihood ratio of a wrong share of
+            ``guard_alternative * delta`` against one of ``delta``, and opens when the
+            log ratio reaches ``log(1 / guard_alpha)``. Under a wrong share of ``delta`` or
+            more the ratio is a supermartingale, so by Ville's inequality the test opens
+            with probability at most ``guard_alpha`` however often it is read (the repeated
+            looks that let a fixed-level interval open by chance on a long stream). The
+            log ratio is kept within ``[-log(1 / guard_alpha), log(1 / guard_alpha) +
+            (guard_close_after - 0.5) * log(1 / guard_alternative)]``: a bad past costs at
+            most twice the opening evidence to overcome, and an open guard closes after
+            ``guard_close_after`` more wrong labels than its evidence allows (a shift after
+            it opened). While the guard is closed, every lookup the rule would serve goes
+            to the LM instead and gives an on-policy label (a miss the cache would have paid
+            for without a semantic tier). ``guard_closures`` counts the labels at which an
+            open guard closed.
+        guard_alpha: The test's error: the chance of opening while served reuse is wrong at
+            a rate of ``delta`` or more.
+        guard_alternative: The wrong share, as a fraction of ``delta``, that the test is
+            built to accept (lower: more labels to open, a clearer margin under ``delta``).
+        guard_close_after: Wrong on-policy labels that close a guard at its evidence cap.
+        guard_explore_probability: With the guard on, the least chance that a servable
+            lookup calls the LM anyway, so the guard keeps reading what is served after it
+            opened (the meta-optimiser may lower ``explore_probability`` far below it).
     """
 
     max_tv: float = 0.2
@@ -228,8 +239,10 @@ class CorrectnessConfig:
     explore_probability: float = 0.05
     bound: str = "delta_method"
     served_guard: bool = True
-    served_window: int = 300
-    served_recent: int = 20
+    guard_alpha: float = 0.05
+    guard_alternative: float = 0.5
+    guard_close_after: int = 2
+    guard_explore_probability: float = 0.1
 
     def __post_init__(self) -> None:
         if self.bound not in BOUNDS:
@@ -260,13 +273,22 @@ class CorrectnessConfig:
                 self.min_labels,
                 self.entry_min_labels,
                 self.refit_every,
-                self.served_window,
-                self.served_recent,
+                self.guard_close_after,
             )
             < 1
         ):
             raise ValueError(
-                "CorrectnessConfig label counts, refit_every and served windows must be >= 1"
+                "CorrectnessConfig label counts, refit_every and guard_close_after must be >= 1"
+            )
+        if not (0.0 < self.guard_alpha < 1.0 and 0.0 < self.guard_alternative < 1.0):
+            raise ValueError(
+                "CorrectnessConfig.guard_alpha and guard_alternative must be in (0, 1), got "
+                f"{self.guard_alpha} and {self.guard_alternative}"
+            )
+        if not 0.0 <= self.guard_explore_probability <= 1.0:
+            raise ValueError(
+                "CorrectnessConfig.guard_explore_probability must be in [0, 1], got "
+                f"{self.guard_explore_probability}"
             )
         if self.prior_precision <= 0 or self.entry_prior_precision <= 0:
             raise ValueError("CorrectnessConfig prior precisions must be > 0")
@@ -486,8 +508,9 @@ class CorrectnessModel:
         self._since_fit = 0
         self._region: float | None = None  # the region bound's threshold (None: to compute)
         self._since_region = 0
-        self._served: deque[bool] = deque(maxlen=self.config.served_window)
-        self._served_ucb: float | None = None  # the guard's bound (None: to compute)
+        self.guard_llr = 0.0  # the guard's log likelihood ratio
+        self.served_labels = 0
+        self.served_wrong = 0
         self.labels_total = 0
         self.labels_wrong = 0
         self.guard_closures = 0
@@ -511,16 +534,7 @@ class CorrectnessModel:
         self.labels_wrong += 0 if correct else 1
         if on_policy:
             was_open = self.guard_open()
-            self._served.append(bool(correct))
-            self._served_ucb = None
-            if (
-                len(self._served) > self.config.served_recent
-                and self.served_recent_wrong_lcb() > self.config.delta
-            ):  # the served region has shifted: what came before no longer speaks for it
-                recent = list(self._served)[-self.config.served_recent :]
-                self._served.clear()
-                self._served.extend(recent)
-                self._served_ucb = None
+            self._guard_step(bool(correct))
             if was_open and not self.guard_open():
                 self.guard_closures += 1
         if similarity < self.config.min_similarity:
@@ -636,32 +650,25 @@ class CorrectnessModel:
             return 1.0
         return float(fit.p_wrong_ucb(similarity, self.config.confidence_z))
 
-    @property
-    def served_labels(self) -> int:
-        """On-policy labels in the guard's window."""
-        return len(self._served)
+    def guard_steps(self) -> tuple[float, float, float, float]:
+        """The guard's test: ``(log ratio added by a right label, by a wrong one, the
+        opening threshold, the cap)``."""
+        c = self.config
+        p0, p1 = c.delta, c.guard_alternative * c.delta
+        right, wrong = math.log((1.0 - p1) / (1.0 - p0)), math.log(p1 / p0)
+        opening = math.log(1.0 / c.guard_alpha)
+        return right, wrong, opening, opening - (c.guard_close_after - 0.5) * wrong
 
-    def served_wrong_ucb(self) -> float:
-        """One-sided Wilson upper bound of the wrong share among the guard's on-policy labels
-        (1.0 when there are none)."""
-        if self._served_ucb is None:  # read on every servable lookup: computed once per label
-            n = len(self._served)
-            k = n - sum(self._served)
-            self._served_ucb = float(wilson_upper(k, n, z=self.config.confidence_z)) if n else 1.0
-        return self._served_ucb
-
-    def served_recent_wrong_lcb(self) -> float:
-        """One-sided Wilson lower bound of the wrong share among the newest
-        ``served_recent`` on-policy labels (0.0 when there are none)."""
-        recent = list(itertools.islice(reversed(self._served), self.config.served_recent))
-        if not recent:
-            return 0.0
-        n = len(recent)
-        return wilson_interval(n - sum(recent), n, z=self.config.confidence_z)[0]
+    def _guard_step(self, correct: bool) -> None:
+        right, wrong, opening, cap = self.guard_steps()
+        self.served_labels += 1
+        self.served_wrong += 0 if correct else 1
+        llr = self.guard_llr + (right if correct else wrong)
+        self.guard_llr = min(cap, max(-opening, llr))
 
     def guard_open(self) -> bool:
         """Whether the on-policy guard lets the rule serve (always, with the guard off)."""
-        return not self.config.served_guard or self.served_wrong_ucb() <= self.config.delta
+        return not self.config.served_guard or self.guard_llr >= self.guard_steps()[2]
 
     def can_serve(self) -> bool:
         """Whether the rule could serve any similarity now: False before ``min_labels`` labels
@@ -705,7 +712,9 @@ class CorrectnessModel:
                 str(k): [list(v.sims), [bool(c) for c in v.correct]]
                 for k, v in self._entries.items()
             },
-            "served": [bool(c) for c in self._served],
+            "guard_llr": self.guard_llr,
+            "served_labels": self.served_labels,
+            "served_wrong": self.served_wrong,
             "guard_closures": self.guard_closures,
             "labels_total": self.labels_total,
             "labels_wrong": self.labels_wrong,
@@ -723,7 +732,13 @@ class CorrectnessModel:
             el.sims.extend(float(s) for s in sims)
             el.correct.extend(bool(c) for c in correct)
             model._entries[int(k)] = el
-        model._served.extend(bool(c) for c in state.get("served", ()))
+        if "guard_llr" in state:
+            model.guard_llr = float(state["guard_llr"])
+            model.served_labels = int(state["served_labels"])
+            model.served_wrong = int(state["served_wrong"])
+        else:  # a snapshot of the windowed guard: its on-policy labels replayed
+            for c in state.get("served", ()):
+                model._guard_step(bool(c))
         model.guard_closures = int(state.get("guard_closures", 0))
         model.labels_total = int(state["labels_total"])
         model.labels_wrong = int(state["labels_wrong"])

@@ -327,6 +327,9 @@ def simulate_delta_on(
     """:func:`simulate_delta` on replayed ``(score, correct)`` lookups (None: no neighbour)."""
     rng = np.random.default_rng(seed)
     model = CorrectnessModel(config)
+    explore = config.explore_probability
+    if config.served_guard:
+        explore = max(explore, config.guard_explore_probability)
     served = wrong = 0
     for p in pairs:
         if p is None:
@@ -334,7 +337,7 @@ def simulate_delta_on(
         sim, ok = p
         if not model.allows(sim):
             model.record(sim, ok)  # a miss
-        elif model.guard_open() and rng.random() >= config.explore_probability:
+        elif model.guard_open() and rng.random() >= explore:
             served += 1
             wrong += 0 if ok else 1
         else:  # exploration, or the on-policy guard holding it: an on-policy label

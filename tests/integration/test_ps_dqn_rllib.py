@@ -164,7 +164,7 @@ def test_the_suite_layer_keeps_the_text_suites_files_and_keys(suite_run):
     into the shared suite layer (recorded from the old code in tests/data)."""
     tmp_path, _, _ = suite_run
     golden = json.loads((Path(__file__).parents[1] / "data" / "text_suite_keys.json").read_text())
-    files = {f.name for f in tmp_path.iterdir()} - {"checkpoints", "tb"}
+    files = {f.name for f in tmp_path.iterdir()} - {"checkpoints", "tb", "labels"}
     assert files == set(golden["files"]) - {"run.log"}  # run.log is the CLI's
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(summary) == golden["summary"]

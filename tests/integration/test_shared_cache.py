@@ -368,6 +368,9 @@ def test_encoder_handshake_new_versions_and_audits(ray_session, prior_app, tmp_p
     ray.get(handle.drain.remote())
     s = ray.get(handle.stats.remote())
     assert s.lm_queries == 1 and s.audits == 1 and s.audit_queries == 1
+    (rec,) = ray.get(handle.label_records.remote())  # what a run's labels/ file holds
+    assert rec["source"] == "audit" and rec["shard"] == 0
+    assert rec["query_text"] and rec["neighbour_text"] and rec["similarity"] < 1.0
     new = DecisionStateEncoder(replace(small, seed=3))
     out = ray.get(handle.set_encoder.remote(new.to_bytes()))
     assert out == {"tag": new.tag, "entries": 1}

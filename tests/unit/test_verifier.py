@@ -110,7 +110,9 @@ def _delta_cache():
     from cachellm_rl.cache.correctness import CorrectnessConfig
     from tests.helpers import small_config
 
-    cfg = CorrectnessConfig(min_labels=20, explore_probability=0.0, refit_every=1)
+    cfg = CorrectnessConfig(
+        min_labels=20, explore_probability=0.0, guard_explore_probability=0.0, refit_every=1
+    )
     return AdaptiveCache(small_config(reuse_rule="delta", correctness=cfg), model_version="v1")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import sys
@@ -260,6 +261,23 @@ def _cache_stats(handle) -> dict:
     if handle is None:
         return {}
     return ray.get(handle.stats.remote()).as_flat_dict()
+
+
+def write_label_records(handle, out: Path, method: str, seed: int) -> str | None:
+    """Write the run's reuse labels (measured labels and audits, with their similarities,
+    sources and texts) to ``out/labels/<method>-s<seed>.jsonl``, for analysing what the
+    cache served; returns the path, or None when the cache kept none."""
+    records = ray.get(handle.label_records.remote())
+    if not records:
+        return None
+    path = out / "labels" / f"{method}-s{seed}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+    return str(path)
 
 
 def _eval_row(method: str, seed: int, res: GreedyResult, stats: dict, extra: dict) -> dict:
@@ -564,6 +582,8 @@ def run_rl_method(
             "checkpoint": str(ckpt),
         },
     )
+    if handle is not None:
+        row["labels_file"] = write_label_records(handle, out, method, seed)
     kill_cache(cache_name, DEFAULT_NAMESPACE)
     return RunOutcome(row, curve, report.latency_hit, report.latency_miss)
 
