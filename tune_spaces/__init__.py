@@ -39,7 +39,9 @@ def cache_meta() -> dict[str, Any]:
         "meta.rho_min": tune.uniform(0.0, 0.05),
         "meta.rho_max": tune.uniform(0.2, 0.5),
         "meta.rho_step": tune.loguniform(0.002, 0.05),
-        "correctness.explore_probability": tune.loguniform(0.01, 0.2),
+        # the on-policy guard explores at least guard_explore_probability (0.1) of what the
+        # delta rule would serve, so the rate is swept above it
+        "correctness.explore_probability": tune.loguniform(0.1, 0.3),
         "meta.explore_step": tune.loguniform(0.002, 0.05),
         "meta.capacity_gain": tune.uniform(0.5, 4.0),
         "meta.window_decisions": tune.choice([100, 200, 500, 1000]),

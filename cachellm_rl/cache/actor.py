@@ -913,7 +913,7 @@ class SharedPriorCache:
         ``shard``: what a run's ``labels/`` file holds for analysis (see docs/cache.md)."""
         out = [{**r, "shard": self.config.shard_index} for r in self.local_label_records()]
         if self.config.num_shards > 1:
-            peers = await self._on_peers("local_label_records")
+            peers = await self._on_peers("local_label_records", timeout=60.0)
             for k, part in zip(self._others(), peers, strict=True):
                 if not isinstance(part, BaseException):
                     out += [{**r, "shard": k} for r in part]

@@ -44,6 +44,7 @@ from cachellm_rl.cache.correctness import (
     CorrectnessModel,
     LabelStore,
     ReuseLabel,
+    correctness_config_from_dict,
     make_label,
 )
 from cachellm_rl.cache.index import IndexConfig, PriorIndex, atomic_write_text
@@ -142,7 +143,7 @@ class CacheConfig:
                 f"CacheConfig.reuse_rule must be one of {REUSE_RULES}, got {self.reuse_rule!r}"
             )
         if isinstance(self.correctness, dict):  # from a snapshot's JSON
-            object.__setattr__(self, "correctness", CorrectnessConfig(**self.correctness))
+            object.__setattr__(self, "correctness", correctness_config_from_dict(self.correctness))
         if self.label_store_size < 1:
             raise ValueError("CacheConfig.label_store_size must be >= 1")
         if self.dim < 1:
@@ -462,7 +463,7 @@ class AdaptiveCache:
         self.capacity_entries = int(config.capacity_entries)
         self.min_cosine_similarity = float(config.min_cosine_similarity)
         self.refresh_probability = float(config.refresh_probability)
-        self.explore_probability = float(config.correctness.explore_probability)
+        self.explore_probability = self.explore_floor(config.correctness.explore_probability)
         self.correctness = CorrectnessModel(config.correctness)
         # A ReuseVerifier (with p_correct(pairs)) whose score replaces the similarity in the
         # delta rule; set by the owner with the learned encoder it travels with. None: cosine.
@@ -507,10 +508,19 @@ class AdaptiveCache:
                 raise ValueError(
                     f"explore_probability must be in [0, 1], got {explore_probability}"
                 )
-            self.explore_probability = float(explore_probability)
+            self.explore_probability = self.explore_floor(explore_probability)
         self.capacity_entries, self.min_cosine_similarity, self.refresh_probability = k, tau, rho
         while len(self._entries) > self.capacity_entries:
             self._evict_one()
+
+    def explore_floor(self, explore_probability: float) -> float:
+        """The exploration rate the cache applies: under the delta rule with the on-policy
+        guard, at least ``CorrectnessConfig.guard_explore_probability`` (so the guard keeps
+        reading what is served, and what the meta-optimiser tunes is the rate applied)."""
+        corr = self.config.correctness
+        if self.config.reuse_rule == "delta" and corr.served_guard:
+            return max(float(explore_probability), corr.guard_explore_probability)
+        return float(explore_probability)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -601,11 +611,10 @@ class AdaptiveCache:
         """
         self._check_query(query)
         tau = self.min_cosine_similarity if min_cosine_similarity is None else min_cosine_similarity
-        explore = self.explore_probability if explore_probability is None else explore_probability
+        explore = self.explore_probability
+        if explore_probability is not None:  # an SPSA perturbation, within the same floor
+            explore = self.explore_floor(explore_probability)
         delta_rule = self.config.reuse_rule == "delta"
-        corr = self.config.correctness
-        if delta_rule and corr.served_guard:  # the guard keeps reading what is served
-            explore = max(explore, corr.guard_explore_probability)
         cands = query.request.candidates
         result = LookupResult(tier=HitTier.MISS)
         eid = self._by_key.get(query.exact_key)
@@ -1362,7 +1371,7 @@ class AdaptiveCache:
         cache = cls(cfg, model_version=meta["model_version"], encoder_tag=meta["encoder_tag"])
         k, tau, rho = meta["params"]
         cache.set_params(k, tau, rho)
-        cache.explore_probability = float(
+        cache.explore_probability = cache.explore_floor(
             meta.get("explore_probability", cfg.correctness.explore_probability)
         )
         if "correctness" in meta:

@@ -324,7 +324,9 @@ def simulate_delta(
 def simulate_delta_on(
     pairs: Sequence[tuple[float, bool] | None], config: CorrectnessConfig, *, seed: int = 0
 ) -> StreamResult:
-    """:func:`simulate_delta` on replayed ``(score, correct)`` lookups (None: no neighbour)."""
+    """:func:`simulate_delta` on replayed ``(score, correct)`` lookups (None: no neighbour).
+    The pairs carry no entry ids, so the per-entry narrowing of the live cache is not
+    replayed."""
     rng = np.random.default_rng(seed)
     model = CorrectnessModel(config)
     explore = config.explore_probability

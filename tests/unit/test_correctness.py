@@ -241,16 +241,30 @@ def test_the_guard_opens_only_on_enough_right_on_policy_labels():
     assert m.guard_open() and m.guard_closures == 0
     m.record(0.99, False, on_policy=True)
     assert not m.guard_open() and m.guard_closures == 1
+    assert m.guard_llr <= 0.0  # a closed guard reopens only on a full test's evidence
     for _ in range(300):  # a bad past costs at most twice the opening evidence
         m.record(0.99, False, on_policy=True)
     assert m.guard_llr == pytest.approx(-opening)
     r = CorrectnessModel.from_state(m.state_dict())
     assert (r.served_labels, r.served_wrong) == (m.served_labels, m.served_wrong)
     assert r.guard_llr == m.guard_llr and not r.guard_open() and r.guard_closures == 1
-    # a snapshot of the earlier, windowed guard: its on-policy labels are replayed
+    # a snapshot of the earlier, windowed guard (its config had a window): its on-policy
+    # labels are replayed through the test
     old = {k: v for k, v in m.state_dict().items() if k not in ("guard_llr", "served_labels")}
+    old["config"] = {k: v for k, v in old["config"].items() if not k.startswith("guard_")} | {
+        "served_window": 300,
+        "served_recent": 20,
+    }
     old["served"] = [True] * need
     assert CorrectnessModel.from_state(old).guard_open()
+    assert not CorrectnessModel.from_state({**old, "served": [True] * (need - 1)}).guard_open()
+    # a saved ratio is kept within the bounds of the config it is restored into
+    at_cap = CorrectnessModel(CorrectnessConfig(guard_close_after=4))
+    at_cap.guard_llr = at_cap.guard_steps()[3]
+    tight = CorrectnessModel.from_state(at_cap.state_dict(), CorrectnessConfig(guard_close_after=1))
+    assert tight.guard_llr == pytest.approx(tight.guard_steps()[3])
+    tight.record(0.99, False, on_policy=True)
+    assert not tight.guard_open()
     off = CorrectnessModel(CorrectnessConfig(served_guard=False))
     assert off.guard_open()
 
@@ -325,6 +339,24 @@ def test_the_guard_holds_back_what_on_policy_labels_show_wrong():
     for k in range(100):
         c2.correctness.record(0.999, k % 5 != 0, on_policy=True)
     assert c2.lookup(query("q2", near(0, 0.99))).tier is HitTier.SEMANTIC
+
+
+def test_the_guard_floors_the_exploration_rate_the_cache_applies():
+    c = delta_cache(guard_explore_probability=0.1)
+    c.set_params(explore_probability=0.01)  # as the meta-optimiser might
+    assert c.explore_probability == 0.1
+    c.set_params(explore_probability=0.15)
+    assert c.explore_probability == 0.15
+    off = delta_cache(guard_explore_probability=0.1, served_guard=False)
+    off.set_params(explore_probability=0.01)
+    assert off.explore_probability == 0.01
+
+
+def test_a_snapshot_config_of_the_windowed_guard_still_loads():
+    from cachellm_rl.cache.adaptive import CacheConfig
+
+    stored = {"dim": 8, "reuse_rule": "delta", "correctness": {"delta": 0.05, "served_window": 300}}
+    assert CacheConfig(**stored).correctness.delta == 0.05
 
 
 def test_an_open_guard_keeps_reading_what_is_served():

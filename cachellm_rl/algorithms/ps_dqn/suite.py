@@ -266,8 +266,14 @@ def _cache_stats(handle) -> dict:
 def write_label_records(handle, out: Path, method: str, seed: int) -> str | None:
     """Write the run's reuse labels (measured labels and audits, with their similarities,
     sources and texts) to ``out/labels/<method>-s<seed>.jsonl``, for analysing what the
-    cache served; returns the path, or None when the cache kept none."""
-    records = ray.get(handle.label_records.remote())
+    cache served; returns the path, or None when the cache kept none or could not be read
+    (logged; the run's row is kept either way)."""
+    try:
+        ray.get(handle.drain.remote(), timeout=60)  # labels of refreshes still in flight
+        records = ray.get(handle.label_records.remote(), timeout=120)
+    except Exception as exc:  # the run's row matters more than its labels
+        logger.warning("%s seed %d: the cache's labels could not be read: %r", method, seed, exc)
+        return None
     if not records:
         return None
     path = out / "labels" / f"{method}-s{seed}.jsonl"
