@@ -322,14 +322,14 @@ def test_restarted_actor_keeps_adapted_parameters_and_labels(ray_session, prior_
     e = np.eye(8, dtype=np.float32)
     ray.get(handle.get_priors.remote([q("s0", e[0])]))
     ray.get(handle.get_priors.remote([q("s1", _unit(e[0] + 0.3 * e[1]))]))  # labelled vs s0
-    ray.get(handle.set_params.remote(321, 0.97, 0.123, 0.07))  # as a meta-optimiser would
+    ray.get(handle.set_params.remote(321, 0.97, 0.123, 0.17))  # as a meta-optimiser would
     before = ray.get(handle.stats.remote())
     assert before.labels == 1
     ray.get(handle.save.remote())
     after = crash_and_wait_for_restore(ray, handle)
     assert after.capacity_entries == 321 and after.min_cosine_similarity == pytest.approx(0.97)
     assert after.refresh_probability == pytest.approx(0.123)
-    assert after.explore_probability == pytest.approx(0.07)
+    assert after.explore_probability == pytest.approx(0.17)
     assert after.labels == 1 and after.size == 2
     kill_cache(name)
 
