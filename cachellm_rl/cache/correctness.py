@@ -522,6 +522,7 @@ class CorrectnessModel:
         self._region: float | None = None  # the region bound's threshold (None: to compute)
         self._since_region = 0
         self.guard_llr = 0.0  # the guard's log likelihood ratio
+        self._guard_steps = self._compute_guard_steps()  # read on every servable lookup
         self.served_labels = 0
         self.served_wrong = 0
         self.labels_total = 0
@@ -668,6 +669,9 @@ class CorrectnessModel:
     def guard_steps(self) -> tuple[float, float, float, float]:
         """The guard's test: ``(log ratio added by a right label, by a wrong one, the
         opening threshold, the cap)``."""
+        return self._guard_steps
+
+    def _compute_guard_steps(self) -> tuple[float, float, float, float]:
         c = self.config
         p0, p1 = c.delta, c.guard_alternative * c.delta
         right, wrong = math.log((1.0 - p1) / (1.0 - p0)), math.log(p1 / p0)

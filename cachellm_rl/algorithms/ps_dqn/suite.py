@@ -50,6 +50,7 @@ from cachellm_rl.algorithms.ps_dqn.methods import (
     start_cache,
 )
 from cachellm_rl.cache.actor import DEFAULT_NAMESPACE, kill_cache
+from cachellm_rl.cache.index import atomic_write_text
 from cachellm_rl.envs.evaluate import GreedyResult, greedy_evaluate, short_game_names
 from cachellm_rl.envs.registry import (
     DEFAULT_MAX_EPISODE_STEPS,
@@ -278,11 +279,7 @@ def write_label_records(handle, out: Path, method: str, seed: int) -> str | None
         return None
     path = out / "labels" / f"{method}-s{seed}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return str(path)
 
 
