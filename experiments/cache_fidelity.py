@@ -20,6 +20,10 @@ Per env, on the same logged states:
    - ``learned_delta``: the learned encoder as the cache uses it: neighbours by its cosine,
      the delta rule fitted on its reuse verifier's score (``cachellm_rl/cache/verifier.py``,
      trained on the same train-game pairs after the encoder);
+   - ``oracle``: the ceiling of any rule, a lookup served whenever some earlier state's prior
+     would be a correct reuse (all earlier states; ``oracle_top4_minilm`` and
+     ``oracle_top4_learned``: only the 4 nearest under that encoder, as the cache retrieves);
+     nothing it serves is wrong, by construction;
    - sweeps only: ``learned_tau`` and ``learned_cos_delta`` (the learned cosine without the
      verifier), ``verified_threshold`` (a fixed threshold on the verifier's score), and each
      delta-rule sweep again under the other bound (``--bound``: ``delta_method`` or
@@ -209,6 +213,7 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
     from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
     from cachellm_rl.cache.fidelity import (
         collect_states,
+        oracle_reuse,
         reliability,
         simulate_delta_on,
         simulate_pairs,
@@ -359,10 +364,20 @@ def run_env(env: str, args: argparse.Namespace, console) -> dict:
         "minilm_encode_p50_ms": encode_latency_ms(minilm, probe),
         "learned_encode_p50_ms": encode_latency_ms(encoder, probe),
     }
+    oracle = {
+        "oracle": oracle_reuse(test, test_logp, max_tv=args.max_tv, **common),
+        "oracle_top4_minilm": oracle_reuse(
+            test, test_logp, test_mini, max_tv=args.max_tv, **common
+        ),
+        "oracle_top4_learned": oracle_reuse(
+            test, test_logp, test_learned, max_tv=args.max_tv, **common
+        ),
+    }
     headline = {
         "minilm_tau": next(r for r in tau_rows if r.rule == f"tau={HEADLINE_TAU:g}"),
         "minilm_delta": mini_delta[DELTAS.index(HEADLINE_DELTA)],
         "learned_delta": learned_delta[DELTAS.index(HEADLINE_DELTA)],
+        **oracle,
     }
     return {
         "train_states": len(train),
@@ -494,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                     if r["served"]
                     else "-"
                 )
+                if variant.startswith("oracle"):
+                    err = "0 (knows every label)"
                 print(
                     f"| {env} | {variant} | {r['lookups']} | {r['served']} | "
                     f"{r['hit_rate']:.3f} | {err} |",

@@ -275,6 +275,36 @@ def simulate_pairs(
     return out
 
 
+def oracle_reuse(
+    states: Sequence[TextState],
+    logps: Sequence[np.ndarray],
+    embeddings: np.ndarray | None = None,
+    *,
+    max_tv: float = 0.2,
+    min_cov: float = 0.75,
+    scan: int = 4,
+) -> StreamResult:
+    """The ceiling of any reuse rule on the replay: a lookup counts as servable when *some*
+    earlier state's prior (all earlier states; with ``embeddings``, only the ``scan`` nearest
+    under them, as the cache's index retrieves) would be a correct reuse. Nothing it serves is
+    wrong, by construction: an oracle that knew every label. Its hit rate against a rule's says
+    how much of the gap is retrieval (the right neighbour is not among those found) and how
+    much is deciding (it is found, but cannot be told apart from wrong ones)."""
+    served = 0
+    for i in range(1, len(states)):
+        if embeddings is None:
+            order: Sequence[int] = range(i)
+        else:
+            order = np.argsort(-(embeddings[:i] @ embeddings[i]))[:scan].tolist()
+        if any(
+            pair_label(states[i], logps[i], states[j], logps[j], max_tv=max_tv, min_cov=min_cov)
+            for j in order
+        ):
+            served += 1
+    rule = "oracle" if embeddings is None else f"oracle_top{scan}"
+    return StreamResult.of(rule, max(len(states) - 1, 0), served, 0, 0)
+
+
 def simulate_tau(
     states: Sequence[TextState],
     logps: Sequence[np.ndarray],

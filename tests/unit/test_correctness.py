@@ -493,6 +493,32 @@ def test_replays_measure_hit_rate_and_served_error():
     assert sum(r["n"] for r in bins.values()) == 2 * m - 1
 
 
+def test_the_oracle_counts_a_lookup_servable_when_some_earlier_prior_is_a_correct_reuse():
+    """Four states: s1 has no correct earlier reuse (its top differs from s0's), s2 has one
+    (s0) and s3 has one (s1) that is not among the nearest under the embeddings, so the
+    all-states oracle serves 2 of 3 lookups and the top-1 retrieval oracle only 1."""
+    from cachellm_rl.cache.client import TextState
+    from cachellm_rl.cache.fidelity import oracle_reuse
+
+    def prior(top: int) -> np.ndarray:
+        p = np.full(3, 0.05)
+        p[top] = 0.9
+        return np.log(p / p.sum())
+
+    states = [TextState(observation=f"s{i}", candidates=("a", "b", "c")) for i in range(4)]
+    logps = [prior(0), prior(1), prior(0), prior(1)]
+    # s2 is nearest to s0 (correct); s3 is nearest to s0 and s2, whose top action is not its own
+    emb = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0.6, 0, 0.8]])
+    everything = oracle_reuse(states, logps)
+    assert (everything.lookups, everything.served, everything.served_wrong) == (3, 2, 0)
+    assert everything.hit_rate == pytest.approx(2 / 3)
+    top1 = oracle_reuse(states, logps, emb, scan=1)
+    assert top1.served == 1 and top1.rule == "oracle_top1"
+    # a prior that is close but not within max_tv is not a correct reuse
+    logps[2] = np.log(np.array([0.55, 0.44, 0.01]))
+    assert oracle_reuse(states, logps).served == 1
+
+
 def test_a_snapshot_keeps_owner_blobs(tmp_path):
     c = AdaptiveCache(small_config(), model_version="v1", encoder_tag="decision-32-abc")
     c.insert(query("s0", E[0]), resp([0.7, 0.2, 0.1]))
