@@ -20,7 +20,7 @@ Per env, on the same logged states:
    - ``learned_delta``: the learned encoder as the cache uses it: neighbours by its cosine,
      the delta rule fitted on its reuse verifier's score (``cachellm_rl/cache/verifier.py``,
      trained on the same train-game pairs after the encoder);
-   - ``oracle``: the ceiling of any rule, a lookup served whenever some earlier state's prior
+   - ``oracle``: the ceiling of correct serves, a lookup served whenever some earlier state's prior
      would be a correct reuse (all earlier states; ``oracle_top4_minilm`` and
      ``oracle_top4_learned``: only the 4 nearest under that encoder, as the cache retrieves);
      nothing it serves is wrong, by construction;

@@ -284,7 +284,7 @@ def oracle_reuse(
     min_cov: float = 0.75,
     scan: int = 4,
 ) -> StreamResult:
-    """The ceiling of any reuse rule on the replay: a lookup counts as servable when *some*
+    """The ceiling of correct serves on the replay: a lookup counts as servable when *some*
     earlier state's prior (all earlier states; with ``embeddings``, only the ``scan`` nearest
     under them, as the cache's index retrieves) would be a correct reuse. Nothing it serves is
     wrong, by construction: an oracle that knew every label. Its hit rate against a rule's says

@@ -514,6 +514,11 @@ def test_the_oracle_counts_a_lookup_servable_when_some_earlier_prior_is_a_correc
     assert everything.hit_rate == pytest.approx(2 / 3)
     top1 = oracle_reuse(states, logps, emb, scan=1)
     assert top1.served == 1 and top1.rule == "oracle_top1"
+    # the 2 nearest, not the first 2 visited nor the farthest: s3's are s0 and s2 (both wrong)
+    assert oracle_reuse(states, logps, emb, scan=2).served == 1
+    # a state with other candidates has no servable neighbour
+    other = TextState(observation="s4", candidates=("x", "y", "z"))
+    assert oracle_reuse([*states, other], [*logps, prior(0)]).served == 2
     # a prior that is close but not within max_tv is not a correct reuse
     logps[2] = np.log(np.array([0.55, 0.44, 0.01]))
     assert oracle_reuse(states, logps).served == 1
