@@ -200,6 +200,14 @@ class StreamResult:
         return asdict(self)
 
 
+def _nearest_earlier(embeddings: np.ndarray, i: int, scan: int) -> tuple[list[int], np.ndarray]:
+    """Indices of the ``scan`` states before ``i`` most similar to it, most similar first (the
+    neighbours the cache's index would return), and the similarities of all states before
+    ``i``."""
+    sims = embeddings[:i] @ embeddings[i]
+    return np.argsort(-sims)[:scan].tolist(), sims
+
+
 def nearest_usable(
     states: Sequence[TextState], embeddings: np.ndarray, i: int, *, min_cov: float, scan: int = 4
 ) -> tuple[int, float] | None:
@@ -207,8 +215,8 @@ def nearest_usable(
     state ``i``'s, among the ``scan`` most similar (as the cache's index does)."""
     if i == 0:
         return None
-    sims = embeddings[:i] @ embeddings[i]
-    for j in np.argsort(-sims)[:scan].tolist():
+    nearest, sims = _nearest_earlier(embeddings, i, scan)
+    for j in nearest:
         cands = set(states[j].candidates)
         cov = sum(1 for c in states[i].candidates if c in cands) / len(states[i].candidates)
         if cov >= min_cov:
@@ -295,7 +303,7 @@ def oracle_reuse(
         if embeddings is None:
             order: Sequence[int] = range(i)
         else:
-            order = np.argsort(-(embeddings[:i] @ embeddings[i]))[:scan].tolist()
+            order, _ = _nearest_earlier(embeddings, i, scan)
         if any(
             pair_label(states[i], logps[i], states[j], logps[j], max_tv=max_tv, min_cov=min_cov)
             for j in order
