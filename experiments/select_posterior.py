@@ -1,14 +1,15 @@
 """Choose the posterior's prior weight ``beta``, its temperature schedule and the TD target
-(n-step length, discount, double-DQN or soft-Q with the prior, conservative weight) and the Q
-network's text encoder on the *valid* split.
+(n-step length, discount, double-DQN or soft-Q with the prior, conservative weight), the Q
+network's text encoder and whether it sees repeat marks on the *valid* split.
 
 Runs ``uncached`` on the env's valid games for every (beta, schedule, T_final, n_step, gamma,
-soft_q_prior, conservative_alpha, q_encoder) of a grid, plus the ``frozen_q`` and ``direct_lm``
-controls, and picks the setting with the highest greedy success (ties: the smaller ``beta``,
-then the higher ``T_final``, the shorter n-step, the smaller discount, double DQN, the smaller
-conservative weight, the bag encoder). The evaluation games (``test``) are never played. The
-choice is written to ``selection.json``, which ``text_suite.py --posterior-from`` reads, so the
-suite's comparisons use settings chosen before seeing their games.
+soft_q_prior, conservative_alpha, q_encoder, mark_repeats) of a grid, plus the ``frozen_q`` and
+``direct_lm`` controls, and picks the setting with the highest greedy success (ties: the smaller
+``beta``, then the higher ``T_final``, the shorter n-step, the smaller discount, double DQN, the
+smaller conservative weight, the bag encoder, no repeat marks). The evaluation games (``test``)
+are never played. The choice is written to ``selection.json``, which ``text_suite.py
+--posterior-from`` reads, so the suite's comparisons use settings chosen before seeing their
+games.
 
 Usage:
     python experiments/select_posterior.py --env textworld --out results/select-textworld
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Q-network text encoders to try ({', '.join(ENCODERS)}; gru keeps word order, "
         "e.g. which object a BabyAI distance belongs to, at more learner time)",
     )
+    p.add_argument(
+        "--mark-repeats",
+        default="0",
+        help="0 and/or 1: the Q network sees which candidates it already took in the same "
+        "state this episode (docs/algorithms.md, 'Repeat marks')",
+    )
     p.add_argument("--env-steps", type=int, default=10_000, help="env steps per run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--num-games", type=int, default=0, help="valid games (0 = all)")
@@ -113,17 +120,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n_steps = [int(x) for x in _floats(args.n_steps)]
         args.gammas = _floats(args.gammas)
         soft = _floats(args.soft_q_priors)
+        marks = _floats(args.mark_repeats)
         args.conservative_alphas = _floats(args.conservative_alphas)
     except ValueError as e:
         p.error(str(e))
     if any(x not in (0.0, 1.0) for x in soft):
         p.error(f"--soft-q-priors takes 0 and/or 1, got {args.soft_q_priors!r}")
     args.soft_q_priors = [bool(x) for x in soft]
+    if any(x not in (0.0, 1.0) for x in marks):
+        p.error(f"--mark-repeats takes 0 and/or 1, got {args.mark_repeats!r}")
+    args.mark_repeats = [bool(x) for x in marks]
     if any(not 0 < g <= 1 for g in args.gammas):
         p.error(f"--gammas must be in (0, 1], got {args.gammas}")
     if any(not 0 <= a < math.inf for a in args.conservative_alphas):
         p.error(f"--conservative-alphas must be finite and >= 0, got {args.conservative_alphas}")
-    grid_args = ("betas", "temperature_finals", "n_steps", "gammas", "soft_q_priors", "q_encoders")
+    grid_args = (
+        "betas",
+        "temperature_finals",
+        "n_steps",
+        "gammas",
+        "soft_q_priors",
+        "q_encoders",
+        "mark_repeats",
+    )
     for name in (*grid_args, "conservative_alphas"):
         if not getattr(args, name):
             p.error(f"--{name.replace('_', '-')} is empty")
@@ -139,12 +158,13 @@ class Setting(NamedTuple):
     conservative_alpha: float = 0.0
     gamma: float = DEFAULT_GAMMA
     q_encoder: str = DEFAULT_Q_ENCODER
+    mark_repeats: bool = False
 
     @property
     def name(self) -> str:
         """The setting's folder name (a discount other than the default adds ``-g<gamma>``,
         the soft-Q target ``-soft``, a conservative term ``-cql<alpha>``, a Q encoder other
-        than the default ``-<encoder>``).
+        than the default ``-<encoder>``, repeat marks ``-marks``).
 
         Example:
             >>> Setting(PosteriorConfig(temperature_final=0.3), 1, True, 0.1).name
@@ -153,19 +173,22 @@ class Setting(NamedTuple):
             'beta1-annealed-T1-0.3-n1-g0.99-soft'
             >>> Setting(PosteriorConfig(temperature_final=0.3), 3, q_encoder="gru").name
             'beta1-annealed-T1-0.3-n3-gru'
+            >>> Setting(PosteriorConfig(temperature_final=0.1), 1, mark_repeats=True).name
+            'beta1-annealed-T1-0.1-n1-marks'
         """
         p = self.posterior
         name = f"beta{p.prior_weight:g}-{p.schedule}-T{p.temperature:g}-{p.temperature_final:g}"
         name += f"-n{self.n_step}" + (f"-g{self.gamma:g}" if self.gamma != DEFAULT_GAMMA else "")
         name += "-soft" if self.soft_q_prior else ""
         name += f"-cql{self.conservative_alpha:g}" if self.conservative_alpha else ""
-        return name + (f"-{self.q_encoder}" if self.q_encoder != DEFAULT_Q_ENCODER else "")
+        name += f"-{self.q_encoder}" if self.q_encoder != DEFAULT_Q_ENCODER else ""
+        return name + ("-marks" if self.mark_repeats else "")
 
 
 def grid(args: argparse.Namespace) -> list[Setting]:
     """The settings tried (``fixed`` ignores ``T_final``)."""
     out, seen = [], set()
-    for beta, sched, t_final, n_step, gamma, soft, alpha, enc in itertools.product(
+    for beta, sched, t_final, n_step, gamma, soft, alpha, enc, marks in itertools.product(
         args.betas,
         args.schedules,
         args.temperature_finals,
@@ -174,6 +197,7 @@ def grid(args: argparse.Namespace) -> list[Setting]:
         args.soft_q_priors,
         args.conservative_alphas,
         args.q_encoders,
+        args.mark_repeats,
     ):
         t_final = args.temperature if sched == "fixed" else t_final
         post = PosteriorConfig(
@@ -182,7 +206,7 @@ def grid(args: argparse.Namespace) -> list[Setting]:
             temperature=args.temperature,
             temperature_final=min(t_final, args.temperature),
         )
-        setting = Setting(post, n_step, soft, alpha, gamma, enc)
+        setting = Setting(post, n_step, soft, alpha, gamma, enc, marks)
         if setting.name not in seen:
             seen.add(setting.name)
             out.append(setting)
@@ -216,6 +240,7 @@ def merged_rows(path: Path, rows: list[dict], args: argparse.Namespace) -> list[
         "conservative_alpha": 0.0,
         "gamma": DEFAULT_GAMMA,
         "q_encoder": DEFAULT_Q_ENCODER,
+        "mark_repeats": False,
     }
     kept = [{**defaults, **r} for r in old.get("settings", []) if r["name"] not in names]
     return kept + rows
@@ -268,6 +293,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                 soft_q_prior=point.soft_q_prior,
                 conservative_alpha=point.conservative_alpha,
                 encoder=point.q_encoder,
+                mark_repeats=point.mark_repeats,
             )
             cfg = replace(base, methods=("uncached",), settings=settings)
             name = point.name
@@ -282,6 +308,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
                     "soft_q_prior": point.soft_q_prior,
                     "conservative_alpha": point.conservative_alpha,
                     "q_encoder": point.q_encoder,
+                    "mark_repeats": point.mark_repeats,
                     "success": agg["success_mean"],
                     "train_success_all": agg.get("train_success_all"),
                 }
@@ -302,6 +329,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
             not r["soft_q_prior"],
             -r["conservative_alpha"],
             r["q_encoder"] == DEFAULT_Q_ENCODER,
+            not r["mark_repeats"],
         ),
     )
     selection = {
@@ -319,6 +347,7 @@ def run(args: argparse.Namespace, out: Path, console) -> int:
         "chosen_soft_q_prior": best["soft_q_prior"],
         "chosen_conservative_alpha": best["conservative_alpha"],
         "chosen_q_encoder": best["q_encoder"],
+        "chosen_mark_repeats": best["mark_repeats"],
         "chosen_success": best["success"],
         "wall_s": time.perf_counter() - t0,
     }

@@ -78,6 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="weight of the conservative (CQL(H)) term of the TD loss (default 0: none)",
     )
+    p.add_argument(
+        "--mark-repeats",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the Q network sees which candidates it already took in the same state this "
+        "episode (docs/algorithms.md, 'Repeat marks'; default: --posterior-from's choice, "
+        "else off)",
+    )
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: same_games")
     p.add_argument(
         "--posterior-from",
@@ -195,6 +203,7 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
                 encoder=str(selection.get("chosen_q_encoder", s.encoder)),
                 soft_q_prior=bool(selection.get("chosen_soft_q_prior", False)),
                 conservative_alpha=float(selection.get("chosen_conservative_alpha", 0.0)),
+                mark_repeats=bool(selection.get("chosen_mark_repeats", False)),
             )
         if args.settings is not None:
             overrides = read_settings_file(args.settings)
@@ -215,6 +224,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, soft_q_prior=args.soft_q_prior)
         if args.conservative_alpha is not None:
             s = replace(s, conservative_alpha=args.conservative_alpha)
+        if args.mark_repeats is not None:
+            s = replace(s, mark_repeats=args.mark_repeats)
         if args.lr is not None:
             s = replace(s, lr=args.lr)
         if args.n_step is not None:

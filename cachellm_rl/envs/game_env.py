@@ -6,6 +6,7 @@ parsing from RLlib's ``env_config``. Subclasses load games and turn game states 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -47,13 +48,19 @@ def check_game_order(value: str, owner: str) -> None:
 def config_kwargs(cls, config: Mapping, env_name: str) -> dict:
     """Keyword arguments of config dataclass ``cls`` from a plain mapping (RLlib's
     ``env_config``): unknown keys are an error; ``obs``, ``games`` and ``drop_verbs`` are
-    converted to their field types."""
-    extra = set(config) - {f.name for f in fields(cls)}
+    converted to their field types (an ``obs`` mapping overrides the env's default
+    observation sizes, so ``{"mark_repeats": True}`` keeps the rest)."""
+    known = {f.name: f for f in fields(cls)}
+    extra = set(config) - set(known)
     if extra:
         raise ValueError(f"unknown {env_name} env_config keys: {sorted(extra)}")
     kw = dict(config)
     if isinstance(kw.get("obs"), Mapping):
-        kw["obs"] = TextObsConfig(**kw["obs"])
+        default = known["obs"].default_factory()  # type: ignore[misc,operator]
+        unknown_obs = set(kw["obs"]) - {f.name for f in fields(TextObsConfig)}
+        if unknown_obs:
+            raise ValueError(f"unknown {env_name} env_config obs keys: {sorted(unknown_obs)}")
+        kw["obs"] = replace(default, **kw["obs"])
     if "games" in kw:
         kw["games"] = tuple(str(g) for g in kw["games"])
     if "drop_verbs" in kw:
@@ -194,6 +201,8 @@ class GameTextEnv(gym.Env, Generic[GameT]):
         self._steps = 0
         self._obs: dict = {}
         self._last_info: dict = {}
+        # (state text, command) -> times taken this episode (for ``obs.mark_repeats``)
+        self._taken: Counter[tuple[str, str]] = Counter()
 
     @property
     def games(self) -> tuple[str, ...]:
@@ -240,6 +249,7 @@ class GameTextEnv(gym.Env, Generic[GameT]):
         self._game = str(game)
         self._env = self._start(self._game)
         self._steps = 0
+        self._taken.clear()
 
     # -- observation and info -----------------------------------------------------------------
     def _encode(self, extra: Mapping) -> dict:
@@ -248,7 +258,11 @@ class GameTextEnv(gym.Env, Generic[GameT]):
         From here on the decision holds only the candidates the observation has slots for.
         """
         assert self._decision is not None
-        obs, cut = encode_decision(self._decision, self.config.obs)
+        repeats = None
+        if self.config.obs.mark_repeats:
+            key = self._decision.state_text()
+            repeats = [self._taken[(key, c)] for c in self._decision.candidates]
+        obs, cut = encode_decision(self._decision, self.config.obs, repeats)
         self._obs = obs
         self._decision = replace(
             self._decision, candidates=self._decision.candidates[: self.config.obs.max_actions]
@@ -267,6 +281,8 @@ class GameTextEnv(gym.Env, Generic[GameT]):
             raise RuntimeError("call reset() before step()")
         command = check_action(action, self._decision.candidates, strict=self.config.strict_actions)
         self._steps += 1
+        if command is not None and self.config.obs.mark_repeats:
+            self._taken[(self._decision.state_text(), command)] += 1
         return command
 
     def _noop_step(self):

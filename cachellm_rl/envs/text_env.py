@@ -40,6 +40,9 @@ INFO_CANDIDATES_DROPPED = "candidates_dropped"
 INFO_INVALID_ACTION = "invalid_action"
 
 PAD_ID = 0
+# The word of a repeat mark: ``words`` never yields it from a text ("<", ">" are split off).
+REPEAT_MARK = "<repeat>"
+MAX_REPEAT_MARKS = 2
 _WORD_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -52,12 +55,21 @@ class TextObsConfig:
         max_actions: Candidate slots; candidates beyond it are dropped (counted).
         max_action_tokens: Tokens per candidate.
         vocab_size: Hashed vocabulary size (id 0 is padding).
+        mark_repeats: Give the Q network episodic memory of its own choices: a candidate the
+            agent already took in this same state (same state text) earlier in the episode
+            carries one repeat token per earlier time (at most :data:`MAX_REPEAT_MARKS`) in
+            its action tokens. A memoryless greedy policy that comes back to a state does
+            there what it did before and can loop until the step limit; with the marks the Q
+            network can tell a repeated choice from a first one and learn what repeating
+            costs. Only the Q network's observation changes: the prior's prompt, the
+            candidate texts and the cache keys do not.
     """
 
     max_state_tokens: int = 256
     max_actions: int = 64
     max_action_tokens: int = 8
     vocab_size: int = 8192
+    mark_repeats: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_state_tokens", "max_actions", "max_action_tokens"):
@@ -97,7 +109,7 @@ def hash_tokens(text: str, max_len: int, vocab_size: int) -> tuple[np.ndarray, i
     out = np.zeros(max_len, np.int64)
     kept = toks[:max_len]
     for i, w in enumerate(kept):
-        out[i] = 1 + zlib.crc32(w.encode()) % (vocab_size - 1)
+        out[i] = token_id(w, vocab_size)
     return out, len(toks) - len(kept)
 
 
@@ -150,14 +162,40 @@ def text_observation_space(cfg: TextObsConfig) -> gym.spaces.Dict:
     )
 
 
+def token_id(word: str, vocab_size: int) -> int:
+    """The hashed id of one word, in ``[1, vocab_size)``."""
+    return 1 + zlib.crc32(word.encode()) % (vocab_size - 1)
+
+
+def add_repeat_marks(ids: np.ndarray, repeats: int, vocab_size: int) -> np.ndarray:
+    """``ids`` (one candidate's padded token ids) with ``min(repeats, MAX_REPEAT_MARKS)``
+    repeat marks after its last real token (over its last tokens when it has no room left).
+
+    Example:
+        >>> ids, _ = hash_tokens("go north", 4, 100)
+        >>> marked = add_repeat_marks(ids, 1, 100)
+        >>> int((marked > 0).sum()), bool(marked[2] == token_id(REPEAT_MARK, 100))
+        (3, True)
+    """
+    n = min(int(repeats), MAX_REPEAT_MARKS, len(ids))
+    if n <= 0:
+        return ids
+    out = ids.copy()
+    start = min(int((ids != PAD_ID).sum()), len(ids) - n)
+    out[start : start + n] = token_id(REPEAT_MARK, vocab_size)
+    return out
+
+
 def encode_decision(
-    decision: TextDecision, cfg: TextObsConfig
+    decision: TextDecision, cfg: TextObsConfig, repeats: Sequence[int] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Encode one decision as the fixed-size observation.
 
     Args:
         decision: Texts of the decision.
         cfg: Sizes.
+        repeats: Times each candidate was taken earlier in this episode in this same state
+            (used when ``cfg.mark_repeats``; None: none).
 
     Returns:
         ``(obs, truncation)``: the observation dict and the counts cut in this decision
@@ -175,6 +213,8 @@ def encode_decision(
     for i, c in enumerate(kept):
         actions[i], cut = hash_tokens(c, cfg.max_action_tokens, cfg.vocab_size)
         cut_action += cut
+        if cfg.mark_repeats and repeats is not None and repeats[i]:
+            actions[i] = add_repeat_marks(actions[i], repeats[i], cfg.vocab_size)
     mask = np.zeros(cfg.max_actions, np.float32)
     mask[: len(kept)] = 1.0
     obs = {OBS_STATE_TOKENS: state, OBS_ACTION_TOKENS: actions, OBS_ACTION_MASK: mask}

@@ -26,7 +26,7 @@ from cachellm_rl.envs.babyai import (
 )
 from cachellm_rl.envs.games import load_manifest, split_games
 from cachellm_rl.envs.registry import make_text_env
-from cachellm_rl.envs.text_env import OBS_ACTION_MASK, OBS_STATE_TOKENS
+from cachellm_rl.envs.text_env import OBS_ACTION_MASK, OBS_ACTION_TOKENS, OBS_STATE_TOKENS
 
 _CFG = BabyAISuiteConfig(n_train=4, n_valid=1, n_test=4, seed=5)
 
@@ -247,3 +247,58 @@ def test_admissible_actions_drop_no_ops(suite):
             break
     e.close()
     everything.close()
+
+
+def test_repeat_marks_count_earlier_choices_in_the_same_state(suite):
+    """With ``obs.mark_repeats`` each candidate's action tokens carry one repeat mark per
+    earlier time this episode it was taken in the same state text (at most two), counted
+    independently here; without it, or in a new episode, there are none."""
+    from cachellm_rl.envs.text_env import MAX_REPEAT_MARKS, REPEAT_MARK, token_id
+
+    e = BabyAIEnv({"games_dir": str(suite), "expert": False, "obs": {"mark_repeats": True}})
+    assert e.config.obs.max_actions == 8  # a partial obs mapping keeps the env's sizes
+    vocab = e.config.obs.vocab_size
+    mark = token_id(REPEAT_MARK, vocab)
+    obs, info = e.reset(seed=0)
+    taken: dict[tuple[str, str], int] = {}
+    marked_steps = 0
+    for t in range(16):  # turning back and forth revisits the same views
+        want = [
+            min(taken.get((e.decision.state_text(), c), 0), MAX_REPEAT_MARKS)
+            for c in info["candidates"]
+        ]
+        got = [int((obs[OBS_ACTION_TOKENS][i] == mark).sum()) for i in range(len(want))]
+        assert got == want, t
+        marked_steps += any(want)
+        command = "turn left" if t % 2 == 0 else "turn right"
+        key = (e.decision.state_text(), command)
+        taken[key] = taken.get(key, 0) + 1
+        obs, _, _, _, info = e.step(info["candidates"].index(command))
+    assert marked_steps >= 4  # the loop was seen, so the check above was exercised
+    obs, info = e.reset(seed=0)
+    assert not (obs[OBS_ACTION_TOKENS] == mark).any()  # a new episode forgets
+    plain = BabyAIEnv({"games_dir": str(suite), "expert": False})
+    obs, info = plain.reset(seed=0)
+    for t in range(8):
+        obs, _, _, _, info = plain.step(
+            info["candidates"].index(("turn left", "turn right")[t % 2])
+        )
+        assert not (obs[OBS_ACTION_TOKENS] == mark).any()
+    with pytest.raises(ValueError, match="unknown BabyAI env_config obs keys"):
+        BabyAIEnv({"games_dir": str(suite), "obs": {"mark_repeat": True}})
+
+
+def test_a_run_with_repeat_marks_builds_its_envs_with_them(suite):
+    """``MethodSettings.mark_repeats`` reaches the env config of every run (the checkpoint's
+    ``obs_config`` is read off such an env)."""
+    from cachellm_rl.algorithms.ps_dqn.methods import MethodSettings
+    from cachellm_rl.algorithms.ps_dqn.suite import TextSuiteConfig, env_config_for
+
+    games = split_games(suite, "test")[:1]
+    for marks in (False, True):
+        cfg = TextSuiteConfig(
+            env="babyai", games_dir=str(suite), settings=MethodSettings(mark_repeats=marks)
+        )
+        e = make_text_env("babyai", env_config_for(cfg, games, 0))
+        assert e.config.obs.mark_repeats is marks and e.config.obs.max_actions == 8
+        e.close()

@@ -272,6 +272,14 @@ def test_select_posterior_grid_flags_are_checked(capsys):
         ("beta1-annealed-T1-0.3-n1", "bag"),
         ("beta1-annealed-T1-0.3-n1-gru", "gru"),
     ]
+    args = parse_args([*grid_argv, "--mark-repeats", "0,1"])
+    assert [(s.name, s.mark_repeats) for s in grid(args)] == [
+        ("beta1-annealed-T1-0.3-n1", False),
+        ("beta1-annealed-T1-0.3-n1-marks", True),
+    ]
+    with pytest.raises(SystemExit) as bad:
+        parse_args(["--mark-repeats", "yes"])
+    assert bad.value.code == 2
 
 
 def test_posterior_from_carries_the_chosen_td_target(tmp_path):
@@ -290,6 +298,7 @@ def test_posterior_from_carries_the_chosen_td_target(tmp_path):
                 "chosen_soft_q_prior": True,
                 "chosen_conservative_alpha": 0.1,
                 "chosen_q_encoder": "gru",
+                "chosen_mark_repeats": True,
             }
         )
     )
@@ -297,6 +306,8 @@ def test_posterior_from_carries_the_chosen_td_target(tmp_path):
     (cfg,) = build_configs(parse_args(base))
     assert cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.1
     assert cfg.settings.gamma == 0.99 and cfg.settings.encoder == "gru"
-    assert cfg.settings.posterior.temperature_final == 0.3
+    assert cfg.settings.posterior.temperature_final == 0.3 and cfg.settings.mark_repeats
     (cfg,) = build_configs(parse_args([*base, "--no-soft-q-prior", "--conservative-alpha", "0"]))
     assert not cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.0
+    (cfg,) = build_configs(parse_args([*base, "--no-mark-repeats"]))
+    assert not cfg.settings.mark_repeats

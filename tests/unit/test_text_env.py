@@ -154,3 +154,24 @@ def test_hash_tokens_and_recipe_text():
     assert recipe_text("Ingredients:\nred apple\n\nDirections:\n  slice the red apple\n") == (
         "Recipe: ingredients: red apple. directions: slice the red apple."
     )
+
+
+def test_repeat_marks_follow_the_candidate_tokens():
+    from cachellm_rl.envs.text_env import REPEAT_MARK, add_repeat_marks, token_id
+
+    mark = token_id(REPEAT_MARK, 50)
+    ids, _ = hash_tokens("go north", 4, 50)
+    once, thrice = add_repeat_marks(ids, 1, 50), add_repeat_marks(ids, 3, 50)
+    assert once[:2].tolist() == ids[:2].tolist() and once[2] == mark and once[3] == 0
+    assert thrice[2:].tolist() == [mark, mark]  # capped at two marks
+    full, _ = hash_tokens("a b c d", 4, 50)
+    assert add_repeat_marks(full, 1, 50)[-1] == mark  # no room: the last token gives way
+    d = TextDecision(objective="o", observation="x", inventory=None, candidates=("go", "stay"))
+    cfg = TextObsConfig(max_actions=3, max_action_tokens=4, vocab_size=50, mark_repeats=True)
+    obs, _ = encode_decision(d, cfg, [0, 2])
+    assert (obs[OBS_ACTION_TOKENS][0] == mark).sum() == 0
+    assert (obs[OBS_ACTION_TOKENS][1] == mark).sum() == 2
+    off, _ = encode_decision(
+        d, TextObsConfig(max_actions=3, max_action_tokens=4, vocab_size=50), [0, 2]
+    )
+    assert (off[OBS_ACTION_TOKENS] == mark).sum() == 0

@@ -173,6 +173,8 @@ def evaluate_checkpoint(
             "expert": False,
             "seed": 0,
             "max_episode_steps": meta.get("max_episode_steps") or 50,
+            # the one observation setting a run chooses; the sizes must match as they are
+            "obs": {"mark_repeats": bool((meta.get("obs_config") or {}).get("mark_repeats"))},
         },
     )
     obs_config = asdict(text_env.config.obs)

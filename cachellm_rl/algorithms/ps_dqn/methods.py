@@ -114,6 +114,9 @@ class MethodSettings:
             ``anneal_env_steps`` is set per run from ``anneal_fraction``).
         anneal_fraction: Fraction of the step budget over which ``annealed`` lowers ``T``.
         encoder: Text encoders of the Q network (``"bag"`` or ``"gru"``).
+        mark_repeats: The Q network sees which candidates it already took in the same state
+            this episode (the env's ``obs.mark_repeats``; see docs/algorithms.md, "Repeat
+            marks"). Every method of a run gets the same observation.
         lr: Learning rate of the Q network (``frozen_q`` always uses 0).
         gamma: Discount.
         n_step: Steps of the bootstrapped return (RLlib's replay buffer sums the rewards).
@@ -166,6 +169,7 @@ class MethodSettings:
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     anneal_fraction: float = 0.5
     encoder: str = "bag"
+    mark_repeats: bool = False
     lr: float = 1e-3
     gamma: float = 0.9
     n_step: int = 1

@@ -250,12 +250,15 @@ def ensure_inputs(cfg: TextSuiteConfig, *, progress: bool, console=None) -> None
 
 def env_config_for(cfg: TextSuiteConfig, games: Sequence[str], seed: int) -> dict:
     """The env config of a run on ``games``."""
-    return {
+    config: dict = {
         "games": list(games),
         "expert": False,
         "seed": seed,
         "max_episode_steps": cfg.max_episode_steps,
     }
+    if cfg.settings.mark_repeats:
+        config["obs"] = {"mark_repeats": True}
+    return config
 
 
 def _cache_stats(handle) -> dict:
