@@ -311,3 +311,42 @@ def test_posterior_from_carries_the_chosen_td_target(tmp_path):
     assert not cfg.settings.soft_q_prior and cfg.settings.conservative_alpha == 0.0
     (cfg,) = build_configs(parse_args([*base, "--no-mark-repeats"]))
     assert not cfg.settings.mark_repeats
+
+
+def test_greedy_loops_rule_escapes_a_two_state_loop_and_counts_it(capsys):
+    """The diagnostic's greedy play loops between two states until the limit; its no-repeat
+    rule takes the next-best candidate there and wins. A missing prior is a one-line error."""
+    import numpy as np
+    import pytest
+
+    from cachellm_rl.envs.text_env import TextDecision
+    from experiments.greedy_loops import parse_args, play
+
+    class TwoRooms:  # "a" -east-> "b" -west-> "a"; "wait" in "b" wins
+        def reset(self, options=None):
+            self.room = "a"
+
+        @property
+        def decision(self):
+            cands = ("east",) if self.room == "a" else ("west", "wait")
+            return TextDecision(
+                objective="o", observation=self.room, inventory=None, candidates=cands
+            )
+
+        def step(self, a):
+            cmd = self.decision.candidates[a]
+            if cmd == "wait":
+                return None, 1.0, True, False, {"won": True}
+            self.room = "b" if cmd == "east" else "a"
+            return None, 0.0, False, False, {"won": False}
+
+    def score(d):  # the prior prefers going back
+        return np.log(np.array([1.0] if len(d.candidates) == 1 else [0.7, 0.3]))
+
+    greedy = play(TwoRooms(), "g", score, "greedy", 10)
+    assert not greedy["won"] and greedy["looped"] and greedy["steps"] == 10
+    rule = play(TwoRooms(), "g", score, "no_repeat", 10)
+    assert rule["won"] and rule["steps"] == 4 and rule["gaps"] == [pytest.approx(np.log(7 / 3))]
+    with pytest.raises(SystemExit) as bad:
+        parse_args(["--prior-model", "/nonexistent-prior"])
+    assert bad.value.code == 2 and "no prior model in /nonexistent-prior" in capsys.readouterr().err
