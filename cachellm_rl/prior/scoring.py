@@ -64,6 +64,8 @@ class ScorerConfig:
         candidate_prefix: Text put before each candidate (a space, so BPE sees a new word).
         max_context_tokens: Context length; None reads it from the model config.
         max_candidates_per_forward: Candidates of one prompt scored per forward pass (memory cap).
+        max_batch_tokens: Token slots (requests times the longest packed row) of one packed forward
+            pass over several requests; more requests start another pass (memory cap).
         candidate_attention: ``"tree"`` (all candidates in one masked sequence after the
             prompt; falls back to ``"repeat"`` when the model cannot take a 4-D mask) or
             ``"repeat"`` (the prompt's cache copied per candidate).
@@ -79,6 +81,7 @@ class ScorerConfig:
     candidate_prefix: str = " "
     max_context_tokens: int | None = None
     max_candidates_per_forward: int = 64
+    max_batch_tokens: int = 16_384
     candidate_attention: str = "tree"
 
     def __post_init__(self) -> None:
@@ -97,6 +100,8 @@ class ScorerConfig:
             )
         if self.max_candidates_per_forward < 1:
             raise ValueError("ScorerConfig.max_candidates_per_forward must be >= 1")
+        if self.max_batch_tokens < 1:
+            raise ValueError("ScorerConfig.max_batch_tokens must be >= 1")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
             raise ValueError("ScorerConfig.max_context_tokens must be >= 2")
 
@@ -387,6 +392,94 @@ def tree_candidate_token_logprobs(
     return out
 
 
+def packed_candidate_token_logprobs(
+    model: torch.nn.Module,
+    items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    device: torch.device,
+) -> list[list[np.ndarray]]:
+    """:func:`tree_candidate_token_logprobs` for several prompts in **one** forward pass.
+
+    Row ``r`` of the batch holds prompt ``r``'s tokens followed by its candidates' tree tokens
+    (all but each candidate's last token), right-padded to the longest row. One 4-D mask gives
+    each row causal attention over its prompt and lets tree token ``j`` of candidate ``i`` see
+    the prompt and tokens ``<= j`` of candidate ``i`` only; padding sees only itself and nothing
+    sees padding. Position ids restart after the prompt for every candidate. The numbers equal
+    the two-pass tree's (the same attention pattern, with the prompt's keys computed in the
+    same pass instead of read from a cache); the saving is in calls: one model call for a whole
+    Serve batch instead of two per request, which on a CPU is most of a small model's cost.
+
+    Args:
+        model: Causal LM in eval mode that accepts a 4-D boolean attention mask.
+        items: ``(prompt_ids, candidate_ids)`` per prompt; prompts and candidates non-empty.
+        device: Device of the model.
+
+    Returns:
+        Per prompt, one float64 array per candidate with the log-probability of each token.
+    """
+    if not items:
+        return []
+    rows = []
+    for prompt_ids, candidate_ids in items:
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt_ids is empty: scoring needs at least one context token")
+        p_len = len(prompt_ids)
+        owner = [(i, j) for i, c in enumerate(candidate_ids) for j in range(len(c) - 1)]
+        ids = list(prompt_ids) + [candidate_ids[i][j] for i, j in owner]
+        pos = list(range(p_len)) + [p_len + j for _, j in owner]
+        rows.append((p_len, owner, ids, pos))
+    b, width = len(rows), max(len(r[2]) for r in rows)
+    ids_BL = torch.zeros((b, width), dtype=torch.long)
+    pos_BL = torch.zeros((b, width), dtype=torch.long)
+    allow_BLL = torch.zeros((b, width, width), dtype=torch.bool)
+    for r, (p_len, owner, ids, pos) in enumerate(rows):
+        n = len(ids)
+        ids_BL[r, :n] = torch.tensor(ids)
+        pos_BL[r, :n] = torch.tensor(pos)
+        allow_BLL[r, :p_len, :p_len] = torch.ones((p_len, p_len), dtype=torch.bool).tril()
+        if owner:
+            own_T = torch.tensor([i for i, _ in owner])
+            idx_T = torch.tensor([j for _, j in owner])
+            allow_BLL[r, p_len:n, :p_len] = True
+            allow_BLL[r, p_len:n, p_len:n] = (own_T[:, None] == own_T[None, :]) & (
+                idx_T[None, :] <= idx_T[:, None]
+            )
+        pad = torch.arange(n, width)
+        allow_BLL[r, pad, pad] = True  # padding attends to itself only (no empty softmax rows)
+    # Only positions from the earliest prompt end on are needed: keep just those logits.
+    keep = width - min(r[0] for r in rows) + 1
+    kwargs = {"logits_to_keep": keep} if _last_logits_only(model) else {}
+    with torch.inference_mode():
+        logits = model(
+            input_ids=ids_BL.to(device),
+            position_ids=pos_BL.to(device),
+            attention_mask=allow_BLL[:, None].to(device),
+            use_cache=False,
+            **kwargs,
+        ).logits
+        offset = width - logits.shape[1]  # column c of the kept logits is position offset + c
+        logp_BKV = torch.log_softmax(logits.float(), dim=-1)
+        # Gather every scored token at once: (row, position whose output predicts it, token).
+        g_row, g_col, g_tok, sizes = [], [], [], []
+        for r, (p_len, _, _, _) in enumerate(rows):
+            _, candidate_ids = items[r]
+            first_t = p_len  # tree position of each candidate's first input token
+            for c in candidate_ids:
+                g_row.append(r)
+                g_col.append(p_len - 1 - offset)
+                g_tok.append(c[0])
+                for j in range(1, len(c)):
+                    g_row.append(r)
+                    g_col.append(first_t + j - 1 - offset)
+                    g_tok.append(c[j])
+                first_t += len(c) - 1
+                sizes.append(len(c))
+        flat = logp_BKV[torch.tensor(g_row), torch.tensor(g_col), torch.tensor(g_tok)]
+        values = flat.double().cpu().numpy()
+    pieces = iter(np.split(values, np.cumsum(sizes)[:-1]))
+    return [[next(pieces) for _ in candidate_ids] for _, candidate_ids in items]
+
+
 def candidate_token_logprobs_full(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
@@ -463,6 +556,8 @@ class CandidateScorer:
         self._candidate_ids: dict[str, list[int]] = {}
         # Decided on the first request: does this model give the same numbers with the tree?
         self._tree: bool | None = None if config.candidate_attention == "tree" else False
+        # Decided with the tree: do several requests in one packed pass give the same numbers?
+        self._packed: bool | None = None if config.candidate_attention == "tree" else False
 
     def encode(self, request: PriorRequest) -> tuple[list[int], list[list[int]]]:
         """Tokenise a request: prompt ids (left-truncated to the context) and candidate ids."""
@@ -530,8 +625,106 @@ class CandidateScorer:
             return False
         return True
 
+    def _packed_matches(self, prompt_ids: list[int], cand_ids: list[list[int]]) -> bool:
+        """Whether the packed pass runs on this model and agrees with the two-pass tree."""
+        ref = tree_candidate_token_logprobs(
+            self.model,
+            prompt_ids,
+            cand_ids,
+            device=self.device,
+            max_candidates_per_forward=self.config.max_candidates_per_forward,
+        )
+        try:
+            # Two copies, the second one shorter: exercises the padding as well.
+            got = packed_candidate_token_logprobs(
+                self.model,
+                [(prompt_ids, cand_ids), (prompt_ids[-max(1, len(prompt_ids) // 2) :], cand_ids)],
+                device=self.device,
+            )[0]
+        except Exception as exc:
+            logger.warning("packed scoring unavailable for this model (%r); one at a time", exc)
+            return False
+        gap = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, got, strict=True))
+        if gap > 1e-3:
+            logger.warning("packed scoring differs by %.2g nats on this model; one at a time", gap)
+            return False
+        return True
+
+    def _pack(self, encoded: list[tuple[int, list[int], list[list[int]]]]):
+        """Split encoded requests into packed passes of at most ``max_batch_tokens`` slots."""
+        group: list[tuple[int, list[int], list[list[int]]]] = []
+        width = 0
+        for item in encoded:
+            _, p, c = item
+            n = len(p) + sum(len(x) - 1 for x in c)
+            if group and (len(group) + 1) * max(width, n) > self.config.max_batch_tokens:
+                yield group
+                group, width = [], 0
+            group.append(item)
+            width = max(width, n)
+        if group:
+            yield group
+
+    def score_each(self, requests: Sequence[PriorRequest]) -> list[PriorResponse | Exception]:
+        """Score several requests; a bad request gets its exception, not its batch-mates.
+
+        Requests are packed into as few forward passes as ``max_batch_tokens`` allows (one for a
+        typical Serve batch) when the model passed the packed check on the first request, else
+        scored one at a time.
+
+        Args:
+            requests: States to score; each has a non-empty, duplicate-free candidate list.
+
+        Returns:
+            Per request, a :class:`PriorResponse` (``logp`` aligned with its candidates) or the
+            exception that request raised.
+        """
+        out: list[PriorResponse | Exception | None] = [None] * len(requests)
+        encoded: list[tuple[int, list[int], list[list[int]]]] = []
+        for k, req in enumerate(requests):
+            try:
+                if not isinstance(req, PriorRequest):
+                    raise ValueError(f"score() takes PriorRequest items, got {type(req).__name__}")
+                encoded.append((k, *self.encode(req)))
+            except Exception as exc:
+                out[k] = exc
+        if encoded and self._tree is None:
+            self._tree = self._tree_matches(encoded[0][1], encoded[0][2])
+        if encoded and self._packed is None:
+            self._packed = bool(self._tree) and self._packed_matches(encoded[0][1], encoded[0][2])
+        cap = self.config.max_candidates_per_forward
+        packable = [e for e in encoded if self._packed and len(e[2]) <= cap]
+        alone = [e for e in encoded if not (self._packed and len(e[2]) <= cap)]
+        token_lps: dict[int, list[np.ndarray]] = {}
+        for group in self._pack(packable):
+            try:
+                lps = packed_candidate_token_logprobs(
+                    self.model, [(p, c) for _, p, c in group], device=self.device
+                )
+                token_lps.update({k: lp for (k, _, _), lp in zip(group, lps, strict=True)})
+            except Exception:  # e.g. out of memory: the same requests one at a time
+                logger.warning("a packed pass of %d requests failed; one at a time", len(group))
+                alone += group
+        score = tree_candidate_token_logprobs if self._tree else candidate_token_logprobs
+        for k, p, c in alone:
+            try:
+                token_lps[k] = score(
+                    self.model, p, c, device=self.device, max_candidates_per_forward=cap
+                )
+            except Exception as exc:
+                out[k] = exc
+        for k, lp in token_lps.items():
+            logp = prior_from_token_logprobs(lp, self.config.prior_temperature)
+            out[k] = PriorResponse(logp=logp, model_version=self.model_version)
+        done: list[PriorResponse | Exception] = []
+        for r in out:
+            if r is None:  # every request is scored or failed above
+                raise RuntimeError("a request was neither scored nor failed")
+            done.append(r)
+        return done
+
     def score(self, requests: Sequence[PriorRequest]) -> list[PriorResponse]:
-        """Score several requests.
+        """Score several requests (see :meth:`score_each`); the first bad one raises.
 
         Args:
             requests: States to score; each has a non-empty, duplicate-free candidate list.
@@ -540,11 +733,8 @@ class CandidateScorer:
             One :class:`PriorResponse` per request, ``logp`` aligned with its candidates.
         """
         responses = []
-        for req in requests:
-            if not isinstance(req, PriorRequest):
-                raise ValueError(f"score() takes PriorRequest items, got {type(req).__name__}")
-            logp = prior_from_token_logprobs(
-                self.token_logprobs(req), self.config.prior_temperature
-            )
-            responses.append(PriorResponse(logp=logp, model_version=self.model_version))
+        for r in self.score_each(requests):
+            if isinstance(r, Exception):
+                raise r
+            responses.append(r)
         return responses

@@ -109,13 +109,9 @@ class PriorServer:
             self._score_s += time.perf_counter() - t0
 
     def _score_all(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
-        out: list[PriorResponse | Exception] = []
-        for r in requests:
-            try:
-                out.append(self._scorer.score([r])[0])
-            except Exception as exc:  # returned to that caller only
-                out.append(exc)
-        return out
+        # One packed forward pass for the batch where the model allows it; a bad request's
+        # exception goes back to that caller only.
+        return self._scorer.score_each(requests)
 
     def model_version(self) -> str:
         """Hash of the served weights (and adapter)."""

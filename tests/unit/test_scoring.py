@@ -14,6 +14,7 @@ from cachellm_rl.prior.scoring import (
     ScorerConfig,
     candidate_token_logprobs,
     candidate_token_logprobs_full,
+    packed_candidate_token_logprobs,
     prior_from_token_logprobs,
     tree_candidate_token_logprobs,
     weights_version,
@@ -64,6 +65,53 @@ def test_scorer_uses_the_tree_when_it_matches(tiny_model_dir):
     assert tree._tree is True and repeat._tree is False
     with pytest.raises(ValueError, match="candidate_attention"):
         ScorerConfig(model_dir=str(tiny_model_dir), candidate_attention="flat")
+
+
+PACKED_REQUESTS = (
+    PriorRequest(prompt=PROMPT, candidates=CANDS),
+    PriorRequest(prompt="observation : hallway .", candidates=("go south", "take red apple")),
+    PriorRequest(prompt="goal : eat . " + PROMPT, candidates=("eat red apple",)),
+    PriorRequest(prompt="next action :", candidates=("go", "put apple in fridge")),
+)
+
+
+def test_packed_scoring_matches_full_sequences(scorer):
+    """Several prompts of different lengths in one padded pass: each candidate's token
+    log-likelihoods equal those of its own prompt + candidate run alone."""
+    items = [scorer.encode(r) for r in PACKED_REQUESTS]
+    assert len({len(p) for p, _ in items}) == len(items)  # rows of different widths: padding
+    packed = packed_candidate_token_logprobs(scorer.model, items, device=scorer.device)
+    assert len(packed) == len(items)
+    for (prompt_ids, cand_ids), got in zip(items, packed, strict=True):
+        full = candidate_token_logprobs_full(
+            scorer.model, prompt_ids, cand_ids, device=scorer.device
+        )
+        assert [len(g) for g in got] == [len(c) for c in cand_ids]
+        for a, b in zip(got, full, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_batch_tokens", [1, 64, 16_384])
+def test_score_each_packs_requests_and_isolates_a_bad_one(tiny_model_dir, max_batch_tokens):
+    sc = CandidateScorer(
+        ScorerConfig(model_dir=str(tiny_model_dir), max_batch_tokens=max_batch_tokens)
+    )
+    ref = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir), candidate_attention="repeat"))
+    mixed = [*PACKED_REQUESTS[:2], "not a request", *PACKED_REQUESTS[2:]]
+    got = sc.score_each(mixed)  # type: ignore[arg-type]
+    assert sc._packed is True and ref._packed is False
+    assert isinstance(got[2], ValueError) and "PriorRequest" in str(got[2])
+    want = ref.score(list(PACKED_REQUESTS))
+    for g, w in zip([r for k, r in enumerate(got) if k != 2], want, strict=True):
+        assert not isinstance(g, Exception)
+        np.testing.assert_allclose(g.logp, w.logp, atol=1e-5)
+    groups = list(sc._pack([(k, *sc.encode(r)) for k, r in enumerate(PACKED_REQUESTS)]))
+    assert sum(len(g) for g in groups) == len(PACKED_REQUESTS)
+    assert len(groups) == {1: 4, 64: 2, 16_384: 1}[max_batch_tokens]
+    with pytest.raises(ValueError, match="PriorRequest"):
+        sc.score(mixed)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ScorerConfig(model_dir="x", max_batch_tokens=0)
 
 
 def test_prior_is_softmax_of_mean_token_logprob(scorer):
