@@ -12,7 +12,9 @@ each token see the prompt and its own candidate's earlier tokens only (and posit
 restart after the prompt for every candidate). That avoids copying the prompt's cache once per
 candidate, which on a CPU cost more than the prompt itself. Models that reject a 4-D attention
 mask fall back to the per-candidate copy (``candidate_attention="repeat"``), checked on the first
-request.
+request. Several requests (a Serve batch) run in one *packed* pass: each a row of its prompt
+followed by its candidate tree, right-padded, under one mask (checked against the two-pass tree on
+the first request; :meth:`CandidateScorer.score_each`).
 
 Speed on a CPU: only the prompt's last position goes through the LM head
 (``logits_to_keep=1`` where the model takes it), GPT-2's ``gelu_new`` runs as PyTorch's fused

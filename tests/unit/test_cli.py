@@ -350,3 +350,27 @@ def test_greedy_loops_rule_escapes_a_two_state_loop_and_counts_it(capsys):
     with pytest.raises(SystemExit) as bad:
         parse_args(["--prior-model", "/nonexistent-prior"])
     assert bad.value.code == 2 and "no prior model in /nonexistent-prior" in capsys.readouterr().err
+
+
+def test_bench_scorer_times_packed_batches_that_give_the_two_pass_scores(tmp_path, capsys):
+    """The scorer benchmark runs on a small shape and its packed passes agree with the
+    two-pass tree (the numbers it times are the same scores); bad flags are one-line errors."""
+    import pytest
+
+    from experiments.bench_scorer import main, parse_args
+
+    out = main(
+        [
+            "--prompt-tokens", "12", "--candidates", "3", "--requests", "3",
+            "--batches", "1,2", "--rounds", "1", "--json", str(tmp_path / "b" / "s.json"),
+        ]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "b" / "s.json").read_text())
+    for way in ("two_pass", "packed_1", "packed_2"):
+        assert saved[f"{way}_ms_per_request"] > 0
+        assert saved[f"{way}_max_abs_diff"] < 1e-4, saved
+    assert out["requests"] == 3 and "packed_2" in capsys.readouterr().out
+    for bad, msg in ((["--batches", "0"], "batch sizes"), (["--requests", "0"], "--requests")):
+        with pytest.raises(SystemExit) as err:
+            parse_args(bad)
+        assert err.value.code == 2 and msg in capsys.readouterr().err
