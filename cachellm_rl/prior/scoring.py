@@ -31,7 +31,7 @@ import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -535,6 +535,23 @@ def prior_from_token_logprobs(
     return logp.astype(np.float32)
 
 
+def _agrees(
+    name: str, fallback: str, ref: list[np.ndarray], run: Callable[[], list[np.ndarray]]
+) -> bool:
+    """Whether ``run()`` works on this model and gives ``ref`` to 1e-3 nats (else a warning
+    naming the ``fallback`` the scorer takes instead)."""
+    try:
+        got = run()
+    except Exception as exc:  # e.g. an architecture that rejects 4-D masks
+        logger.warning("%s unavailable for this model (%r); %s", name, exc, fallback)
+        return False
+    gap = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, got, strict=True))
+    if gap > 1e-3:
+        logger.warning("%s differs by %.2g nats on this model; %s", name, gap, fallback)
+        return False
+    return True
+
+
 class CandidateScorer:
     """Scores the candidate actions of states with a causal LM (see docs/priors.md).
 
@@ -614,43 +631,31 @@ class CandidateScorer:
         ref = candidate_token_logprobs(
             self.model, prompt_ids, cand_ids, device=self.device, max_candidates_per_forward=n
         )
-        try:
-            got = tree_candidate_token_logprobs(
+        return _agrees(
+            "tree scoring",
+            "copying caches",
+            ref,
+            lambda: tree_candidate_token_logprobs(
                 self.model, prompt_ids, cand_ids, device=self.device, max_candidates_per_forward=n
-            )
-        except Exception as exc:  # e.g. an architecture that rejects 4-D masks
-            logger.warning("tree scoring unavailable for this model (%r); copying caches", exc)
-            return False
-        gap = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, got, strict=True))
-        if gap > 1e-3:
-            logger.warning("tree scoring differs by %.2g nats on this model; copying caches", gap)
-            return False
-        return True
+            ),
+        )
 
     def _packed_matches(self, prompt_ids: list[int], cand_ids: list[list[int]]) -> bool:
         """Whether the packed pass runs on this model and agrees with the two-pass tree."""
+        n = self.config.max_candidates_per_forward
         ref = tree_candidate_token_logprobs(
-            self.model,
-            prompt_ids,
-            cand_ids,
-            device=self.device,
-            max_candidates_per_forward=self.config.max_candidates_per_forward,
+            self.model, prompt_ids, cand_ids, device=self.device, max_candidates_per_forward=n
         )
-        try:
-            # Two copies, the second one shorter: exercises the padding as well.
-            got = packed_candidate_token_logprobs(
-                self.model,
-                [(prompt_ids, cand_ids), (prompt_ids[-max(1, len(prompt_ids) // 2) :], cand_ids)],
-                device=self.device,
-            )[0]
-        except Exception as exc:
-            logger.warning("packed scoring unavailable for this model (%r); one at a time", exc)
-            return False
-        gap = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, got, strict=True))
-        if gap > 1e-3:
-            logger.warning("packed scoring differs by %.2g nats on this model; one at a time", gap)
-            return False
-        return True
+        # Two copies, the second one shorter: exercises the padding as well.
+        short = prompt_ids[-max(1, len(prompt_ids) // 2) :]
+        return _agrees(
+            "packed scoring",
+            "one at a time",
+            ref,
+            lambda: packed_candidate_token_logprobs(
+                self.model, [(prompt_ids, cand_ids), (short, cand_ids)], device=self.device
+            )[0],
+        )
 
     def _pack(self, encoded: list[tuple[int, list[int], list[list[int]]]]):
         """Split encoded requests into packed passes of at most ``max_batch_tokens`` slots."""
