@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-env-runners", type=int, default=None, help="default: the preset's")
     p.add_argument("--encoder", default=None, help="Q-network encoder (default: the preset's)")
     p.add_argument(
+        "--overlap-sampling",
+        action="store_true",
+        help="the learner updates while the env runners sample (default: the preset's)",
+    )
+    p.add_argument(
         "--state-encoder",
         default=None,
         help="learned state-encoder folder for adaptive's cache (default: MiniLM)",
@@ -211,6 +216,8 @@ class DriverTimers:
         lg.update = self._wrap(lg.update, "learner_s", count=True)
         erg = algo.env_runner_group
         erg.sync_weights = self._wrap(erg.sync_weights, "sync_s")
+        # With overlap_sampling the driver waits for samples here instead.
+        erg.fetch_ready_async_reqs = self._wrap(erg.fetch_ready_async_reqs, "sample_s")
 
     def _wrap(self, fn, key: str, count: bool = False):
         def wrapped(*a, **k):
@@ -241,6 +248,63 @@ def _server_timings() -> dict:
     from cachellm_rl.contracts import DEFAULT_PRIOR_APP
 
     return serve.get_app_handle(DEFAULT_PRIOR_APP).timings.remote().result()
+
+
+# -- CPU time by process role ------------------------------------------------------------------
+CPU_ROLES = (
+    ("ServeReplica", "Serve replica (LM scoring)"),
+    ("SharedPriorCache", "cache actor"),
+    ("EnvRunner", "env runners"),
+    ("ServeController", "Serve controller"),
+    ("raylet", "Ray system (raylet, GCS, agents)"),
+    ("gcs_server", "Ray system (raylet, GCS, agents)"),
+    ("dashboard", "Ray system (raylet, GCS, agents)"),
+    ("log_monitor", "Ray system (raylet, GCS, agents)"),
+    ("runtime_env", "Ray system (raylet, GCS, agents)"),
+    ("ray::", "other Ray workers"),
+)
+
+
+def _cpu_role(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "driver (RLlib loop, learner)"
+    for needle, role in CPU_ROLES:
+        if needle in cmdline:
+            return role
+    return "other processes (not this benchmark)"
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """User + system CPU seconds of every live process on the machine, summed by role (Linux
+    ``/proc``; empty elsewhere). Diffing two snapshots says where the CPU went in between, and
+    whether something outside the benchmark was using it."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process exited while we read it
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / tick
+        role = _cpu_role(int(d.name), cmd)
+        out[role] = out.get(role, 0.0) + cpu_s
+    return out
+
+
+def cpu_ms_per_step(before: dict[str, float], after: dict[str, float], steps: int) -> dict:
+    """CPU milliseconds per env step by role between two :func:`cpu_seconds_by_role` snapshots
+    (processes that started in between count from 0; ones that exited are lost)."""
+    return {
+        k: 1e3 * max(after.get(k, 0.0) - before.get(k, 0.0), 0.0) / max(steps, 1)
+        for k in sorted(set(after) | set(before))
+    }
 
 
 def measure_method(method: str, cfg, games: list[str], args) -> dict:
@@ -274,10 +338,12 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
             steps = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
         r0, d0, u0 = _runner_totals(algo), dict(timers.t), timers.updates
         srv0 = _server_timings() if method != "no_prior" else {}
+        cpu0 = cpu_seconds_by_role()
         steps0, t0 = steps, time.perf_counter()
         while steps < steps0 + args.measure_steps:
             steps = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
         wall = time.perf_counter() - t0
+        cpu1 = cpu_seconds_by_role()
         r1, d1, u1 = _runner_totals(algo), dict(timers.t), timers.updates
         srv1 = _server_timings() if method != "no_prior" else {}
         timers.close()
@@ -311,6 +377,8 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
     driver_known = drv["sample_s"] + drv["replay_s"] + drv["learner_s"] + drv["sync_s"]
     breakdown_s["driver: RLlib and other"] = max(wall - driver_known, 0.0)
     decisions = parts.get("decisions", 0.0)
+    cpu = cpu_ms_per_step(cpu0, cpu1, n)
+    ncpu = os.cpu_count() or 1
     return {
         "method": method,
         "env_steps": n,
@@ -321,6 +389,12 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
         "replay_ratio": updates * s.train_batch_size / max(n, 1),
         "breakdown_ms_per_step": {k: 1e3 * v / max(n, 1) for k, v in breakdown_s.items()},
         "serve_scoring_ms_per_step": 1e3 * score_s / max(n, 1),
+        "cpu_ms_per_step": cpu,
+        # Share of the machine's CPU time the benchmark's processes used while measured.
+        "cpu_busy": sum(v for k, v in cpu.items() if not k.startswith("other processes"))
+        * n
+        / 1e3
+        / (wall * ncpu),
         "lm_requests": lm_requests,
         "lm_batches": lm_batches,
         "hit_rate_measured": parts.get("hits", 0.0) / decisions if decisions else None,
@@ -358,6 +432,8 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
     )
     if args.encoder:
         cfg = replace(cfg, settings=replace(cfg.settings, encoder=args.encoder))
+    if args.overlap_sampling:
+        cfg = replace(cfg, settings=replace(cfg.settings, overlap_sampling=True))
     if args.state_encoder:
         if not (Path(args.state_encoder) / "decision_encoder.json").is_file():
             raise SystemExit(
@@ -377,6 +453,7 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
         "train_batch_size": cfg.settings.train_batch_size,
         "training_intensity": cfg.settings.training_intensity,
         "encoder": cfg.settings.encoder,
+        "overlap_sampling": cfg.settings.overlap_sampling,
         "state_encoder": cfg.settings.state_encoder_dir or "minilm",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
@@ -447,6 +524,9 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
             row["lm_requests"] / row["lm_batches"] if row["lm_batches"] else None
         )
         out[f"{m}_hit_rate"] = row["hit_rate_measured"]
+        out[f"{m}_cpu_busy"] = row["cpu_busy"]
+        for k, v in row["cpu_ms_per_step"].items():
+            out[f"{m}_cpu_ms_per_step/{k}"] = v
     if rows:
         out["updates_per_s"] = float(np.mean([r["updates_per_s"] for r in rows]))
         out["replay_ratio"] = float(np.mean([r["replay_ratio"] for r in rows]))
@@ -481,6 +561,12 @@ def print_report(out: dict, rows: list[dict], say=print) -> None:
             "  (Serve scoring, in actor call)",
             *[f"{r['serve_scoring_ms_per_step']:.2f}" for r in rows],
         ],
+    ]
+    roles = sorted({k for r in rows for k in r["cpu_ms_per_step"]})
+    lines += [
+        ["CPU ms per env step:", *["" for _ in rows]],
+        *[[f"  {k}", *[f"{r['cpu_ms_per_step'].get(k, 0.0):.2f}" for r in rows]] for k in roles],
+        ["CPU busy (this benchmark)", *[f"{r['cpu_busy']:.0%}" for r in rows]],
     ]
     width = max(len(x[0]) for x in [head, *lines]) + 2
     say("".ljust(width) + "".join(h.rjust(12) for h in head[1:]))

@@ -116,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--training-intensity", type=float, default=None, help="replayed / sampled (default 4)"
     )
     p.add_argument(
+        "--overlap-sampling",
+        action="store_true",
+        help="the learner updates while the env runners sample the next fragment",
+    )
+    p.add_argument(
         "--state-encoder",
         default="minilm",
         help="adaptive's state encoder: minilm, learned (artifacts/encoders/<env>, written by "
@@ -234,6 +239,8 @@ def build_configs(args: argparse.Namespace) -> list[TextSuiteConfig]:
             s = replace(s, n_step_tail=args.n_step_tail)
         if args.training_intensity is not None:
             s = replace(s, training_intensity=args.training_intensity)
+        if args.overlap_sampling:
+            s = replace(s, overlap_sampling=True)
         if args.env_runner_resource:
             s = replace(s, env_runner_resource=args.env_runner_resource)
         if args.prior_resource:  # the cache actor lives beside the prior

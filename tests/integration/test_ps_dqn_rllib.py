@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -101,6 +102,56 @@ def test_schedules_follow_global_env_steps_with_two_runners(tw_prior_app, tw_sui
     for t in ts:
         assert 0.75 * total <= t <= 1.25 * total, (t, total)
     assert CONSERVATIVE_KEY in result["learners"]["default_policy"]
+
+
+def _runner_weights(algo) -> list:
+    return algo.env_runner_group.foreach_env_runner(
+        lambda r: {k: v.detach().clone() for k, v in r.module.state_dict().items()},
+        local_env_runner=False,
+    )
+
+
+def test_overlap_sampling_keeps_every_fragment_and_the_replay_ratio(tw_suite, tmp_path):
+    """With ``overlap_sampling`` the learner updates while the runners sample: every sampled
+    fragment still reaches the buffer (a checkpoint first stores the one in flight), the
+    updates per sampled step are the configured replay ratio, and the runners get the
+    learner's weights."""
+    games = split_games(tw_suite, "test")
+    settings = replace(SMALL, overlap_sampling=True)
+    algo = algo_config_for(
+        "no_prior",
+        settings,
+        env_class=TextWorldEnv,
+        env_config={"games": games, "expert": False, "max_episode_steps": 20},
+        cache_name="unused",
+        num_env_runners=1,
+        total_env_steps=400,
+        seed=0,
+    ).build_algo()
+    try:
+        before = _runner_weights(algo)[0]
+        for _ in range(5):
+            result = algo.train()
+        assert algo._pending_sample  # a fragment is in flight between iterations
+        sampled_at_update = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
+        trained = int(result["learners"]["__all_modules__"]["num_env_steps_trained_lifetime"])
+        algo.save_to_path(str(tmp_path / "ckpt"))  # stores the fragment in flight first
+        assert not algo._pending_sample
+        sampled = int(algo.metrics.peek(("env_runners", "num_env_steps_sampled_lifetime")))
+        stored = algo.local_replay_buffer.get_num_timesteps()
+        learner = algo.learner_group.get_weights()["default_policy"]
+        algo._sync_weights()
+        after = _runner_weights(algo)[0]
+    finally:
+        algo.stop()
+    assert stored == sampled > sampled_at_update  # nothing was dropped on the way
+    # Replayed / sampled transitions: the configured ratio, counted from learning_starts.
+    ratio = trained / (sampled_at_update - settings.learning_starts)
+    assert 0.7 * settings.training_intensity <= ratio <= 1.3 * settings.training_intensity
+    changed = [k for k in after if not np.allclose(after[k].numpy(), before[k].numpy())]
+    assert changed, "the runners never got the learner's weights"
+    for k in changed:
+        np.testing.assert_allclose(after[k].numpy(), np.asarray(learner[k]), atol=1e-6)
 
 
 def test_every_method_builds_trains_and_acts(suite_run):

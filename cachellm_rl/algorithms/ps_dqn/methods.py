@@ -129,6 +129,9 @@ class MethodSettings:
         target_update_steps: Env steps between target-network updates.
         training_intensity: Replayed / sampled transitions ratio actually run (RLlib's own
             setting assumes the local runner samples too; :func:`algo_config_for` corrects it).
+        overlap_sampling: The learner updates while the env runners sample the next fragment
+            (acting with weights one iteration old) instead of after; same replay ratio (see
+            :class:`~cachellm_rl.algorithms.ps_dqn.config.PSDQN`).
         epsilon_final: Final epsilon of ``no_prior``.
         epsilon_fraction: Fraction of the step budget over which epsilon decays.
         hidden: Width of the DRRN network.
@@ -179,6 +182,7 @@ class MethodSettings:
     learning_starts: int = 200
     target_update_steps: int = 200
     training_intensity: float = 4.0
+    overlap_sampling: bool = False
     epsilon_final: float = 0.05
     epsilon_fraction: float = 0.5
     hidden: int = 128
@@ -434,6 +438,7 @@ def algo_config_for(
         .training(
             soft_q_prior=s.soft_q_prior and posterior,
             conservative_alpha=s.conservative_alpha,
+            overlap_sampling=s.overlap_sampling,
             lr=0.0 if method == "frozen_q" else s.lr,
             gamma=s.gamma,
             double_q=True,
