@@ -135,13 +135,14 @@ def test_overlap_sampling_keeps_every_fragment_and_the_replay_ratio(tw_suite, tm
         assert algo._pending_sample  # a fragment is in flight between iterations
         sampled_at_update = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
         trained = int(result["learners"]["__all_modules__"]["num_env_steps_trained_lifetime"])
-        algo.save_to_path(str(tmp_path / "ckpt"))  # stores the fragment in flight first
+        # Saving stores the fragment in flight and sends every runner the latest weights.
+        algo.save_to_path(str(tmp_path / "ckpt"))
         assert not algo._pending_sample
         sampled = int(algo.metrics.peek(("env_runners", "num_env_steps_sampled_lifetime")))
         stored = algo.local_replay_buffer.get_num_timesteps()
         learner = algo.learner_group.get_weights()["default_policy"]
-        algo._sync_weights()
         after = _runner_weights(algo)[0]
+        local = algo.get_module().state_dict()  # what greedy evaluation plays
     finally:
         algo.stop()
     assert stored == sampled > sampled_at_update  # nothing was dropped on the way
@@ -152,6 +153,7 @@ def test_overlap_sampling_keeps_every_fragment_and_the_replay_ratio(tw_suite, tm
     assert changed, "the runners never got the learner's weights"
     for k in changed:
         np.testing.assert_allclose(after[k].numpy(), np.asarray(learner[k]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(local[k]), np.asarray(learner[k]), atol=1e-6)
 
 
 def test_every_method_builds_trains_and_acts(suite_run):

@@ -110,7 +110,7 @@ class PSDQN(DQN):
     sample*. RLlib's own loop samples, then updates while the runners sit idle. Replay ratio,
     batch size and the updates per sampled step are the same; the runners act with weights one
     iteration older. No sample is ever dropped: saving a checkpoint first stores the one in
-    flight (a dropped fragment would leave a gap in its episodes).
+    flight (a dropped fragment would leave a gap in its episodes) and syncs the weights.
     """
 
     _pending_sample: bool = False
@@ -169,10 +169,14 @@ class PSDQN(DQN):
         if episodes:
             buffer.add(episodes)
 
-    def _drain_sample(self) -> None:
-        """Store the sample in flight, if any (before a checkpoint is written)."""
+    def _settle(self) -> None:
+        """Store the sample in flight, if any, and send every runner (the local one, whose
+        module greedy evaluation plays, included) the latest weights: before a checkpoint is
+        written, the algorithm is then as RLlib's own loop would leave it."""
         if self._pending_sample and self._overlapping():
             self._store(self._wait_sample())
+        if self._weights_stale:
+            self._sync_weights()
 
     def _sync_weights(self) -> None:
         runners: Any = self.env_runner_group
@@ -227,10 +231,11 @@ class PSDQN(DQN):
 
     # -- checkpoints ------------------------------------------------------------------------
     def get_state(self, *args, **kwargs):
-        self._drain_sample()
+        self._settle()
         return super().get_state(*args, **kwargs)
 
     def set_state(self, state) -> None:
-        self._drain_sample()  # a fragment sampled before the restore belongs to the old run
+        if self._pending_sample and self._overlapping():
+            self._wait_sample()  # sampled by the run being replaced: not stored
         super().set_state(state)
         self._weights_stale = False
