@@ -7,6 +7,10 @@ requests (random token ids of fixed shape; the timing depends on the shapes, not
 - ``packed_1``: one request at a time in a single packed pass (prompt and tree together);
 - ``packed_N``: N requests in one packed pass (what a Serve batch of N gets).
 
+``--env textworld|babyai|alfworld`` times real requests instead: the prompts of states met by
+random admissible actions on the env's test games, scored by its embedded prior. Their lengths
+vary, so a packed pass pads, which synthetic requests of one shape do not show.
+
 The default shape is TextWorld's in RL (334 prompt tokens, 18 candidates of 2-6 tokens) on a
 randomly initialised GPT-2 of the embedded prior's size (2 layers, 128 wide, 4 heads, 4000
 words); ``--model DIR`` times a real model directory instead. One torch thread by default, as in
@@ -16,6 +20,7 @@ two-pass scores; ``--json PATH`` writes the numbers. See docs/priors.md.
 Example::
 
     python experiments/bench_scorer.py --json results/bench_scorer.json
+    python experiments/bench_scorer.py --env textworld --requests 96
 """
 
 from __future__ import annotations
@@ -43,8 +48,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,2,4,8,16", help="packed batch sizes to time")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--env",
+        default=None,
+        help="time real requests instead: states of this env's test games under random "
+        "admissible actions, scored by its embedded prior (or --model)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.env is not None:
+        from cachellm_rl.envs.registry import TEXT_ENVS, default_prior_dir
+
+        if args.env not in TEXT_ENVS:
+            p.error(f"--env must be one of {list(TEXT_ENVS)}, got {args.env!r}")
+        args.model = args.model or default_prior_dir(args.env)
     for name in ("prompt_tokens", "candidates", "requests", "rounds", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -82,6 +99,41 @@ def _model(args):
     return GPT2LMHeadModel(cfg).eval(), 4000
 
 
+def env_requests(env_id: str, n: int, seed: int = 0, games_dir: str | Path | None = None):
+    """``n`` real prior requests: the prompts of states met by random admissible actions on the
+    env's test games (episodes cut at 8 steps, so many games are seen)."""
+    from cachellm_rl.contracts import PriorRequest
+    from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
+    from cachellm_rl.prior.prompts import build_prompt
+
+    games = env_split_games(env_id, games_dir or default_games_dir(env_id), "test")
+    env = make_text_env(env_id, {"games": tuple(games)})
+    rng = np.random.default_rng(seed)
+    out: list = []
+    episode = 0
+    while len(out) < n:
+        env.reset(seed=seed + episode)
+        episode += 1
+        for _ in range(8):
+            d = env.decision
+            out.append(
+                PriorRequest(
+                    prompt=build_prompt(
+                        state=d.observation,
+                        objective=d.objective,
+                        inventory=d.inventory,
+                        candidates=d.candidates,
+                    ),
+                    candidates=tuple(d.candidates),
+                )
+            )
+            _, _, term, trunc, _ = env.step(int(rng.integers(len(d.candidates))))
+            if term or trunc or len(out) >= n:
+                break
+    env.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
@@ -96,7 +148,18 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device("cpu")
     rng = np.random.default_rng(0)
     items = []
-    for _ in range(args.requests):
+    if args.env is not None:
+        from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+
+        encoder = CandidateScorer(ScorerConfig(model_dir=str(args.model), device="cpu"))
+        items = [encoder.encode(r) for r in env_requests(args.env, args.requests)]
+        args.prompt_tokens = float(np.mean([len(p) for p, _ in items]))
+        args.candidates = float(np.mean([len(c) for _, c in items]))
+        print(
+            f"{len(items)} {args.env} requests: {args.prompt_tokens:.0f} prompt tokens, "
+            f"{args.candidates:.1f} candidates on average"
+        )
+    for _ in range(args.requests if args.env is None else 0):
         prompt = rng.integers(5, vocab, size=args.prompt_tokens).tolist()
         cands = [
             rng.integers(5, vocab, size=int(rng.integers(2, 7))).tolist()
@@ -124,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "requests": args.requests,
         "threads": args.threads,
         "model": str(args.model) if args.model else "random GPT-2, 2 layers x 128, 4 heads",
+        "requests_from": f"{args.env} test games" if args.env else "random token ids",
     }
     print(f"{'way':<10} {'ms/request':>10} {'vs two_pass':>11} {'max |dlogp|':>12}")
     for name, fn in ways.items():
