@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-env-runners", type=int, default=None, help="default: the preset's")
     p.add_argument("--encoder", default=None, help="Q-network encoder (default: the preset's)")
     p.add_argument(
+        "--prior-replicas",
+        type=int,
+        default=1,
+        help="Serve replicas of the prior (with more than one, Serve scoring time is not read; "
+        "the CPU lines still sum every replica)",
+    )
+    p.add_argument(
         "--overlap-sampling",
         action="store_true",
         help="the learner updates while the env runners sample (default: the preset's)",
@@ -76,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="library logs on the terminal")
     args = p.parse_args(argv)
     args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.prior_replicas < 1:
+        p.error(f"--prior-replicas must be >= 1, got {args.prior_replicas}")
     return args
 
 
@@ -337,7 +346,8 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
         while steps < s.learning_starts + args.warmup_steps:
             steps = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
         r0, d0, u0 = _runner_totals(algo), dict(timers.t), timers.updates
-        srv0 = _server_timings() if method != "no_prior" else {}
+        read_server = method != "no_prior" and args.prior_replicas == 1
+        srv0 = _server_timings() if read_server else {}
         cpu0 = cpu_seconds_by_role()
         steps0, t0 = steps, time.perf_counter()
         while steps < steps0 + args.measure_steps:
@@ -345,7 +355,7 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
         wall = time.perf_counter() - t0
         cpu1 = cpu_seconds_by_role()
         r1, d1, u1 = _runner_totals(algo), dict(timers.t), timers.updates
-        srv1 = _server_timings() if method != "no_prior" else {}
+        srv1 = _server_timings() if read_server else {}
         timers.close()
     finally:
         algo.stop()
@@ -454,6 +464,7 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
         "training_intensity": cfg.settings.training_intensity,
         "encoder": cfg.settings.encoder,
         "overlap_sampling": cfg.settings.overlap_sampling,
+        "prior_replicas": args.prior_replicas,
         "state_encoder": cfg.settings.state_encoder_dir or "minilm",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
@@ -490,6 +501,7 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
                         model_dir=str(cfg.prior_model), prior_temperature=cfg.prior_temperature
                     ),
                     num_cpus=0,
+                    num_replicas=args.prior_replicas,
                 )
             )
         for m in args.methods:
