@@ -5,7 +5,9 @@ requests (random token ids of fixed shape; the timing depends on the shapes, not
 
 - ``two_pass``: one request at a time, prompt pass then candidate-tree pass on its cache;
 - ``packed_1``: one request at a time in a single packed pass (prompt and tree together);
-- ``packed_N``: N requests in one packed pass (what a Serve batch of N gets).
+- ``packed_N``: N requests in one packed pass;
+- ``serve_N`` (with ``--env``): what the Serve replica runs on a batch of N, tokenising included
+  and the passes split by the scorer's padding cap (``ScorerConfig.max_padding_fraction``).
 
 ``--env textworld|babyai|alfworld`` times real requests instead: the prompts of states met by
 random admissible actions on the env's test games, scored by its embedded prior. Their lengths
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
         encoder = CandidateScorer(ScorerConfig(model_dir=str(args.model), device="cpu"))
-        items = [encoder.encode(r) for r in env_requests(args.env, args.requests)]
+        requests = env_requests(args.env, args.requests)
+        items = [encoder.encode(r) for r in requests]
         args.prompt_tokens = float(np.mean([len(p) for p, _ in items]))
         args.candidates = float(np.mean([len(c) for _, c in items]))
         print(
@@ -180,6 +183,19 @@ def main(argv: list[str] | None = None) -> dict:
         return run
 
     ways = {"two_pass": two_pass, **{f"packed_{n}": packed(n) for n in args.batches}}
+    if args.env is not None:
+        # What the Serve replica runs on a batch of n: tokenising included, passes split by
+        # the scorer's padding cap.
+        def serve(n: int):
+            def run():
+                for i in range(0, len(requests), n):
+                    for r in encoder.score_each(requests[i : i + n]):
+                        if isinstance(r, Exception):
+                            raise r
+
+            return run
+
+        ways |= {f"serve_{n}": serve(n) for n in args.batches}
     ref = two_pass()
     result: dict = {
         "prompt_tokens": args.prompt_tokens,
@@ -192,10 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'way':<10} {'ms/request':>10} {'vs two_pass':>11} {'max |dlogp|':>12}")
     for name, fn in ways.items():
         got = fn()
-        gap = max(
-            float(np.max(np.abs(a - b)))
-            for r, g in zip(ref, got, strict=True)
-            for a, b in zip(r, g, strict=True)
+        gap = (
+            float("nan")  # serve_N returns priors, not token scores
+            if got is None
+            else max(
+                float(np.max(np.abs(a - b)))
+                for r, g in zip(ref, got, strict=True)
+                for a, b in zip(r, g, strict=True)
+            )
         )
         times = []
         for _ in range(args.rounds):

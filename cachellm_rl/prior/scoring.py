@@ -68,6 +68,10 @@ class ScorerConfig:
         max_candidates_per_forward: Candidates of one prompt scored per forward pass (memory cap).
         max_batch_tokens: Token slots (requests times the longest packed row) of one packed forward
             pass over several requests; more requests start another pass (memory cap).
+        max_padding_fraction: Largest share of a packed pass's token slots that may be padding.
+            Requests are sorted by width and one that would pad the pass beyond this starts
+            another pass; 1.0 packs regardless. Long prompts are compute-bound, so padding
+            costs what one pass for several requests saves (docs/priors.md).
         candidate_attention: ``"tree"`` (all candidates in one masked sequence after the
             prompt; falls back to ``"repeat"`` when the model cannot take a 4-D mask) or
             ``"repeat"`` (the prompt's cache copied per candidate).
@@ -84,6 +88,7 @@ class ScorerConfig:
     max_context_tokens: int | None = None
     max_candidates_per_forward: int = 64
     max_batch_tokens: int = 16_384
+    max_padding_fraction: float = 0.1
     candidate_attention: str = "tree"
 
     def __post_init__(self) -> None:
@@ -104,6 +109,11 @@ class ScorerConfig:
             raise ValueError("ScorerConfig.max_candidates_per_forward must be >= 1")
         if self.max_batch_tokens < 1:
             raise ValueError("ScorerConfig.max_batch_tokens must be >= 1")
+        if not 0.0 <= self.max_padding_fraction <= 1.0:
+            raise ValueError(
+                "ScorerConfig.max_padding_fraction must be in [0, 1], got "
+                f"{self.max_padding_fraction}"
+            )
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
             raise ValueError("ScorerConfig.max_context_tokens must be >= 2")
 
@@ -658,17 +668,26 @@ class CandidateScorer:
         )
 
     def _pack(self, encoded: list[tuple[int, list[int], list[list[int]]]]):
-        """Split encoded requests into packed passes of at most ``max_batch_tokens`` slots."""
-        group: list[tuple[int, list[int], list[list[int]]]] = []
-        width = 0
-        for item in encoded:
+        """Split encoded requests into packed passes: by width, at most ``max_batch_tokens``
+        slots and ``max_padding_fraction`` padding per pass."""
+
+        def width(item: tuple[int, list[int], list[list[int]]]) -> int:
             _, p, c = item
-            n = len(p) + sum(len(x) - 1 for x in c)
-            if group and (len(group) + 1) * max(width, n) > self.config.max_batch_tokens:
+            return len(p) + sum(len(x) - 1 for x in c)
+
+        cfg = self.config
+        group: list[tuple[int, list[int], list[list[int]]]] = []
+        used = 0
+        for item in sorted(encoded, key=width):
+            n = width(item)  # the widest so far: the pass's width if the item joins
+            slots = (len(group) + 1) * n
+            if group and (
+                slots > cfg.max_batch_tokens or 1 - (used + n) / slots > cfg.max_padding_fraction
+            ):
                 yield group
-                group, width = [], 0
+                group, used = [], 0
             group.append(item)
-            width = max(width, n)
+            used += n
         if group:
             yield group
 

@@ -94,7 +94,11 @@ def test_packed_scoring_matches_full_sequences(scorer):
 @pytest.mark.parametrize("max_batch_tokens", [1, 64, 16_384])
 def test_score_each_packs_requests_and_isolates_a_bad_one(tiny_model_dir, max_batch_tokens):
     sc = CandidateScorer(
-        ScorerConfig(model_dir=str(tiny_model_dir), max_batch_tokens=max_batch_tokens)
+        ScorerConfig(
+            model_dir=str(tiny_model_dir),
+            max_batch_tokens=max_batch_tokens,
+            max_padding_fraction=1.0,  # rows of very different widths, packed anyway
+        )
     )
     ref = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir), candidate_attention="repeat"))
     mixed = [*PACKED_REQUESTS[:2], "not a request", *PACKED_REQUESTS[2:]]
@@ -112,6 +116,26 @@ def test_score_each_packs_requests_and_isolates_a_bad_one(tiny_model_dir, max_ba
         sc.score(mixed)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_batch_tokens"):
         ScorerConfig(model_dir="x", max_batch_tokens=0)
+
+
+def test_packing_keeps_padding_under_its_cap(tiny_model_dir):
+    """Requests of very different widths go to separate passes; ones of the same width share
+    one; the scores are the same either way."""
+    sc = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir), max_padding_fraction=0.1))
+    reqs = [*PACKED_REQUESTS, *PACKED_REQUESTS]  # each width twice
+    encoded = [(k, *sc.encode(r)) for k, r in enumerate(reqs)]
+    groups = list(sc._pack(encoded))
+    # Widths 6, 7, 23 and 26 slots: the two short ones and the two long ones pack together.
+    assert sorted(len(g) for g in groups) == [4, 4]
+    for g in groups:
+        widths = [len(p) + sum(len(x) - 1 for x in c) for _, p, c in g]
+        assert 1 - sum(widths) / (len(g) * max(widths)) <= 0.1
+    loose = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir), max_padding_fraction=1.0))
+    assert len(list(loose._pack(encoded))) == 1
+    for a, b in zip(sc.score(reqs), loose.score(reqs), strict=True):
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+    with pytest.raises(ValueError, match="max_padding_fraction"):
+        ScorerConfig(model_dir="x", max_padding_fraction=1.5)
 
 
 def test_prior_is_softmax_of_mean_token_logprob(scorer):
