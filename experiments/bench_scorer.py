@@ -104,9 +104,8 @@ def _model(args):
 def env_requests(env_id: str, n: int, seed: int = 0, games_dir: str | Path | None = None):
     """``n`` real prior requests: the prompts of states met by random admissible actions on the
     env's test games (episodes cut at 8 steps, so many games are seen)."""
-    from cachellm_rl.contracts import PriorRequest
     from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
-    from cachellm_rl.prior.prompts import build_prompt
+    from cachellm_rl.prior.prompts import prior_request
 
     games = env_split_games(env_id, games_dir or default_games_dir(env_id), "test")
     env = make_text_env(env_id, {"games": tuple(games)})
@@ -118,17 +117,7 @@ def env_requests(env_id: str, n: int, seed: int = 0, games_dir: str | Path | Non
         episode += 1
         for _ in range(8):
             d = env.decision
-            out.append(
-                PriorRequest(
-                    prompt=build_prompt(
-                        state=d.observation,
-                        objective=d.objective,
-                        inventory=d.inventory,
-                        candidates=d.candidates,
-                    ),
-                    candidates=tuple(d.candidates),
-                )
-            )
+            out.append(prior_request(d))
             _, _, term, trunc, _ = env.step(int(rng.integers(len(d.candidates))))
             if term or trunc or len(out) >= n:
                 break

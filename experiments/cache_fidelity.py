@@ -111,20 +111,12 @@ def score_states(scorer, states, *, progress: bool) -> list[np.ndarray]:
     """The prior of every state (one LM call each)."""
     from tqdm import tqdm
 
-    from cachellm_rl.contracts import PriorRequest
-    from cachellm_rl.prior.prompts import PromptConfig, build_prompt
+    from cachellm_rl.prior.prompts import PromptConfig, prior_request
 
     pc = PromptConfig()
     out = []
     for s in tqdm(states, desc="score", unit="state", disable=not progress):
-        prompt = build_prompt(
-            state=s.observation,
-            objective=s.objective,
-            inventory=s.inventory,
-            candidates=s.candidates,
-            config=pc,
-        )
-        (r,) = scorer.score([PriorRequest(prompt=prompt, candidates=tuple(s.candidates))])
+        (r,) = scorer.score([prior_request(s, pc)])
         out.append(np.asarray(r.logp, np.float64))
     return out
 

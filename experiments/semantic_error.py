@@ -27,11 +27,10 @@ from tqdm import tqdm
 from cachellm_rl.algorithms.ps_dqn.connectors import text_state_from_info
 from cachellm_rl.cache.adaptive import RefreshMeasure, align_prior
 from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
-from cachellm_rl.contracts import PriorRequest
 from cachellm_rl.envs.games import split_games
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 from cachellm_rl.envs.textworld_env import TextWorldEnv, TextWorldEnvConfig
-from cachellm_rl.prior.prompts import PromptConfig, build_prompt
+from cachellm_rl.prior.prompts import PromptConfig, prior_request
 from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
 BANDS = ((0.90, 0.93), (0.93, 0.95), (0.95, 0.97), (0.97, 0.98), (0.98, 0.99), (0.99, 1.001))
@@ -113,14 +112,7 @@ def main(argv=None) -> dict:
     pc = PromptConfig()
     logps = []
     for s in tqdm(states, desc="score", unit="state"):
-        prompt = build_prompt(
-            state=s.observation,
-            objective=s.objective,
-            inventory=s.inventory,
-            candidates=s.candidates,
-            config=pc,
-        )
-        (r,) = scorer.score([PriorRequest(prompt=prompt, candidates=tuple(s.candidates))])
+        (r,) = scorer.score([prior_request(s, pc)])
         logps.append(np.asarray(r.logp))
     pairs = pair_measures(states, embeddings, logps, args.min_coverage)
     rows = band_table(pairs)

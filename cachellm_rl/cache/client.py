@@ -14,8 +14,8 @@ import ray
 from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
 from cachellm_rl.cache.keys import canonical_text, exact_key
 from cachellm_rl.cache.sharding import shard_name, split_by_shard
-from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorResult
-from cachellm_rl.prior.prompts import PromptConfig, build_prompt
+from cachellm_rl.contracts import CacheQuery, PriorResult
+from cachellm_rl.prior.prompts import PromptConfig, prior_request
 
 
 class CacheActorUnavailable(RuntimeError):
@@ -157,18 +157,11 @@ class PriorCacheClient:
         self.last_encode_s = time.perf_counter() - t0
         queries = []
         for s, text, emb in zip(states, texts, embeddings, strict=True):
-            prompt = build_prompt(
-                state=s.observation,
-                objective=s.objective,
-                inventory=s.inventory,
-                candidates=s.candidates,
-                config=self.prompt_config,
-            )
             queries.append(
                 CacheQuery(
                     exact_key=exact_key(text, s.candidates, prior_version=version, encoder_tag=tag),
                     embedding=emb,
-                    request=PriorRequest(prompt=prompt, candidates=tuple(s.candidates)),
+                    request=prior_request(s, self.prompt_config),
                     text=text,
                     encoder_tag=tag,
                 )
@@ -229,19 +222,7 @@ class DirectPriorClient:
         """One LM scoring per state; always returns usable priors."""
         from cachellm_rl.contracts import PriorSource
 
-        requests = [
-            PriorRequest(
-                prompt=build_prompt(
-                    state=s.observation,
-                    objective=s.objective,
-                    inventory=s.inventory,
-                    candidates=s.candidates,
-                    config=self.prompt_config,
-                ),
-                candidates=tuple(s.candidates),
-            )
-            for s in states
-        ]
+        requests = [prior_request(s, self.prompt_config) for s in states]
         self.calls += 1
         out = []
         for resp in self.scorer.score(requests):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from cachellm_rl.contracts import PriorRequest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,3 +96,38 @@ def build_prompt(
         parts.append(f"{cfg.candidates_header} {', '.join(listed)}\n")
     parts.append(cfg.action_header)
     return "".join(parts)
+
+
+class DecisionTexts(Protocol):
+    """What a prompt is built from: a cache client's ``TextState`` or an env's decision."""
+
+    @property
+    def observation(self) -> str: ...
+    @property
+    def objective(self) -> str: ...
+    @property
+    def inventory(self) -> str | None: ...
+    @property
+    def candidates(self) -> Sequence[str]: ...
+
+
+def prior_request(state: DecisionTexts, config: PromptConfig | None = None) -> PriorRequest:
+    """The LM request of one decision: its prompt (:func:`build_prompt`) and candidates.
+
+    Args:
+        state: The decision's texts.
+        config: Prompt layout; defaults to :class:`PromptConfig`.
+
+    Returns:
+        A :class:`~cachellm_rl.contracts.PriorRequest`.
+    """
+    return PriorRequest(
+        prompt=build_prompt(
+            state=state.observation,
+            objective=state.objective,
+            inventory=state.inventory,
+            candidates=state.candidates,
+            config=config,
+        ),
+        candidates=tuple(state.candidates),
+    )
