@@ -347,6 +347,13 @@ def prior_train(
         float | None,
         typer.Option(help="Safety cap on training minutes (training ends after --epochs)."),
     ] = None,
+    list_candidates: Annotated[
+        bool,
+        typer.Option(
+            help="List the admissible actions in the prompt (off: shorter prompts, about half "
+            "the scoring cost on long action lists; the layout is saved with the model)."
+        ),
+    ] = True,
     evaluate: Annotated[bool, typer.Option(help="Measure direct-prior success after.")] = True,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
@@ -363,6 +370,7 @@ def prior_train(
         epochs=epochs,
         dropout=dropout,
         max_minutes=max_minutes,
+        list_candidates=list_candidates,
         evaluate=evaluate,
         seed=seed,
     )

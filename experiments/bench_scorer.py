@@ -101,9 +101,16 @@ def _model(args):
     return GPT2LMHeadModel(cfg).eval(), 4000
 
 
-def env_requests(env_id: str, n: int, seed: int = 0, games_dir: str | Path | None = None):
-    """``n`` real prior requests: the prompts of states met by random admissible actions on the
-    env's test games (episodes cut at 8 steps, so many games are seen)."""
+def env_requests(
+    env_id: str,
+    n: int,
+    seed: int = 0,
+    games_dir: str | Path | None = None,
+    prompt_config=None,
+):
+    """``n`` real prior requests: the prompts (in layout ``prompt_config``, default the
+    standard one) of states met by random admissible actions on the env's test games
+    (episodes cut at 8 steps, so many games are seen)."""
     from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
     from cachellm_rl.prior.prompts import prior_request
 
@@ -117,7 +124,7 @@ def env_requests(env_id: str, n: int, seed: int = 0, games_dir: str | Path | Non
         episode += 1
         for _ in range(8):
             d = env.decision
-            out.append(prior_request(d))
+            out.append(prior_request(d, prompt_config))
             _, _, term, trunc, _ = env.step(int(rng.integers(len(d.candidates))))
             if term or trunc or len(out) >= n:
                 break
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
         encoder = CandidateScorer(ScorerConfig(model_dir=str(args.model), device="cpu"))
-        requests = env_requests(args.env, args.requests)
+        requests = env_requests(args.env, args.requests, prompt_config=encoder.prompt_config)
         items = [encoder.encode(r) for r in requests]
         args.prompt_tokens = float(np.mean([len(p) for p, _ in items]))
         args.candidates = float(np.mean([len(c) for _, c in items]))

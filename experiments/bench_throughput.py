@@ -368,6 +368,8 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
     score_s = srv1.get("score_s", 0.0) - srv0.get("score_s", 0.0)
     lm_requests = srv1.get("requests", 0.0) - srv0.get("requests", 0.0)
     lm_batches = srv1.get("batches", 0.0) - srv0.get("batches", 0.0)
+    lm_candidates = srv1.get("candidates", 0.0) - srv0.get("candidates", 0.0)
+    lm_chars = srv1.get("prompt_chars", 0.0) - srv0.get("prompt_chars", 0.0)
     env_s, module_s = parts.get("env_step_s", 0.0), parts.get("module_s", 0.0)
     conn_s = parts.get("connector_s", 0.0)
     actor_s, enc_s = parts.get("actor_call_s", 0.0), parts.get("encode_s", 0.0)
@@ -407,6 +409,8 @@ def measure_method(method: str, cfg, games: list[str], args) -> dict:
         / (wall * ncpu),
         "lm_requests": lm_requests,
         "lm_batches": lm_batches,
+        "lm_candidates_per_request": lm_candidates / lm_requests if lm_requests else None,
+        "lm_prompt_chars_per_request": lm_chars / lm_requests if lm_requests else None,
         "hit_rate_measured": parts.get("hits", 0.0) / decisions if decisions else None,
         "cache_lm_queries": stats.get("lm_queries"),
     }
@@ -535,6 +539,11 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
         out[f"{m}_lm_requests_per_batch"] = (
             row["lm_requests"] / row["lm_batches"] if row["lm_batches"] else None
         )
+        out[f"{m}_lm_requests_per_step"] = (
+            row["lm_requests"] / row["env_steps"] if row["lm_batches"] else None
+        )
+        out[f"{m}_lm_candidates_per_request"] = row["lm_candidates_per_request"]
+        out[f"{m}_lm_prompt_chars_per_request"] = row["lm_prompt_chars_per_request"]
         out[f"{m}_hit_rate"] = row["hit_rate_measured"]
         out[f"{m}_cpu_busy"] = row["cpu_busy"]
         for k, v in row["cpu_ms_per_step"].items():
@@ -546,6 +555,15 @@ def run(args: argparse.Namespace, log_path: Path, console) -> dict:
     args.json.write_text(json.dumps(out, indent=2))
     say(f"wrote {args.json}")
     return out
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _per(a: float, b: float) -> str:
+    # Serve's counters are read only with one replica; with more, "-" (not 0).
+    return "-" if not a or not b else f"{a / b:.2f}"
 
 
 def print_report(out: dict, rows: list[dict], say=print) -> None:
@@ -573,6 +591,9 @@ def print_report(out: dict, rows: list[dict], say=print) -> None:
             "  (Serve scoring, in actor call)",
             *[f"{r['serve_scoring_ms_per_step']:.2f}" for r in rows],
         ],
+        ["LM requests per env step", *[_per(r["lm_requests"], r["env_steps"]) for r in rows]],
+        ["  candidates per request", *[_num(r.get("lm_candidates_per_request")) for r in rows]],
+        ["  prompt chars per request", *[_num(r.get("lm_prompt_chars_per_request")) for r in rows]],
     ]
     roles = sorted({k for r in rows for k in r["cpu_ms_per_step"]})
     lines += [

@@ -111,9 +111,9 @@ def score_states(scorer, states, *, progress: bool) -> list[np.ndarray]:
     """The prior of every state (one LM call each)."""
     from tqdm import tqdm
 
-    from cachellm_rl.prior.prompts import PromptConfig, prior_request
+    from cachellm_rl.prior.prompts import prior_request
 
-    pc = PromptConfig()
+    pc = scorer.prompt_config  # the layout the prior was trained with
     out = []
     for s in tqdm(states, desc="score", unit="state", disable=not progress):
         (r,) = scorer.score([prior_request(s, pc)])

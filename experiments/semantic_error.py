@@ -30,7 +30,7 @@ from cachellm_rl.cache.encoders import TextEncoderConfig, TextStateEncoder
 from cachellm_rl.envs.games import split_games
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
 from cachellm_rl.envs.textworld_env import TextWorldEnv, TextWorldEnvConfig
-from cachellm_rl.prior.prompts import PromptConfig, prior_request
+from cachellm_rl.prior.prompts import prior_request
 from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
 BANDS = ((0.90, 0.93), (0.93, 0.95), (0.95, 0.97), (0.97, 0.98), (0.98, 0.99), (0.99, 1.001))
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     scorer = CandidateScorer(
         ScorerConfig(model_dir=args.prior_model, prior_temperature=args.prior_temperature)
     )
-    pc = PromptConfig()
+    pc = scorer.prompt_config  # the layout the prior was trained with
     logps = []
     for s in tqdm(states, desc="score", unit="state"):
         (r,) = scorer.score([prior_request(s, pc)])

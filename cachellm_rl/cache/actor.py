@@ -51,6 +51,7 @@ DEFAULT_CACHE_NAME = "cachellm_prior_cache"
 ENCODER_BLOB = "encoder.bin"
 DEFAULT_NAMESPACE = "cachellm_rl"
 MAX_UNACKED = 300  # exchanges a shard keeps for shard 0 while it does not answer
+LAYOUT_RETRY_S = 5.0  # the least time between two asks of Serve for the prompt layout
 # one exchange a shard sends shard 0: its number, decision window, labels
 # ``(score, correct, entry id, on-policy)`` and evicted entry ids
 Payload = tuple[int, WindowCounters, list[tuple[float, bool, int, bool]], list[int]]
@@ -211,6 +212,8 @@ class SharedPriorCache:
         self._lm_pending: list[tuple[PriorRequest, asyncio.Future]] = []
         self._last_snapshot = time.monotonic()
         self._version_checked = False
+        self._prompt_layout: dict | None = None
+        self._layout_retry_at = 0.0
         self.refresh_failures = 0
         self._calls: dict[str, list[int]] = {}
 
@@ -366,6 +369,24 @@ class SharedPriorCache:
             except Exception as exc:
                 logger.warning("could not read the prior's model version: %r", exc)
         return self._cache.model_version, self._cache.encoder_tag
+
+    async def prompt_layout(self) -> dict | None:
+        """The served prior's prompt layout (``PromptConfig`` fields; ``{}`` without a prior
+        app), asked of Serve once and kept; None when Serve could not be asked (callers keep
+        their layout and ask again; Serve is asked at most once per ``LAYOUT_RETRY_S``)."""
+        if self._prompt_layout is None and self.config.prior_app is None:
+            self._prompt_layout = {}
+        if self._prompt_layout is None and time.monotonic() >= self._layout_retry_at:
+            self._layout_retry_at = time.monotonic() + LAYOUT_RETRY_S
+            try:
+                self._prompt_layout = dict(
+                    await asyncio.wait_for(
+                        self._lm().prompt_layout.remote(), self.config.lm_timeout_s
+                    )
+                )
+            except Exception as exc:
+                logger.warning("could not read the prior's prompt layout: %r", exc)
+        return self._prompt_layout
 
     def ping(self) -> bool:
         """Liveness check."""

@@ -15,7 +15,7 @@ from cachellm_rl.cache.actor import DEFAULT_CACHE_NAME, DEFAULT_NAMESPACE
 from cachellm_rl.cache.keys import canonical_text, exact_key
 from cachellm_rl.cache.sharding import shard_name, split_by_shard
 from cachellm_rl.contracts import CacheQuery, PriorResult
-from cachellm_rl.prior.prompts import PromptConfig, prior_request
+from cachellm_rl.prior.prompts import PromptConfig, prior_request, prompt_config_from_dict
 
 
 class CacheActorUnavailable(RuntimeError):
@@ -57,7 +57,8 @@ class PriorCacheClient:
             embeddings (exact tier only).
         cache_name: Name of the shared cache actor.
         namespace: Its Ray namespace.
-        prompt_config: Prompt layout.
+        prompt_config: Prompt layout; None follows the served prior's (its
+            ``prompt_layout.json``, read through the cache actor on first use).
         caller_id: Stable id of this caller (env-runner index) for SPSA sign assignment.
         follow_cache_encoder: Use the learned encoder the cache actor holds, when it holds one
             (fetched on first use and again whenever a result shows the cache's encoder tag
@@ -79,6 +80,9 @@ class PriorCacheClient:
         self.encoder_syncs = 0
         self.cache_name, self.namespace = cache_name, namespace
         self.prompt_config = prompt_config or PromptConfig()
+        # Without an explicit layout, requests follow the served prior's (asked once).
+        self._follow_layout = prompt_config is None
+        self._layout_known = False
         self.caller_id = caller_id
         self._actor = None
         self._shards: list | None = None
@@ -131,7 +135,21 @@ class PriorCacheClient:
             self._prior_version, tag = ray.get(self.actor.versions.remote())
             if self.follow_cache_encoder and tag != getattr(self.encoder, "tag", ""):
                 self.sync_encoder()
+        if self._follow_layout and not self._layout_known:
+            self.sync_prompt_layout()
         return self._prior_version
+
+    def sync_prompt_layout(self) -> bool:
+        """Take the served prior's prompt layout from the cache actor (a prior is prompted the
+        way it was trained); returns whether it was known. While Serve cannot say (it is down,
+        and LM calls fall back anyway), the current layout stays and the next call asks
+        again."""
+        layout = ray.get(self.actor.prompt_layout.remote())
+        if layout is None:
+            return False
+        self.prompt_config = prompt_config_from_dict(layout)
+        self._layout_known = True
+        return True
 
     def sync_encoder(self) -> bool:
         """Fetch the cache actor's learned encoder; returns whether one was installed."""
@@ -192,6 +210,7 @@ class PriorCacheClient:
         for r in results:
             if r.model_version and r.model_version != self._prior_version and not r.stale:
                 self._prior_version = r.model_version  # the server was updated
+                self._layout_known = False  # its model may be prompted another way
         if self.follow_cache_encoder and any(
             r.encoder_tag and r.encoder_tag != tag for r in results
         ):
@@ -206,12 +225,15 @@ class DirectPriorClient:
 
     Args:
         scorer: The scorer (its ``model_version`` is the prior version).
-        prompt_config: Prompt layout (the same as the cache client's).
+        prompt_config: Prompt layout; None takes the scorer's model's (its
+            ``prompt_layout.json``, else the default).
     """
 
     def __init__(self, scorer, *, prompt_config: PromptConfig | None = None) -> None:
         self.scorer = scorer
-        self.prompt_config = prompt_config or PromptConfig()
+        self.prompt_config = (
+            prompt_config or getattr(scorer, "prompt_config", None) or PromptConfig()
+        )
         self.calls = 0
 
     def prior_version(self) -> str:

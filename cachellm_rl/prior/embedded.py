@@ -18,6 +18,7 @@ from cachellm_rl.envs.registry import (
     make_text_env,
 )
 from cachellm_rl.prior.augment import renumber_instances
+from cachellm_rl.prior.prompts import PromptConfig
 from cachellm_rl.prior.train import (
     TRAIN_REPORT,
     PriorTrainConfig,
@@ -68,6 +69,7 @@ def train_embedded_prior(
     max_minutes: float | None = None,
     renumber_copies: int | None = None,
     dropout: float | None = None,
+    list_candidates: bool = True,
     evaluate: bool = True,
     eval_splits: tuple[str, ...] = ("valid", "test"),
     seed: int = 0,
@@ -86,6 +88,10 @@ def train_embedded_prior(
         max_minutes: Safety cap on training time (None: the env's recipe).
         renumber_copies: Renumbered copies per demonstration (None: the env's recipe).
         dropout: The model's dropout in training (None: the env's recipe).
+        list_candidates: List the admissible actions in the prompt (the default layout).
+            False trains a prior on shorter prompts (state, inventory, then the scored
+            action), which costs about half the scoring on TextWorld's long action lists;
+            the layout is saved with the model (``prompt_layout.json``).
         evaluate: Measure direct-prior success on ``eval_splits`` afterwards.
         eval_splits: Splits to measure.
         seed: Seed of demonstrations and training.
@@ -119,12 +125,13 @@ def train_embedded_prior(
         seed=seed,
         progress=progress,
     )
-    examples = [(decision_prompt(d.decision), d.action) for d in demos]
+    layout = None if list_candidates else PromptConfig(candidates_header=None)
+    examples = [(decision_prompt(d.decision, layout), d.action) for d in demos]
     rng = np.random.default_rng(seed)
     for _ in range(renumber_copies):
         for d in demos:
             decision, action = renumber_instances(d.decision, d.action, rng)
-            examples.append((decision_prompt(decision), action))
+            examples.append((decision_prompt(decision, layout), action))
     report = train_prior(
         examples,
         out_dir,
@@ -138,6 +145,7 @@ def train_embedded_prior(
             "perturb_probability": perturb_probability,
             "renumber_copies": renumber_copies,
         },
+        prompt_config=layout,
         progress=progress,
     )
     if evaluate:

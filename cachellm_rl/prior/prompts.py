@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Protocol
 
 from cachellm_rl.contracts import PriorRequest
@@ -45,6 +47,64 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if self.max_listed_candidates < 0:
             raise ValueError("PromptConfig.max_listed_candidates must be >= 0")
+
+
+PROMPT_LAYOUT_FILE = "prompt_layout.json"
+"""File in a prior's model directory naming the prompt layout it was trained with."""
+
+
+def save_prompt_config(model_dir: str | Path, config: PromptConfig) -> Path:
+    """Write ``config`` as the prompt layout of the model in ``model_dir``.
+
+    A prior must be prompted the way it was trained; the layout file travels with its weights
+    (and is hashed into its model version), so every scorer of the model reads the same layout.
+    """
+    path = Path(model_dir) / PROMPT_LAYOUT_FILE
+    path.write_text(json.dumps(asdict(config), indent=1, sort_keys=True))
+    return path
+
+
+def prompt_config_from_dict(layout: dict | None) -> PromptConfig:
+    """The :class:`PromptConfig` of a saved layout; ``None`` or ``{}`` give the default.
+
+    Raises:
+        ValueError: The layout names a field :class:`PromptConfig` does not have.
+    """
+    if not layout:
+        return PromptConfig()
+    known = {f.name for f in fields(PromptConfig)}
+    unknown = sorted(set(layout) - known)
+    if unknown:
+        raise ValueError(f"unknown prompt layout fields {unknown} (known: {sorted(known)})")
+    return PromptConfig(**layout)
+
+
+def load_prompt_config(model_dir: str | Path | None) -> PromptConfig:
+    """The prompt layout of the model in ``model_dir``: its ``prompt_layout.json``, or the
+    default layout (candidates listed in the prompt) for a model without one.
+
+    Raises:
+        ValueError: The layout file is not valid JSON or names unknown fields.
+
+    Example:
+        >>> load_prompt_config(None) == PromptConfig()
+        True
+    """
+    if model_dir is None:
+        return PromptConfig()
+    path = Path(model_dir) / PROMPT_LAYOUT_FILE
+    if not path.is_file():
+        return PromptConfig()
+    try:
+        layout = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(layout, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(layout).__name__}")
+    try:
+        return prompt_config_from_dict(layout)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def build_prompt(

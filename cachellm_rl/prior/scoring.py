@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from cachellm_rl.contracts import PriorRequest, PriorResponse
+from cachellm_rl.prior.prompts import PROMPT_LAYOUT_FILE, load_prompt_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -149,7 +150,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 
 def weights_version(*dirs: str | Path | None, extra: str = "") -> str:
-    """Content hash of the safetensors weights (and adapter) in ``dirs``: the model version.
+    """Content hash of the safetensors weights (and adapter, and prompt layout file) in
+    ``dirs``: the model version.
 
     Args:
         *dirs: Model and adapter directories; None entries are skipped.
@@ -170,6 +172,9 @@ def weights_version(*dirs: str | Path | None, extra: str = "") -> str:
         cfg = Path(d) / "adapter_config.json"
         if cfg.is_file():
             h.update(cfg.read_bytes())
+        layout = Path(d) / PROMPT_LAYOUT_FILE  # a prior prompted another way is another prior
+        if layout.is_file():
+            h.update(layout.read_bytes())
     h.update(extra.encode())
     return h.hexdigest()
 
@@ -581,6 +586,8 @@ class CandidateScorer:
             config.adapter_dir,
             extra=json.dumps({"T_prior": config.prior_temperature, "pre": config.candidate_prefix}),
         )
+        # The layout the model was trained with (its prompt_layout.json; default otherwise).
+        self.prompt_config = load_prompt_config(config.model_dir)
         self.num_truncated_prompts = 0
         self._candidate_ids: dict[str, list[int]] = {}
         # Decided on the first request: does this model give the same numbers with the tree?

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ray import serve
 
@@ -74,6 +74,8 @@ class PriorServer:
         )
         self._batch_sizes: list[int] = []
         self._score_s = 0.0
+        self._candidates = 0
+        self._prompt_chars = 0
 
     async def __call__(self, request: PriorRequest) -> PriorResponse:
         """Score one request (batched with concurrent ones)."""
@@ -98,6 +100,8 @@ class PriorServer:
     async def score_batch(self, requests: list[PriorRequest]) -> list[PriorResponse | Exception]:
         """Score a batch; a bad request fails alone, not its batch-mates."""
         self._batch_sizes.append(len(requests))
+        self._candidates += sum(len(r.candidates) for r in requests)
+        self._prompt_chars += sum(len(r.prompt) for r in requests)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._score_each, requests)
 
@@ -117,15 +121,23 @@ class PriorServer:
         """Hash of the served weights (and adapter)."""
         return self._scorer.model_version
 
+    def prompt_layout(self) -> dict:
+        """The prompt layout of the served model (``PromptConfig`` fields): clients build their
+        requests with it, since a prior must be prompted the way it was trained."""
+        return asdict(self._scorer.prompt_config)
+
     def batch_sizes(self) -> list[int]:
         """Sizes of the batches scored so far (for tests and benchmarks)."""
         return list(self._batch_sizes)
 
     def timings(self) -> dict[str, float]:
-        """Batches, requests and seconds spent scoring so far (for benchmarks)."""
+        """Batches, requests, their candidates and prompt characters, and seconds spent scoring
+        so far (for benchmarks: what a request costs depends on its size)."""
         return {
             "batches": float(len(self._batch_sizes)),
             "requests": float(sum(self._batch_sizes)),
+            "candidates": float(self._candidates),
+            "prompt_chars": float(self._prompt_chars),
             "score_s": self._score_s,
         }
 

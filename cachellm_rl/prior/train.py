@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from cachellm_rl.contracts import PriorRequest
 from cachellm_rl.envs.evaluate import greedy_evaluate
 from cachellm_rl.envs.text_env import INFO_CANDIDATES
-from cachellm_rl.prior.prompts import PromptConfig, build_prompt
+from cachellm_rl.prior.prompts import PromptConfig, build_prompt, save_prompt_config
 from cachellm_rl.prior.tiny_model import TinyLMConfig, make_tiny_causal_lm
 from cachellm_rl.reproducibility import compute_fingerprint, fixed_torch_threads
 
@@ -144,6 +144,7 @@ def train_prior(
     config: PriorTrainConfig | None = None,
     *,
     extra_report: dict | None = None,
+    prompt_config: PromptConfig | None = None,
     progress: bool = True,
 ) -> dict:
     """Train a small GPT-2 prior on ``(prompt, expert action)`` pairs and save it.
@@ -153,6 +154,9 @@ def train_prior(
         out_dir: Output model directory (Hugging Face format).
         config: Training settings.
         extra_report: Extra fields written into ``prior_train.json`` (e.g. demo statistics).
+        prompt_config: The layout the examples' prompts were built with; saved beside the
+            weights (``prompt_layout.json``) so every scorer prompts the prior the same way.
+            None: the default layout, and no file (as priors trained before layouts existed).
         progress: Show a progress bar.
 
     Returns:
@@ -163,7 +167,7 @@ def train_prior(
     """
     cfg = config or PriorTrainConfig()
     with fixed_torch_threads(cfg.num_threads):
-        return _train_prior(examples, Path(out_dir), cfg, extra_report, progress)
+        return _train_prior(examples, Path(out_dir), cfg, extra_report, prompt_config, progress)
 
 
 def _train_prior(
@@ -171,6 +175,7 @@ def _train_prior(
     final: Path,
     cfg: PriorTrainConfig,
     extra_report: dict | None,
+    prompt_config: PromptConfig | None,
     progress: bool,
 ) -> dict:
     import shutil
@@ -238,6 +243,8 @@ def _train_prior(
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if prompt_config is not None:
+        save_prompt_config(out, prompt_config)
     report = {
         "config": asdict(cfg),
         "examples": len(examples),
@@ -249,6 +256,7 @@ def _train_prior(
         "stopped_by_time_budget": stopped_early,
         "train_seconds": round(time.perf_counter() - t0, 1),
         "compute": compute_fingerprint(),
+        "prompt_layout": asdict(prompt_config or PromptConfig()),
         **(extra_report or {}),
     }
     (out / TRAIN_REPORT).write_text(json.dumps(report, indent=1))
@@ -282,12 +290,13 @@ def evaluate_direct_prior(
         scorer: A :class:`~cachellm_rl.prior.scoring.CandidateScorer`.
         env: A text env (see :func:`cachellm_rl.envs.demos.collect_demonstrations`).
         games: Games to play.
-        prompt_config: Prompt layout.
+        prompt_config: Prompt layout (default: the scorer's model's).
         progress: Show a progress bar.
 
     Returns:
         Success rate, mean return and steps, per-game success, LM calls made.
     """
+    prompt_config = prompt_config or getattr(scorer, "prompt_config", None)
 
     def choose(obs: dict, info: dict) -> tuple[int, None, float]:
         d = env.decision

@@ -26,7 +26,14 @@ def test_serve_batches_concurrent_requests(prior_app, tiny_model_dir):
     async def burst():
         return await asyncio.gather(*[handle.remote(r) for r in reqs])
 
+    before = handle.timings.remote().result()
     responses = asyncio.run(burst())
+    after = handle.timings.remote().result()
+    # The replica accounts for what it scored (benchmarks divide cost by request size).
+    assert after["requests"] - before["requests"] == 16
+    assert after["candidates"] - before["candidates"] == 16 * len(CANDS)
+    assert after["prompt_chars"] - before["prompt_chars"] == sum(len(r.prompt) for r in reqs)
+    assert after["score_s"] > before["score_s"]
     sizes = handle.batch_sizes.remote().result()
     assert sum(sizes) >= 16 and max(sizes) > 1, sizes  # concurrent requests shared batches
     direct = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from cachellm_rl.cache.actor import (
 from cachellm_rl.cache.adaptive import CacheConfig
 from cachellm_rl.cache.client import PriorCacheClient, TextState
 from cachellm_rl.contracts import CacheQuery, PriorRequest, PriorSource
+from cachellm_rl.prior.prompts import PromptConfig
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +199,9 @@ def test_client_end_to_end_with_real_encoder(ray_session, prior_app, text_encode
     ]
     assert client.calls == 2  # one actor call per batch of states
     assert client.prior_version() == prior_app[1].model_version.remote().result()
+    # The served model has no layout file: the actor relays the default layout from Serve.
+    assert ray_session.get(handle.prompt_layout.remote()) == asdict(PromptConfig())
+    assert client.prompt_config == PromptConfig()
     kill_cache(name)
     del handle
 

@@ -198,3 +198,110 @@ def test_the_prior_does_not_depend_on_the_callers_torch_threads(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = weights("c", caller_threads=2, num_threads=1)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+UNLISTED_STATE = TextState(
+    observation="[Kitchen] A fridge.",
+    candidates=("open fridge", "take apple"),
+    objective="Cook.",
+    inventory="You carry nothing.",
+)
+
+
+def test_a_prior_trained_unlisted_is_prompted_unlisted_by_every_scorer(tmp_path):
+    """The layout a prior was trained with is saved beside its weights, read by its scorer
+    and direct client, and hashed into its version (so a cache or checkpoint never mixes the
+    two layouts)."""
+    import shutil
+
+    from cachellm_rl.cache.client import DirectPriorClient
+    from cachellm_rl.prior.prompts import (
+        PROMPT_LAYOUT_FILE,
+        PromptConfig,
+        load_prompt_config,
+        prior_request,
+    )
+    from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+    from cachellm_rl.prior.tiny_model import TinyLMConfig
+
+    unlisted = PromptConfig(candidates_header=None)
+    prompt = prior_request(UNLISTED_STATE, unlisted).prompt
+    assert "Admissible actions" not in prompt
+    examples = [(prompt, "open fridge")] * 8
+    cfg = PriorTrainConfig(
+        model=TinyLMConfig(n_layer=1, n_head=2, n_embd=16, n_positions=64), epochs=1, batch_size=8
+    )
+    report = train_prior(examples, tmp_path / "m", cfg, prompt_config=unlisted, progress=False)
+    assert report["prompt_layout"]["candidates_header"] is None
+    assert load_prompt_config(tmp_path / "m") == unlisted
+    scorer = CandidateScorer(ScorerConfig(model_dir=str(tmp_path / "m")))
+    assert scorer.prompt_config == unlisted
+    sent = []
+    score = scorer.score
+    scorer.score = lambda reqs: sent.extend(reqs) or score(reqs)  # type: ignore[method-assign]
+    DirectPriorClient(scorer).get_priors([UNLISTED_STATE])
+    assert [r.prompt for r in sent] == [prompt]
+    # The same weights without the layout file are another prior version.
+    shutil.copytree(tmp_path / "m", tmp_path / "listed")
+    (tmp_path / "listed" / PROMPT_LAYOUT_FILE).unlink()
+    listed = CandidateScorer(ScorerConfig(model_dir=str(tmp_path / "listed")))
+    assert listed.prompt_config == PromptConfig()
+    assert listed.model_version != scorer.model_version
+    # A prior trained without a layout writes no file (the versions of older priors stand).
+    train_prior(examples, tmp_path / "d", cfg, progress=False)
+    assert not (tmp_path / "d" / PROMPT_LAYOUT_FILE).exists()
+
+
+def test_a_bad_layout_file_is_refused_in_one_line(tmp_path):
+    from cachellm_rl.prior.prompts import PROMPT_LAYOUT_FILE, load_prompt_config
+
+    (tmp_path / PROMPT_LAYOUT_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_prompt_config(tmp_path)
+    (tmp_path / PROMPT_LAYOUT_FILE).write_text('{"candidate_header": null}')
+    with pytest.raises(ValueError, match=r"unknown prompt layout fields \['candidate_header'\]"):
+        load_prompt_config(tmp_path)
+    assert load_prompt_config(tmp_path / "nothing-here").candidates_header is not None
+
+
+def test_a_cache_client_prompts_in_the_served_priors_layout(ray_session):
+    """Without an explicit layout, the client asks the cache actor for the served prior's (and
+    asks again while Serve cannot say)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class _Cache:
+        def __init__(self) -> None:
+            self.layout: dict | None = None
+            self.asked = 0
+
+        def versions(self) -> tuple[str, str]:
+            return "v1", ""
+
+        def prompt_layout(self) -> dict | None:
+            self.asked += 1
+            return self.layout
+
+        def set_layout(self, layout: dict) -> None:
+            self.layout = layout
+
+        def times_asked(self) -> int:
+            return self.asked
+
+    actor = _Cache.options(name="layout_test_cache", namespace="layout_test").remote()
+    client = PriorCacheClient(None, cache_name="layout_test_cache", namespace="layout_test")
+    (q,) = client.build_queries([UNLISTED_STATE])
+    assert "Admissible actions" in q.request.prompt  # Serve could not say: the default stays
+    ray.get(actor.set_layout.remote({"candidates_header": None}))
+    (q,) = client.build_queries([UNLISTED_STATE])
+    assert "Admissible actions" not in q.request.prompt
+    client.build_queries([UNLISTED_STATE])
+    assert ray.get(actor.times_asked.remote()) == 2  # known once, not asked again
+    from cachellm_rl.prior.prompts import PromptConfig
+
+    fixed = PriorCacheClient(
+        None, cache_name="layout_test_cache", namespace="layout_test", prompt_config=PromptConfig()
+    )
+    (q,) = fixed.build_queries([UNLISTED_STATE])
+    assert "Admissible actions" in q.request.prompt  # an explicit layout is kept
+    ray.kill(actor)
