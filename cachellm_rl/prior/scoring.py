@@ -342,6 +342,72 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in _forward_params(type(model).forward) else "past_key_values"
 
 
+@dataclass(frozen=True)
+class CandidateTrie:
+    """The candidates' input tokens as a prefix tree: one node per distinct proper prefix.
+
+    Node ``n`` holds the last token of its prefix; its output predicts the next token of every
+    candidate that extends the prefix. Candidates sharing a prefix ("cook pepper with oven" /
+    "... with stove") share its nodes, so a tree pass runs each shared token once.
+
+    Attributes:
+        tokens: Token of each node, parents before children.
+        depth: 0-based depth of each node (its position after the prompt).
+        allow_TT: ``allow_TT[n, m]``: node ``m`` is ``n`` or an ancestor of ``n`` (what ``n``
+            attends to besides the prompt).
+        preds: Per candidate, the node whose output predicts its token ``j`` for ``j >= 1``.
+    """
+
+    tokens: list[int]
+    depth: list[int]
+    allow_TT: np.ndarray
+    preds: list[list[int]]
+
+    @staticmethod
+    def size(candidate_ids: Sequence[Sequence[int]]) -> int:
+        """Nodes of the trie of ``candidate_ids`` (the tree pass's length), without building it.
+
+        Example:
+            >>> CandidateTrie.size([[5, 6, 7], [5, 6, 8], [9]])
+            2
+        """
+        return len({tuple(c[:k]) for c in candidate_ids for k in range(1, len(c))})
+
+    @classmethod
+    def build(cls, candidate_ids: Sequence[Sequence[int]]) -> CandidateTrie:
+        """The trie of ``candidate_ids``' proper prefixes.
+
+        Example:
+            >>> t = CandidateTrie.build([[5, 6, 7], [5, 6, 8], [9]])
+            >>> t.tokens, t.depth, t.preds
+            ([5, 6], [0, 1], [[0, 1], [0, 1], []])
+        """
+        index: dict[tuple[int, int], int] = {}
+        tokens: list[int] = []
+        depth: list[int] = []
+        parent: list[int] = []
+        preds: list[list[int]] = []
+        for c in candidate_ids:
+            path, prev = [], -1
+            for k in range(len(c) - 1):
+                node = index.get((prev, c[k]))
+                if node is None:
+                    node = index[(prev, c[k])] = len(tokens)
+                    tokens.append(int(c[k]))
+                    depth.append(k)
+                    parent.append(prev)
+                path.append(node)
+                prev = node
+            preds.append(path)
+        allow = np.eye(len(tokens), dtype=bool)
+        for n in range(len(tokens)):
+            a = parent[n]
+            while a >= 0:
+                allow[n, a] = True
+                a = parent[a]
+        return cls(tokens=tokens, depth=depth, allow_TT=allow, preds=preds)
+
+
 def tree_candidate_token_logprobs(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
@@ -353,10 +419,10 @@ def tree_candidate_token_logprobs(
     """:func:`candidate_token_logprobs` with the candidates as one masked sequence (a tree).
 
     After the prompt's forward pass, the candidates' input tokens (all but each one's last) run
-    as one sequence of ``sum(L_i - 1)`` tokens on top of the prompt's cache. Token ``j`` of
-    candidate ``i`` has position ``P + j`` and attends to the prompt and to tokens ``< = j`` of
-    candidate ``i`` only, which gives the same log-likelihoods as scoring each candidate after
-    its own copy of the prompt cache, without the copies.
+    as one sequence on top of the prompt's cache, as a prefix tree (:class:`CandidateTrie`: a
+    prefix several candidates share runs once). The node of token ``j`` has position ``P + j``
+    and attends to the prompt and to its own prefix only, which gives the same log-likelihoods
+    as scoring each candidate after its own copy of the prompt cache, without the copies.
     """
     if len(prompt_ids) == 0:
         raise ValueError("prompt_ids is empty: scoring needs at least one context token")
@@ -373,15 +439,13 @@ def tree_candidate_token_logprobs(
         base_cache = prompt_out.past_key_values
         for start in range(0, len(candidate_ids), max_candidates_per_forward):
             chunk = [list(c) for c in candidate_ids[start : start + max_candidates_per_forward]]
-            owner = [(i, j) for i, c in enumerate(chunk) for j in range(len(c) - 1)]
+            trie = CandidateTrie.build(chunk)
             rest_logp_TV = None
-            if owner:
-                t = len(owner)
-                ids = torch.tensor([[chunk[i][j] for i, j in owner]], device=device)
-                pos = torch.tensor([[p_len + j for _, j in owner]], device=device)
-                own_T = torch.tensor([i for i, _ in owner], device=device)
-                idx_T = torch.tensor([j for _, j in owner], device=device)
-                allow_TT = (own_T[:, None] == own_T[None, :]) & (idx_T[None, :] <= idx_T[:, None])
+            if trie.tokens:
+                t = len(trie.tokens)
+                ids = torch.tensor([trie.tokens], device=device)
+                pos = torch.tensor([[p_len + d for d in trie.depth]], device=device)
+                allow_TT = torch.from_numpy(trie.allow_TT).to(device)
                 allow = torch.cat(
                     [torch.ones((t, p_len), dtype=torch.bool, device=device), allow_TT], dim=1
                 )
@@ -395,16 +459,12 @@ def tree_candidate_token_logprobs(
                     **{cache_kw: cache},
                 )
                 rest_logp_TV = torch.log_softmax(cand_out.logits[0].float(), dim=-1)
-            row = 0
-            for c in chunk:
+            for c, path in zip(chunk, trie.preds, strict=True):
                 lp = [first_logp_V[c[0]].item()]
-                if len(c) > 1 and rest_logp_TV is not None:
+                if path and rest_logp_TV is not None:
                     tgt = torch.tensor(c[1:], device=device)
-                    n = len(c) - 1
-                    lp.extend(
-                        rest_logp_TV[row : row + n].gather(-1, tgt[:, None]).squeeze(-1).tolist()
-                    )
-                    row += n
+                    rows = torch.tensor(path, device=device)
+                    lp.extend(rest_logp_TV[rows, tgt].tolist())
                 out.append(np.asarray(lp, dtype=np.float64))
     return out
 
@@ -417,14 +477,15 @@ def packed_candidate_token_logprobs(
 ) -> list[list[np.ndarray]]:
     """:func:`tree_candidate_token_logprobs` for several prompts in **one** forward pass.
 
-    Row ``r`` of the batch holds prompt ``r``'s tokens followed by its candidates' tree tokens
-    (all but each candidate's last token), right-padded to the longest row. One 4-D mask gives
-    each row causal attention over its prompt and lets tree token ``j`` of candidate ``i`` see
-    the prompt and tokens ``<= j`` of candidate ``i`` only; padding sees only itself and nothing
-    sees padding. Position ids restart after the prompt for every candidate. The numbers equal
-    the two-pass tree's (the same attention pattern, with the prompt's keys computed in the
-    same pass instead of read from a cache); the saving is in calls: one model call for a whole
-    Serve batch instead of two per request, which on a CPU is most of a small model's cost.
+    Row ``r`` of the batch holds prompt ``r``'s tokens followed by its candidates' prefix tree
+    (:class:`CandidateTrie`: all but each candidate's last token, a shared prefix once),
+    right-padded to the longest row. One 4-D mask gives each row causal attention over its
+    prompt and lets each tree node see the prompt and its own prefix only; padding sees only
+    itself and nothing sees padding. Position ids restart after the prompt for every
+    candidate. The numbers equal the two-pass tree's (the same attention pattern, with the
+    prompt's keys computed in the same pass instead of read from a cache); the saving is in
+    calls: one model call for a whole Serve batch instead of two per request, which on a CPU
+    is most of a small model's cost.
 
     Args:
         model: Causal LM in eval mode that accepts a 4-D boolean attention mask.
@@ -441,26 +502,22 @@ def packed_candidate_token_logprobs(
         if len(prompt_ids) == 0:
             raise ValueError("prompt_ids is empty: scoring needs at least one context token")
         p_len = len(prompt_ids)
-        owner = [(i, j) for i, c in enumerate(candidate_ids) for j in range(len(c) - 1)]
-        ids = list(prompt_ids) + [candidate_ids[i][j] for i, j in owner]
-        pos = list(range(p_len)) + [p_len + j for _, j in owner]
-        rows.append((p_len, owner, ids, pos))
+        trie = CandidateTrie.build(candidate_ids)
+        ids = list(prompt_ids) + trie.tokens
+        pos = list(range(p_len)) + [p_len + d for d in trie.depth]
+        rows.append((p_len, trie, ids, pos))
     b, width = len(rows), max(len(r[2]) for r in rows)
     ids_BL = torch.zeros((b, width), dtype=torch.long)
     pos_BL = torch.zeros((b, width), dtype=torch.long)
     allow_BLL = torch.zeros((b, width, width), dtype=torch.bool)
-    for r, (p_len, owner, ids, pos) in enumerate(rows):
+    for r, (p_len, trie, ids, pos) in enumerate(rows):
         n = len(ids)
         ids_BL[r, :n] = torch.tensor(ids)
         pos_BL[r, :n] = torch.tensor(pos)
         allow_BLL[r, :p_len, :p_len] = torch.ones((p_len, p_len), dtype=torch.bool).tril()
-        if owner:
-            own_T = torch.tensor([i for i, _ in owner])
-            idx_T = torch.tensor([j for _, j in owner])
+        if trie.tokens:
             allow_BLL[r, p_len:n, :p_len] = True
-            allow_BLL[r, p_len:n, p_len:n] = (own_T[:, None] == own_T[None, :]) & (
-                idx_T[None, :] <= idx_T[:, None]
-            )
+            allow_BLL[r, p_len:n, p_len:n] = torch.from_numpy(trie.allow_TT)
         pad = torch.arange(n, width)
         allow_BLL[r, pad, pad] = True  # padding attends to itself only (no empty softmax rows)
     # Only positions from the earliest prompt end on are needed: keep just those logits.
@@ -478,18 +535,16 @@ def packed_candidate_token_logprobs(
         logp_BKV = torch.log_softmax(logits.float(), dim=-1)
         # Gather every scored token at once: (row, position whose output predicts it, token).
         g_row, g_col, g_tok, sizes = [], [], [], []
-        for r, (p_len, _, _, _) in enumerate(rows):
+        for r, (p_len, trie, _, _) in enumerate(rows):
             _, candidate_ids = items[r]
-            first_t = p_len  # tree position of each candidate's first input token
-            for c in candidate_ids:
+            for c, path in zip(candidate_ids, trie.preds, strict=True):
                 g_row.append(r)
-                g_col.append(p_len - 1 - offset)
+                g_col.append(p_len - 1 - offset)  # the prompt's last output: first token
                 g_tok.append(c[0])
                 for j in range(1, len(c)):
                     g_row.append(r)
-                    g_col.append(first_t + j - 1 - offset)
+                    g_col.append(p_len + path[j - 1] - offset)
                     g_tok.append(c[j])
-                first_t += len(c) - 1
                 sizes.append(len(c))
         flat = logp_BKV[torch.tensor(g_row), torch.tensor(g_col), torch.tensor(g_tok)]
         values = flat.double().cpu().numpy()
@@ -680,7 +735,7 @@ class CandidateScorer:
 
         def width(item: tuple[int, list[int], list[list[int]]]) -> int:
             _, p, c = item
-            return len(p) + sum(len(x) - 1 for x in c)
+            return len(p) + CandidateTrie.size(c)
 
         cfg = self.config
         group: list[tuple[int, list[int], list[list[int]]]] = []

@@ -11,6 +11,7 @@ from cachellm_rl.contracts import PriorRequest
 from cachellm_rl.prior.prompts import FewShotExample, PromptConfig, build_prompt
 from cachellm_rl.prior.scoring import (
     CandidateScorer,
+    CandidateTrie,
     ScorerConfig,
     candidate_token_logprobs,
     candidate_token_logprobs_full,
@@ -21,6 +22,15 @@ from cachellm_rl.prior.scoring import (
 )
 
 CANDS = ("go north", "take red apple", "open fridge", "put apple in fridge", "eat red apple")
+# Candidates sharing prefixes (one a prefix of another): the prefix tree shares their nodes.
+SHARED = (
+    "take red apple",
+    "take red apple from fridge",
+    "take red onion",
+    "cook red apple with oven",
+    "cook red apple with stove",
+    "go north",
+)
 PROMPT = "goal : eat the apple . observation : you are in the kitchen . next action :"
 
 
@@ -42,9 +52,10 @@ def test_prefix_sharing_matches_full_sequences(scorer, chunk):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("cands", [CANDS, SHARED])
 @pytest.mark.parametrize("chunk", [1, 2, 64])
-def test_tree_scoring_matches_full_sequences(scorer, chunk):
-    prompt_ids, cand_ids = scorer.encode(PriorRequest(prompt=PROMPT, candidates=CANDS))
+def test_tree_scoring_matches_full_sequences(scorer, chunk, cands):
+    prompt_ids, cand_ids = scorer.encode(PriorRequest(prompt=PROMPT, candidates=cands))
     assert max(len(c) for c in cand_ids) > 2  # a tree deeper than one token
     tree = tree_candidate_token_logprobs(
         scorer.model, prompt_ids, cand_ids, device=scorer.device, max_candidates_per_forward=chunk
@@ -67,6 +78,19 @@ def test_scorer_uses_the_tree_when_it_matches(tiny_model_dir):
         ScorerConfig(model_dir=str(tiny_model_dir), candidate_attention="flat")
 
 
+def test_the_tree_runs_a_shared_prefix_once(scorer):
+    _, cand_ids = scorer.encode(PriorRequest(prompt=PROMPT, candidates=SHARED))
+    trie = CandidateTrie.build(cand_ids)
+    distinct = {tuple(c[:k]) for c in cand_ids for k in range(1, len(c))}
+    assert len(trie.tokens) == len(distinct) == CandidateTrie.size(cand_ids)
+    assert len(trie.tokens) < sum(len(c) - 1 for c in cand_ids)
+    for c, path in zip(cand_ids, trie.preds, strict=True):
+        assert [trie.tokens[n] for n in path] == list(c[:-1])  # each path spells its prefix
+        assert [trie.depth[n] for n in path] == list(range(len(c) - 1))
+        for n in path:  # a node sees exactly its own prefix
+            assert set(np.flatnonzero(trie.allow_TT[n])) == set(path[: trie.depth[n] + 1])
+
+
 PACKED_REQUESTS = (
     PriorRequest(prompt=PROMPT, candidates=CANDS),
     PriorRequest(prompt="observation : hallway .", candidates=("go south", "take red apple")),
@@ -75,10 +99,20 @@ PACKED_REQUESTS = (
 )
 
 
-def test_packed_scoring_matches_full_sequences(scorer):
+@pytest.mark.parametrize(
+    "requests",
+    [
+        PACKED_REQUESTS,
+        (
+            *PACKED_REQUESTS[:2],
+            PriorRequest(prompt="observation : a dark pantry .", candidates=SHARED),
+        ),
+    ],
+)
+def test_packed_scoring_matches_full_sequences(scorer, requests):
     """Several prompts of different lengths in one padded pass: each candidate's token
     log-likelihoods equal those of its own prompt + candidate run alone."""
-    items = [scorer.encode(r) for r in PACKED_REQUESTS]
+    items = [scorer.encode(r) for r in requests]
     assert len({len(p) for p, _ in items}) == len(items)  # rows of different widths: padding
     packed = packed_candidate_token_logprobs(scorer.model, items, device=scorer.device)
     assert len(packed) == len(items)
@@ -128,7 +162,7 @@ def test_packing_keeps_padding_under_its_cap(tiny_model_dir):
     # Widths 6, 7, 23 and 26 slots: the two short ones and the two long ones pack together.
     assert sorted(len(g) for g in groups) == [4, 4]
     for g in groups:
-        widths = [len(p) + sum(len(x) - 1 for x in c) for _, p, c in g]
+        widths = [len(p) + CandidateTrie.size(c) for _, p, c in g]
         assert 1 - sum(widths) / (len(g) * max(widths)) <= 0.1
     loose = CandidateScorer(ScorerConfig(model_dir=str(tiny_model_dir), max_padding_fraction=1.0))
     assert len(list(loose._pack(encoded))) == 1
