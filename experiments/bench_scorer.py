@@ -10,8 +10,10 @@ requests (random token ids of fixed shape; the timing depends on the shapes, not
   and the passes split by the scorer's padding cap (``ScorerConfig.max_padding_fraction``).
 
 ``--env textworld|babyai|alfworld`` times real requests instead: the prompts of states met by
-random admissible actions on the env's test games, scored by its embedded prior. Their lengths
-vary, so a packed pass pads, which synthetic requests of one shape do not show.
+random admissible actions on the env's test games (``--policy prior``: by the prior itself,
+sampled, whole episodes; ``--min-candidates N`` keeps the states with at least N candidates,
+as RL's are), scored by its embedded prior (or ``--model``, in that model's prompt layout).
+Their lengths vary, so a packed pass pads, which synthetic requests of one shape do not show.
 
 The default shape is TextWorld's in RL (334 prompt tokens, 18 candidates of 2-6 tokens) on a
 randomly initialised GPT-2 of the embedded prior's size (2 layers, 128 wide, 4 heads, 4000
@@ -23,6 +25,7 @@ Example::
 
     python experiments/bench_scorer.py --json results/bench_scorer.json
     python experiments/bench_scorer.py --env textworld --requests 96
+    python experiments/bench_scorer.py --env textworld --policy prior --min-candidates 30
 """
 
 from __future__ import annotations
@@ -56,8 +59,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time real requests instead: states of this env's test games under random "
         "admissible actions, scored by its embedded prior (or --model)",
     )
+    p.add_argument(
+        "--policy",
+        choices=("random", "prior"),
+        default="random",
+        help="with --env: who plays the states timed (random admissible actions, 8-step "
+        "episodes; or the prior itself, sampled, whole episodes: closer to RL's states)",
+    )
+    p.add_argument(
+        "--min-candidates",
+        type=int,
+        default=1,
+        help="with --env: keep only states with at least this many candidates",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.min_candidates < 1:
+        p.error(f"--min-candidates must be >= 1, got {args.min_candidates}")
     if args.env is not None:
         from cachellm_rl.envs.registry import TEXT_ENVS, default_prior_dir
 
@@ -107,10 +125,23 @@ def env_requests(
     seed: int = 0,
     games_dir: str | Path | None = None,
     prompt_config=None,
+    *,
+    scorer=None,
+    min_candidates: int = 1,
+    max_episodes: int = 2000,
 ):
     """``n`` real prior requests: the prompts (in layout ``prompt_config``, default the
-    standard one) of states met by random admissible actions on the env's test games
-    (episodes cut at 8 steps, so many games are seen)."""
+    standard one) of states met on the env's test games.
+
+    Without ``scorer`` the states come from random admissible actions, episodes cut at 8 steps
+    (many games, early states). With ``scorer`` the prior plays: each action is sampled from
+    its distribution, for whole episodes, which reaches the later, bigger states an agent
+    starting from the prior meets. Only states with at least ``min_candidates`` candidates
+    are kept (RL's TextWorld requests hold 36-44).
+
+    Raises:
+        ValueError: ``max_episodes`` episodes did not give ``n`` such states.
+    """
     from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
     from cachellm_rl.prior.prompts import prior_request
 
@@ -120,12 +151,26 @@ def env_requests(
     out: list = []
     episode = 0
     while len(out) < n:
+        if episode >= max_episodes:
+            env.close()
+            raise ValueError(
+                f"{max_episodes} episodes met only {len(out)} states with >= {min_candidates} "
+                "candidates"
+            )
         env.reset(seed=seed + episode)
         episode += 1
-        for _ in range(8):
+        for _ in range(8 if scorer is None else 1000):
             d = env.decision
-            out.append(prior_request(d, prompt_config))
-            _, _, term, trunc, _ = env.step(int(rng.integers(len(d.candidates))))
+            req = prior_request(d, prompt_config)
+            if len(d.candidates) >= min_candidates:
+                out.append(req)
+            if scorer is None:
+                action = int(rng.integers(len(d.candidates)))
+            else:
+                (resp,) = scorer.score([req])
+                p = np.exp(np.asarray(resp.logp, np.float64))
+                action = int(rng.choice(len(p), p=p / p.sum()))
+            _, _, term, trunc, _ = env.step(action)
             if term or trunc or len(out) >= n:
                 break
     env.close()
@@ -150,7 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
         from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
 
         encoder = CandidateScorer(ScorerConfig(model_dir=str(args.model), device="cpu"))
-        requests = env_requests(args.env, args.requests, prompt_config=encoder.prompt_config)
+        requests = env_requests(
+            args.env,
+            args.requests,
+            prompt_config=encoder.prompt_config,
+            scorer=encoder if args.policy == "prior" else None,
+            min_candidates=args.min_candidates,
+        )
         items = [encoder.encode(r) for r in requests]
         args.prompt_tokens = float(np.mean([len(p) for p, _ in items]))
         args.candidates = float(np.mean([len(c) for _, c in items]))
