@@ -348,12 +348,13 @@ def prior_train(
         typer.Option(help="Safety cap on training minutes (training ends after --epochs)."),
     ] = None,
     list_candidates: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="List the admissible actions in the prompt (off: shorter prompts, about half "
-            "the scoring cost on long action lists; the layout is saved with the model)."
+            help="List the admissible actions in the prompt (default per env; off: shorter "
+            "prompts, about half the scoring cost on long action lists; the layout is saved "
+            "with the model)."
         ),
-    ] = True,
+    ] = None,
     evaluate: Annotated[bool, typer.Option(help="Measure direct-prior success after.")] = True,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:

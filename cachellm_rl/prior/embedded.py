@@ -41,6 +41,7 @@ class PriorRecipe:
             relabelled (:func:`~cachellm_rl.prior.augment.renumber_instances`).
         dropout: The model's dropout in training (GPT-2's 0.1; 0 trains about twice as fast
             on a CPU, see :class:`~cachellm_rl.prior.tiny_model.TinyLMConfig`).
+        list_candidates: List the admissible actions in the prompt (the default layout).
     """
 
     episodes_per_game: int = 5
@@ -49,6 +50,7 @@ class PriorRecipe:
     max_minutes: float = 120.0
     renumber_copies: int = 0
     dropout: float = 0.1
+    list_candidates: bool = True
 
 
 PRIOR_RECIPES = {
@@ -69,7 +71,7 @@ def train_embedded_prior(
     max_minutes: float | None = None,
     renumber_copies: int | None = None,
     dropout: float | None = None,
-    list_candidates: bool = True,
+    list_candidates: bool | None = None,
     evaluate: bool = True,
     eval_splits: tuple[str, ...] = ("valid", "test"),
     seed: int = 0,
@@ -88,7 +90,7 @@ def train_embedded_prior(
         max_minutes: Safety cap on training time (None: the env's recipe).
         renumber_copies: Renumbered copies per demonstration (None: the env's recipe).
         dropout: The model's dropout in training (None: the env's recipe).
-        list_candidates: List the admissible actions in the prompt (the default layout).
+        list_candidates: List the admissible actions in the prompt (None: the env's recipe).
             False trains a prior on shorter prompts (state, inventory, then the scored
             action), which costs about half the scoring on TextWorld's long action lists;
             the layout is saved with the model (``prompt_layout.json``).
@@ -112,6 +114,7 @@ def train_embedded_prior(
         raise ValueError(f"renumber_copies must be >= 0, got {renumber_copies}")
     # checked before the (slow) demonstrations
     dropout = recipe.dropout if dropout is None else dropout
+    list_candidates = recipe.list_candidates if list_candidates is None else list_candidates
     cfg = PriorTrainConfig(epochs=epochs, max_minutes=max_minutes, seed=seed)
     cfg = replace(cfg, model=replace(cfg.model, dropout=dropout))
     games_dir = Path(games_dir) if games_dir else default_games_dir(env_id)

@@ -133,7 +133,27 @@ def test_prior_train_writes_a_loadable_model(tw_suite, tmp_path):
     report = json.loads((out / "prior_train.json").read_text())
     assert report["train_games"] == 10 and report["examples"] > 0
     assert report["demonstrations"]["expert_missing"] == 0
-    CandidateScorer(ScorerConfig(model_dir=str(out)))  # the same loading path as any model
+    listed = CandidateScorer(ScorerConfig(model_dir=str(out)))  # the path of any model
+    assert not (out / "prompt_layout.json").exists()  # the recipe's layout: the default
+    assert listed.prompt_config.candidates_header is not None
+    unlisted_dir = tmp_path / "unlisted"
+    res = runner.invoke(
+        app,
+        [
+            *("prior", "train", "--env", "textworld", "--games", str(tw_suite)),
+            *("--out", str(unlisted_dir), "--episodes-per-game", "1", "--epochs", "1"),
+            *("--no-evaluate", "--no-list-candidates"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    unlisted = CandidateScorer(ScorerConfig(model_dir=str(unlisted_dir)))
+    assert unlisted.prompt_config.candidates_header is None
+    assert (
+        json.loads((unlisted_dir / "prior_train.json").read_text())["prompt_layout"][
+            "candidates_header"
+        ]
+        is None
+    )
 
 
 def test_prior_train_rejects_unknown_env(tmp_path):
