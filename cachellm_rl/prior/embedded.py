@@ -5,6 +5,8 @@ split, training, and the direct-prior (argmax) success on each split as the cali
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from cachellm_rl.prior.train import (
     evaluate_direct_prior,
     train_prior,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,14 +124,22 @@ def train_embedded_prior(
     games_dir = Path(games_dir) if games_dir else default_games_dir(env_id)
     train_games = env_split_games(env_id, games_dir, "train")
     env = make_text_env(env_id, {"games": train_games, "expert": True, "game_order": "cycle"})
-    demos, stats = collect_demonstrations(
-        env,
-        train_games,
-        episodes_per_game=episodes_per_game,
-        perturb_probability=perturb_probability,
-        seed=seed,
-        progress=progress,
-    )
+    cache = demos_cache_path(out_dir)
+    key = _demos_key(env_id, train_games, episodes_per_game, perturb_probability, seed)
+    loaded = _load_demos(cache, key)
+    if loaded is None:
+        demos, stats = collect_demonstrations(
+            env,
+            train_games,
+            episodes_per_game=episodes_per_game,
+            perturb_probability=perturb_probability,
+            seed=seed,
+            progress=progress,
+        )
+        _save_demos(cache, key, (demos, stats))
+    else:
+        demos, stats = loaded
+        logger.info("demonstrations loaded from %s (an interrupted training's)", cache)
     layout = None if list_candidates else PromptConfig(candidates_header=None)
     examples = [(decision_prompt(d.decision, layout), d.action) for d in demos]
     rng = np.random.default_rng(seed)
@@ -151,6 +163,7 @@ def train_embedded_prior(
         prompt_config=layout,
         progress=progress,
     )
+    cache.unlink(missing_ok=True)  # the prior exists now; a new training collects afresh
     if evaluate:
         report["direct_success"] = evaluate_embedded_prior(
             env_id,
@@ -162,6 +175,49 @@ def train_embedded_prior(
         (Path(out_dir) / TRAIN_REPORT).write_text(json.dumps(report, indent=1))
     env.close()
     return report
+
+
+def demos_cache_path(out_dir: str | Path) -> Path:
+    """Where a training keeps its demonstrations until the prior is saved (``<out>.demos.pkl``):
+    a training stopped after collecting them resumes from there instead of collecting again."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".demos.pkl")
+
+
+def _demos_key(env_id, games, episodes_per_game, perturb_probability, seed) -> dict:
+    # The same games (by name, size and modification time), episodes, perturbation and seed
+    # give the same demonstrations; anything else collects afresh.
+    files = []
+    for g in games:
+        st = Path(g).stat()
+        files.append([str(g), st.st_size, st.st_mtime_ns])
+    return {
+        "format": 1,
+        "env": env_id,
+        "games": files,
+        "episodes_per_game": episodes_per_game,
+        "perturb_probability": perturb_probability,
+        "seed": seed,
+    }
+
+
+def _load_demos(path: Path, key: dict):
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            stored_key, value = pickle.load(f)
+    except Exception as exc:  # a torn or foreign file: collect again
+        logger.warning("ignoring unreadable demonstrations cache %s: %r", path, exc)
+        return None
+    return value if stored_key == key else None
+
+
+def _save_demos(path: Path, key: dict, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
 
 
 def evaluate_embedded_prior(

@@ -305,3 +305,38 @@ def test_a_cache_client_prompts_in_the_served_priors_layout(ray_session):
     (q,) = fixed.build_queries([UNLISTED_STATE])
     assert "Admissible actions" in q.request.prompt  # an explicit layout is kept
     ray.kill(actor)
+
+
+def test_an_interrupted_training_keeps_its_demonstrations_for_the_rerun(
+    tw_suite, tmp_path, monkeypatch
+):
+    """Demonstrations (the slow part on ALFWorld) survive a training stopped after them; the
+    rerun uses them, and a finished training removes them."""
+    from cachellm_rl.prior import embedded
+
+    out = tmp_path / "prior"
+    kw = dict(games_dir=tw_suite, out_dir=out, episodes_per_game=1, epochs=1, evaluate=False)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(embedded, "train_prior", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            embedded.train_embedded_prior("textworld", progress=False, **kw)
+    cache = embedded.demos_cache_path(out)
+    assert cache.is_file() and not out.exists()
+
+    def collect_again(*a, **k):
+        raise AssertionError("demonstrations collected again")
+
+    with monkeypatch.context() as m:
+        m.setattr(embedded, "collect_demonstrations", collect_again)
+        report = embedded.train_embedded_prior("textworld", progress=False, **kw)
+    assert report["examples"] > 0 and (out / "model.safetensors").is_file()
+    assert not cache.exists()
+    # Other settings do not take another setting's demonstrations.
+    embedded._save_demos(cache, {"format": 1}, ([], None))
+    assert embedded._load_demos(cache, {"format": 2}) is None
+    cache.write_bytes(b"torn")
+    assert embedded._load_demos(cache, {"format": 1}) is None
