@@ -92,7 +92,12 @@ def prior_score(
 
     scorer = CandidateScorer(ScorerConfig(model_dir=str(model), prior_temperature=temperature))
     req = PriorRequest(
-        prompt=build_prompt(state=state, objective=objective, candidates=candidate),
+        prompt=build_prompt(
+            state=state,
+            objective=objective,
+            candidates=candidate,
+            config=scorer.prompt_config,  # the layout the model was trained with
+        ),
         candidates=tuple(candidate),
     )
     (resp,) = scorer.score([req])
@@ -426,16 +431,18 @@ def prior_finetune(
     from cachellm_rl.envs.demos import collect_demonstrations
     from cachellm_rl.envs.registry import default_games_dir, env_split_games, make_text_env
     from cachellm_rl.prior.finetune import FinetuneConfig, finetune_lora
+    from cachellm_rl.prior.prompts import load_prompt_config
     from cachellm_rl.prior.train import decision_prompt
 
     _check_env_option(env)
+    layout = load_prompt_config(model)  # the adapter is scored in its base model's layout
     if shots < 1:
         raise ValueError("--shots must be >= 1")
     train = env_split_games(env, games or default_games_dir(env), "train")[:shots]
     text_env = make_text_env(env, {"games": train, "expert": True})
     demos, _ = collect_demonstrations(text_env, train, episodes_per_game=1, seed=seed)
     text_env.close()
-    examples = [(decision_prompt(d.decision), d.action) for d in demos]
+    examples = [(decision_prompt(d.decision, layout), d.action) for d in demos]
     adapter = finetune_lora(
         model, examples, out_dir=out, config=FinetuneConfig(epochs=epochs, seed=seed)
     )

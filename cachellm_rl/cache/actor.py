@@ -213,6 +213,8 @@ class SharedPriorCache:
         self._last_snapshot = time.monotonic()
         self._version_checked = False
         self._prompt_layout: dict | None = None
+        self._prompt_layout_version: str | None = None
+        self._layout_task: asyncio.Future | None = None
         self._layout_retry_at = 0.0
         self.refresh_failures = 0
         self._calls: dict[str, list[int]] = {}
@@ -372,21 +374,32 @@ class SharedPriorCache:
 
     async def prompt_layout(self) -> dict | None:
         """The served prior's prompt layout (``PromptConfig`` fields; ``{}`` without a prior
-        app), asked of Serve once and kept; None when Serve could not be asked (callers keep
-        their layout and ask again; Serve is asked at most once per ``LAYOUT_RETRY_S``)."""
-        if self._prompt_layout is None and self.config.prior_app is None:
-            self._prompt_layout = {}
-        if self._prompt_layout is None and time.monotonic() >= self._layout_retry_at:
+        app), asked of Serve once per prior version and kept. Callers arriving while it is
+        being asked wait for the same answer. None when Serve could not say: callers then send
+        no request (a prompt in a guessed layout would give a wrong prior under the right
+        version); Serve is asked again at most once per ``LAYOUT_RETRY_S``."""
+        if self.config.prior_app is None:
+            return {}
+        version = self._cache.model_version
+        if self._prompt_layout is not None and self._prompt_layout_version == version:
+            return self._prompt_layout
+        if self._layout_task is None or self._layout_task.done():
+            if time.monotonic() < self._layout_retry_at:
+                return None
+            self._layout_task = asyncio.ensure_future(self._fetch_layout(version))
+        return await asyncio.shield(self._layout_task)
+
+    async def _fetch_layout(self, version: str | None) -> dict | None:
+        try:
+            layout = dict(
+                await asyncio.wait_for(self._lm().prompt_layout.remote(), self.config.lm_timeout_s)
+            )
+        except Exception as exc:
+            logger.warning("could not read the prior's prompt layout: %r", exc)
             self._layout_retry_at = time.monotonic() + LAYOUT_RETRY_S
-            try:
-                self._prompt_layout = dict(
-                    await asyncio.wait_for(
-                        self._lm().prompt_layout.remote(), self.config.lm_timeout_s
-                    )
-                )
-            except Exception as exc:
-                logger.warning("could not read the prior's prompt layout: %r", exc)
-        return self._prompt_layout
+            return None
+        self._prompt_layout, self._prompt_layout_version = layout, version
+        return layout
 
     def ping(self) -> bool:
         """Liveness check."""

@@ -135,15 +135,18 @@ class PriorCacheClient:
             self._prior_version, tag = ray.get(self.actor.versions.remote())
             if self.follow_cache_encoder and tag != getattr(self.encoder, "tag", ""):
                 self.sync_encoder()
-        if self._follow_layout and not self._layout_known:
-            self.sync_prompt_layout()
+        if self._follow_layout and not self._layout_known and not self.sync_prompt_layout():
+            raise CacheActorUnavailable(
+                "the served prior's prompt layout is unknown (Serve did not answer): no "
+                "request is sent in a guessed layout"
+            )
         return self._prior_version
 
     def sync_prompt_layout(self) -> bool:
         """Take the served prior's prompt layout from the cache actor (a prior is prompted the
-        way it was trained); returns whether it was known. While Serve cannot say (it is down,
-        and LM calls fall back anyway), the current layout stays and the next call asks
-        again."""
+        way it was trained); returns whether it was known. While Serve cannot say,
+        :meth:`prior_version` (and so every query) raises :class:`CacheActorUnavailable`, which
+        the env runners' connector answers with uniform priors (counted) until it can."""
         layout = ray.get(self.actor.prompt_layout.remote())
         if layout is None:
             return False

@@ -464,3 +464,40 @@ def make_cache_named(app, name):
         cache=CacheConfig(dim=8, capacity_entries=100, refresh_probability=0.0), prior_app=app
     )
     return get_or_create_cache(cfg, name=name)
+
+
+def test_clients_follow_a_served_unlisted_layout_even_when_they_ask_together(
+    ray_session, tiny_model_dir, tmp_path
+):
+    """A prior served with its own layout file: concurrent first asks all get the layout
+    (none is sent a guess), and the client's priors are the ones the model gives in it."""
+    import shutil
+
+    from ray import serve
+
+    from cachellm_rl.cache.client import DirectPriorClient
+    from cachellm_rl.prior.prompts import save_prompt_config
+    from cachellm_rl.prior.scoring import CandidateScorer, ScorerConfig
+    from cachellm_rl.prior.server import PriorServerConfig, deploy_prior_server
+
+    model = tmp_path / "unlisted"
+    shutil.copytree(tiny_model_dir, model)
+    save_prompt_config(model, PromptConfig(candidates_header=None))
+    scorer = ScorerConfig(model_dir=str(model))
+    deploy_prior_server(PriorServerConfig(scorer=scorer, num_cpus=0), app_name="unlisted_prior")
+    try:
+        name, handle = make_cache("unlisted_prior")
+        asks = ray_session.get([handle.prompt_layout.remote() for _ in range(6)])
+        assert [a and a["candidates_header"] for a in asks] == [None] * 6 and all(asks)
+        client = PriorCacheClient(None, cache_name=name)
+        state = TextState(observation="A kitchen.", candidates=CANDS, objective="Eat.")
+        (query,) = client.build_queries([state])
+        assert "Admissible actions" not in query.request.prompt
+        (got,) = client.get_priors([state])
+        assert got.source is PriorSource.LM
+        (want,) = DirectPriorClient(CandidateScorer(scorer)).get_priors([state])
+        np.testing.assert_allclose(got.logp, want.logp, atol=1e-5)
+        assert client.prior_version() == want.model_version  # the layout is in the version
+        kill_cache(name)
+    finally:
+        serve.delete("unlisted_prior")

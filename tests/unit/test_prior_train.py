@@ -266,8 +266,10 @@ def test_a_bad_layout_file_is_refused_in_one_line(tmp_path):
 
 def test_a_cache_client_prompts_in_the_served_priors_layout(ray_session):
     """Without an explicit layout, the client asks the cache actor for the served prior's (and
-    asks again while Serve cannot say)."""
+    sends nothing, asking again, while Serve cannot say)."""
     import ray
+
+    from cachellm_rl.cache.client import CacheActorUnavailable
 
     @ray.remote(num_cpus=0)
     class _Cache:
@@ -290,8 +292,8 @@ def test_a_cache_client_prompts_in_the_served_priors_layout(ray_session):
 
     actor = _Cache.options(name="layout_test_cache", namespace="layout_test").remote()
     client = PriorCacheClient(None, cache_name="layout_test_cache", namespace="layout_test")
-    (q,) = client.build_queries([UNLISTED_STATE])
-    assert "Admissible actions" in q.request.prompt  # Serve could not say: the default stays
+    with pytest.raises(CacheActorUnavailable, match="layout is unknown"):
+        client.build_queries([UNLISTED_STATE])  # Serve could not say: no guessed layout
     ray.get(actor.set_layout.remote({"candidates_header": None}))
     (q,) = client.build_queries([UNLISTED_STATE])
     assert "Admissible actions" not in q.request.prompt
