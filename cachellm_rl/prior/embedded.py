@@ -214,6 +214,7 @@ def _load_demos(path: Path, key: dict):
 
 
 def _save_demos(path: Path, key: dict, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # e.g. artifacts/priors/ on a fresh clone
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)

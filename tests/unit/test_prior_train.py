@@ -339,6 +339,9 @@ def test_an_interrupted_training_keeps_its_demonstrations_for_the_rerun(
     assert not cache.exists()
     # Other settings do not take another setting's demonstrations.
     embedded._save_demos(cache, {"format": 1}, ([], None))
+    fresh = embedded.demos_cache_path(tmp_path / "not" / "yet" / "prior")  # a fresh clone
+    embedded._save_demos(fresh, {"format": 1}, ([], None))
+    assert embedded._load_demos(fresh, {"format": 1}) == ([], None)
     assert embedded._load_demos(cache, {"format": 2}) is None
     cache.write_bytes(b"torn")
     assert embedded._load_demos(cache, {"format": 1}) is None
