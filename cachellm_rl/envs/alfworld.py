@@ -30,12 +30,14 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,61 @@ def import_alfworld():
     import alfworld.agents.environment.alfred_tw_env
     import alfworld.agents.expert
 
+    memoize_textworld_parsers()
     return alfworld
+
+
+_PARSE_MEMO_SIZE = 8192
+
+
+def _memoized_parser(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """``parse`` with its results kept per (text, options), handed out as deep copies.
+
+    TextWorld's PDDL engine re-parses the same grammar snippets and logic queries with a
+    ``tatsu`` parser at every step (about 40 parses, 4 ms each, per ALFWorld step: over half
+    the engine's time). The parsed objects are mutated by their callers (contexts are set on
+    grammar symbols), so each call gets its own deep copy of the kept result: callers see
+    exactly what a fresh parse returns.
+    """
+    memo: OrderedDict[tuple, Any] = OrderedDict()
+
+    def memoized(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("trace"):
+            return parse(*args, **kwargs)
+        try:
+            key = (args, tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:
+            return parse(*args, **kwargs)
+        if key in memo:
+            memo.move_to_end(key)
+        else:
+            memo[key] = parse(*args, **kwargs)
+            if len(memo) > _PARSE_MEMO_SIZE:
+                memo.popitem(last=False)
+        return copy.deepcopy(memo[key])
+
+    memoized.__wrapped__ = parse  # type: ignore[attr-defined]
+    memoized._cachellm_memo = memo  # type: ignore[attr-defined]
+    return memoized
+
+
+def memoize_textworld_parsers(enable: bool = True) -> None:
+    """Keep the results of TextWorld's PDDL text-grammar and logic parsers (idempotent).
+
+    Args:
+        enable: False restores the library's own parsers (for equivalence tests).
+    """
+    import textworld.envs.pddl.textgen as textgen
+    import textworld.logic as logic
+
+    for module in (textgen, logic):
+        current = module._parse_and_convert
+        original = getattr(current, "__wrapped__", current)
+        if enable and current is original:
+            module._parse_and_convert = _memoized_parser(original)
+        elif not enable:
+            module._parse_and_convert = original
 
 
 def split_intro(text: str) -> tuple[str, str]:

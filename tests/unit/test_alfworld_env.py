@@ -13,6 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 pytest.importorskip("fast_downward", reason="needs textworld[pddl] (fast-downward-textworld)")
 
+from cachellm_rl.envs import alfworld as alfworld_module
 from cachellm_rl.envs.alfworld import (
     AlfWorldEnv,
     AlfWorldEnvConfig,
@@ -98,6 +99,41 @@ def test_expert_solves_every_generated_game(alf_suite):
         assert info["task_type"] in game
     assert random.getstate() == before  # the expert's draws do not touch the caller's random
     e.close()
+
+
+def _random_play(games, steps: int) -> list:
+    """What the env shows along a fixed random walk (observations, masks, rewards, infos)."""
+    e = make_text_env("alfworld", {"games": games, "max_episode_steps": 25})
+    rng = random.Random(5)
+    obs, info = e.reset(seed=0)
+    seen = []
+    for _ in range(steps):
+        valid = np.flatnonzero(obs[OBS_ACTION_MASK])
+        obs, r, term, trunc, info = e.step(int(rng.choice(list(valid))))
+        seen.append((info["observation"], tuple(info["candidates"]), r, term, trunc, info["won"]))
+        if term or trunc:
+            obs, info = e.reset()
+            seen.append(("reset", info["observation"], tuple(info["candidates"])))
+    e.close()
+    return seen
+
+
+def test_memoized_parsers_play_exactly_as_the_library_and_are_used(alf_suite, monkeypatch):
+    import textworld.envs.pddl.textgen as textgen
+    import textworld.logic as logic
+
+    games = alfworld_split_games(alf_suite, "train")
+    fast = _random_play(games, 60)
+    memos = [m._parse_and_convert._cachellm_memo for m in (textgen, logic)]
+    assert all(len(memo) > 0 for memo in memos)  # the engine went through the memo
+    alfworld_module.memoize_textworld_parsers(enable=False)
+    monkeypatch.setattr(alfworld_module, "memoize_textworld_parsers", lambda enable=True: None)
+    assert not hasattr(textgen._parse_and_convert, "_cachellm_memo")
+    slow = _random_play(games, 60)
+    assert fast == slow
+    monkeypatch.undo()
+    alfworld_module.memoize_textworld_parsers()
+    assert hasattr(textgen._parse_and_convert, "_cachellm_memo")
 
 
 def test_generator_is_idempotent_and_splits_by_floor_plan(alf_suite):
