@@ -133,27 +133,24 @@ def test_prior_train_writes_a_loadable_model(tw_suite, tmp_path):
     report = json.loads((out / "prior_train.json").read_text())
     assert report["train_games"] == 10 and report["examples"] > 0
     assert report["demonstrations"]["expert_missing"] == 0
-    listed = CandidateScorer(ScorerConfig(model_dir=str(out)))  # the path of any model
-    assert not (out / "prompt_layout.json").exists()  # the recipe's layout: the default
-    assert listed.prompt_config.candidates_header is not None
-    unlisted_dir = tmp_path / "unlisted"
+    # TextWorld's recipe leaves the action list out of the prompt; the layout is saved.
+    default = CandidateScorer(ScorerConfig(model_dir=str(out)))  # the path of any model
+    assert (out / "prompt_layout.json").is_file()
+    assert default.prompt_config.candidates_header is None
+    assert report["prompt_layout"]["candidates_header"] is None
+    listed_dir = tmp_path / "listed"
     res = runner.invoke(
         app,
         [
             *("prior", "train", "--env", "textworld", "--games", str(tw_suite)),
-            *("--out", str(unlisted_dir), "--episodes-per-game", "1", "--epochs", "1"),
-            *("--no-evaluate", "--no-list-candidates"),
+            *("--out", str(listed_dir), "--episodes-per-game", "1", "--epochs", "1"),
+            *("--no-evaluate", "--list-candidates"),
         ],
     )
     assert res.exit_code == 0, res.output
-    unlisted = CandidateScorer(ScorerConfig(model_dir=str(unlisted_dir)))
-    assert unlisted.prompt_config.candidates_header is None
-    assert (
-        json.loads((unlisted_dir / "prior_train.json").read_text())["prompt_layout"][
-            "candidates_header"
-        ]
-        is None
-    )
+    assert not (listed_dir / "prompt_layout.json").exists()  # the default layout: no file
+    listed = CandidateScorer(ScorerConfig(model_dir=str(listed_dir)))
+    assert listed.prompt_config.candidates_header is not None
 
 
 def test_prior_train_rejects_unknown_env(tmp_path):
