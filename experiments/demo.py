@@ -82,6 +82,11 @@ def make_inputs(cfg: TextSuiteConfig, console) -> None:
                 out_dir=prior,
                 episodes_per_game=4,
                 epochs=16,
+                # The layout the demo was calibrated with. Without the action list (the
+                # TextWorld recipe's default) this small prior already won 3 of the 4 test games
+                # (2026-12-04: direct_lm 0.75, uncached 0.50), leaving a 4-game demo no room to
+                # show learning; see the README.
+                list_candidates=True,
                 eval_splits=("test",),
                 progress=True,
             )
