@@ -41,15 +41,25 @@ from cachellm_rl.envs.text_env import (
 
 _TITLE_RE = re.compile(r"-=\s*(.*?)\s*=-")
 _PROMPT_RE = re.compile(r"\s*>\s*$")
+# The interpreter's status line, printed after the prompt at the end of every step's feedback:
+# ``>   -= Kitchen =-1/3`` (room, then score/moves).
+_STATUS_RE = re.compile(r"(?:\s*>)?\s*-=[^=\n]*=-\s*-?\d+/\d+\s*$")
 
 
 def clean_text(text: str) -> str:
-    """Collapse whitespace, turn ``-= Kitchen =-`` into ``[Kitchen]``, drop the ``>`` prompt.
+    """Collapse whitespace, turn ``-= Kitchen =-`` into ``[Kitchen]``, drop the ``>`` prompt and
+    the status line that ends a step's feedback (room and score/moves).
+
+    The move counter of the status line would make the same state reached at another move a
+    different text: a different cache key and LM prompt for an unchanged game state.
 
     Example:
         >>> clean_text("-= Kitchen =-\\nYou are in a kitchen.\\n\\n>")
         '[Kitchen] You are in a kitchen.'
+        >>> clean_text("\\nYou open the fridge.\\n\\n>          -= Kitchen =-0/2")
+        'You open the fridge.'
     """
+    text = _STATUS_RE.sub("", text)
     text = _TITLE_RE.sub(r"[\1]", text)
     text = _PROMPT_RE.sub("", text)
     return " ".join(text.split())

@@ -57,6 +57,32 @@ def test_recipe_in_objective_and_texts_in_info(env):
     assert mask.sum() == len(env.decision.candidates)
 
 
+def test_the_same_state_at_another_move_has_the_same_texts(env, tw_suite):
+    """The interpreter's status line (room, score/moves) is not part of the observation: the
+    state after ``open X`` equals the state after ``open X, close X, open X``."""
+
+    def play(game: str, commands: list[str]) -> tuple[TextDecision, dict]:
+        _, info = env.reset(options={"game": game})
+        for cmd in commands:
+            _, _, _, _, info = env.step(info["candidates"].index(cmd))
+        assert env.decision is not None
+        return env.decision, info
+
+    for game in split_games(tw_suite, "train"):
+        _, info = env.reset(options={"game": game})
+        opens = [c for c in info["candidates"] if c.startswith("open ")]
+        if opens:
+            break
+    else:
+        pytest.skip("no game of the fixture suite starts with a container to open")
+    thing = opens[0].removeprefix("open ")
+    once, info_once = play(game, [f"open {thing}"])
+    thrice, _ = play(game, [f"open {thing}", f"close {thing}", f"open {thing}"])
+    assert once.observation == thrice.observation
+    assert once.state_text() == thrice.state_text()
+    assert "=-" not in once.observation and "/" not in info_once["observation"]
+
+
 def test_masked_action_is_counted_noop_or_error(tw_suite):
     games = split_games(tw_suite, "train")
     lenient = TextWorldEnv({"games": games})
