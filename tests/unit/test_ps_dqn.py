@@ -276,6 +276,8 @@ def test_method_configs():
         assert cache_config_for(m, s).cache.reuse_rule == "tau", m
     exact = cache_config_for("exact_only", s)
     assert not exact.cache.semantic_tier and not exact.bypass
+    # exact reuse is never cut short by eviction: K at the ceiling adaptive's K may grow to
+    assert exact.cache.capacity_entries == s.meta.capacity_max > adaptive.cache.capacity_entries
     assert not connector_config_for("exact_only", s, "x").use_embeddings
     assert set(METHODS) == {
         "no_prior",
