@@ -350,6 +350,20 @@ def write_env_summary(
     return table
 
 
-def read_rows(out: Path) -> tuple[list[dict], list[dict]]:
-    """The rows and curve points of a results folder."""
-    return read_jsonl(out / RUNS_FILE), read_jsonl(out / CURVES_FILE)
+def read_rows(out: Path, seeds: Iterable[int] | None = None) -> tuple[list[dict], list[dict]]:
+    """The rows and curve points of a results folder.
+
+    Args:
+        out: The results folder.
+        seeds: Keep only these seeds' rows and curve points (a deterministic method's single
+            row stands for every seed and is kept). None keeps everything. A folder resumed
+            with fewer ``--seeds`` than it holds is summarised on the requested seeds only, so
+            every column of its table describes the same runs.
+    """
+    rows, curves = read_jsonl(out / RUNS_FILE), read_jsonl(out / CURVES_FILE)
+    if seeds is None:
+        return rows, curves
+    keep = {int(s) for s in seeds}
+    rows = [r for r in rows if r.get("deterministic") or int(r["seed"]) in keep]
+    curves = [c for c in curves if "seed" not in c or int(c["seed"]) in keep]
+    return rows, curves

@@ -190,3 +190,38 @@ def test_offline_selection_picks_the_best_valid_point_and_resumes(tmp_path, monk
     # a second call resumes from selection.json: nothing is trained again
     assert offline.select_hyperparameters(cfg, tmp_path, ["t1"], MethodSettings()) == chosen
     assert trained == [0.5, 1.0, 2.0]
+
+
+def test_a_folder_resumed_with_fewer_seeds_is_summarised_on_those_seeds_only(tmp_path):
+    """Every column of the table describes the requested seeds' runs: a folder holding seeds
+    0-2 summarised with ``seeds=(0,)`` reports seed 0's success *and* seed 0's return."""
+    from cachellm_rl.algorithms.ps_dqn.suite import TextSuiteConfig, write_outputs
+
+    rows = [
+        _row("direct_lm", 0, [1, 0, 0, 0], deterministic=True, return_mean=0.25),
+        *(
+            _row("uncached", s, per, return_mean=r)
+            for s, per, r in (
+                (0, [1, 1, 0, 0], 0.5),
+                (1, [1, 1, 1, 1], 1.0),
+                (2, [0, 0, 0, 0], 0.0),
+            )
+        ),
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = [{"method": "uncached", "seed": s, "env_steps": 1, "train_success": s} for s in (0, 1)]
+    (tmp_path / "curves.jsonl").write_text("".join(json.dumps(c) + "\n" for c in curve))
+    assert len(layer.read_rows(tmp_path)[0]) == 4
+    kept, curves = layer.read_rows(tmp_path, [0])
+    assert [(r["method"], r["seed"]) for r in kept] == [("direct_lm", 0), ("uncached", 0)]
+    assert [c["seed"] for c in curves] == [0]
+    cfg = TextSuiteConfig(
+        env="babyai", games_dir=str(tmp_path), methods=("direct_lm", "uncached"), seeds=(0,)
+    )
+    summary = write_outputs(tmp_path, cfg, {}, GAMES)
+    unc = summary["methods"]["uncached"]
+    assert unc["seeds"] == 1
+    assert unc["success_mean"] == pytest.approx(0.5) and unc["return_mean"] == pytest.approx(0.5)
+    assert [r["seed"] for r in summary["runs"] if r["method"] == "uncached"] == [0]
+    table = (tmp_path / "table.md").read_text()
+    assert "| uncached | 1 | 0.500 |" in table

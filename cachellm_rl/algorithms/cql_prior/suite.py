@@ -684,7 +684,7 @@ def write_outputs(out: Path, cfg: OfflineSuiteConfig, games, chosen, cards) -> d
     """Summary, table and plots from the rows written so far."""
     from cachellm_rl.plots import plot_curves
 
-    rows, curves = suite_layer.read_rows(out)
+    rows, curves = suite_layer.read_rows(out, cfg.seeds)
     names = [*REFERENCE_METHODS, *cfg.methods]
     methods = [m for m in names if any(r["method"] == m for r in rows)]
     result = aggregate(rows, methods, games, cfg.seeds)

@@ -732,7 +732,7 @@ def write_outputs(out: Path, cfg: TextSuiteConfig, hists: dict, games: Sequence[
     """Summary, table and plots from the rows written so far."""
     from cachellm_rl.plots import plot_curves, plot_latency_histogram
 
-    rows, curves = read_rows(out)
+    rows, curves = read_rows(out, cfg.seeds)
     methods = [m for m in cfg.methods if any(r["method"] == m for r in rows)]
     result = aggregate(rows, methods, games, cfg.seeds)
     agg = result["methods"]
