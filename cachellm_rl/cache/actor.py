@@ -792,6 +792,7 @@ class SharedPriorCache:
                 unused_fraction=cache.unused_fraction(),
                 return_trend=meta.return_trend(),
                 refresh_error_rate=cache.stats.refresh_error_ema,
+                fill_fraction=len(cache) / max(1, cache.capacity_entries),
             )
             new = meta.step(self._params(), signals)
             cache.set_params(

@@ -54,8 +54,13 @@ class MetaConfig:
         target_hit_rate: Hit rate under which tau falls (when the cache is not stale).
         tau_step: Additive tau step.
         capacity_gain: ``K *= 1 + capacity_gain * capacity_miss_rate``.
-        capacity_shrink: ``K *= 1 - capacity_shrink`` when unused entries exceed the threshold.
+        capacity_shrink: ``K *= 1 - capacity_shrink`` when the cache is full and unused
+            entries exceed the threshold.
         unused_fraction_threshold: Fraction of never-hit entries above which K shrinks.
+        full_fraction: Live entries / K at or above which the cache counts as full. K shrinks
+            only then: shrinking is there to release memory, and a cache below K holds none
+            to release (in RL a state met once is often met again much later, so shrinking a
+            cache that is not full only evicts it sooner).
         rho_step: Additive rho step.
         tau_min / tau_max / capacity_min / capacity_max / rho_min / rho_max: Projection box.
         lambda_queries: Meta-reward cost per LM query (per decision).
@@ -80,6 +85,7 @@ class MetaConfig:
     capacity_gain: float = 2.0
     capacity_shrink: float = 0.05
     unused_fraction_threshold: float = 0.6
+    full_fraction: float = 0.95
     rho_step: float = 0.01
     tau_min: float = 0.80
     tau_max: float = 0.995
@@ -107,6 +113,10 @@ class MetaConfig:
             raise ValueError(
                 "MetaConfig.target_refresh_error_rate must be in [0, 1], got "
                 f"{self.target_refresh_error_rate}"
+            )
+        if not 0 < self.full_fraction <= 1:
+            raise ValueError(
+                f"MetaConfig.full_fraction must be in (0, 1], got {self.full_fraction}"
             )
         if self.window_decisions < 1:
             raise ValueError("MetaConfig.window_decisions must be >= 1")
@@ -141,6 +151,7 @@ class WindowSignals:
         refresh_error_rate: EMA of the refresh error flag, NaN before the first refresh.
         served_label_error_rate: Wrong fraction of the window's reuse labels measured at
             similarities the cache serves (exploration calls and refreshes), NaN when none.
+        fill_fraction: Live entries / K at the end of the window (1.0 when not measured).
     """
 
     decisions: int
@@ -152,6 +163,7 @@ class WindowSignals:
     return_trend: float | None = None
     refresh_error_rate: float = float("nan")
     served_label_error_rate: float = float("nan")
+    fill_fraction: float = 1.0
 
     @classmethod
     def from_window(
@@ -161,6 +173,7 @@ class WindowSignals:
         unused_fraction: float,
         return_trend: float | None = None,
         refresh_error_rate: float = float("nan"),
+        fill_fraction: float = 1.0,
     ) -> WindowSignals:
         """Build signals from a cache's window counters (and its refresh-error EMA)."""
         n = max(1, w.decisions)
@@ -176,6 +189,7 @@ class WindowSignals:
             served_label_error_rate=(
                 w.served_wrong / w.served_labels if w.served_labels else float("nan")
             ),
+            fill_fraction=fill_fraction,
         )
 
 
@@ -210,7 +224,8 @@ def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> 
     - ``delta`` rule: tau is left alone; the exploration rate rises when the labels measured at
       served similarities are wrong more often than the target error rate (the fitted curve
       may be optimistic there: more labels), and decays otherwise;
-    - K up in proportion to the capacity-miss rate; down when entries go unused;
+    - K up in proportion to the capacity-miss rate; down when the cache is full and its
+      entries go unused;
     - rho up when the cache is stale or the return falls; down otherwise.
 
     Example:
@@ -236,7 +251,7 @@ def heuristic_update(params: CacheParams, s: WindowSignals, cfg: MetaConfig) -> 
     k = float(params.capacity_entries)
     if s.capacity_miss_rate > 0:
         k *= 1.0 + cfg.capacity_gain * s.capacity_miss_rate
-    elif s.unused_fraction > cfg.unused_fraction_threshold:
+    elif s.unused_fraction > cfg.unused_fraction_threshold and s.fill_fraction >= cfg.full_fraction:
         k *= 1.0 - cfg.capacity_shrink
     rho = params.refresh_probability
     falling = s.return_trend is not None and s.return_trend < 0

@@ -21,6 +21,9 @@ def test_heuristic_meta_update_runs_every_window():
     )
     actor = SharedPriorCache(cfg)
     rng = np.random.default_rng(0)
+    fills: list[float] = []
+    step = actor._meta.step
+    actor._meta.step = lambda p, sig: fills.append(sig.fill_fraction) or step(p, sig)
 
     async def run():
         for i in range(25):
@@ -33,6 +36,7 @@ def test_heuristic_meta_update_runs_every_window():
     assert s.min_cosine_similarity < 0.9  # hit rate 0 < target, no refresh KL: tau falls
     assert s.fallbacks_uniform == 25 and s.lm_failures == 25
     assert len(actor.meta_history()) == 2
+    assert fills == [0.0, 0.0]  # fallbacks are not cached: the cache is empty, K may not shrink
 
 
 def test_spsa_mode_moves_tau_from_caller_groups():

@@ -59,6 +59,13 @@ def test_capacity_follows_capacity_misses_and_unused_entries():
     assert up.capacity_entries == round(1000 * (1 + CFG.capacity_gain * 0.1))
     down = heuristic_update(P, sig(unused_fraction=0.9), CFG)
     assert down.capacity_entries < 1000
+    # a cache below K has no memory to release: unused entries there do not shrink K
+    held = heuristic_update(P, sig(unused_fraction=0.9, fill_fraction=0.5), CFG)
+    assert held.capacity_entries == 1000
+    full = heuristic_update(P, sig(unused_fraction=0.9, fill_fraction=CFG.full_fraction), CFG)
+    assert full.capacity_entries < 1000
+    with pytest.raises(ValueError, match="full_fraction"):
+        MetaConfig(full_fraction=0.0)
 
 
 def test_rho_rises_when_return_falls():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -276,8 +277,11 @@ def test_method_configs():
         assert cache_config_for(m, s).cache.reuse_rule == "tau", m
     exact = cache_config_for("exact_only", s)
     assert not exact.cache.semantic_tier and not exact.bypass
-    # exact reuse is never cut short by eviction: K at the ceiling adaptive's K may grow to
-    assert exact.cache.capacity_entries == s.meta.capacity_max > adaptive.cache.capacity_entries
+    # exact reuse is never cut short by eviction, in the baseline or in adaptive (whose
+    # meta-optimiser shrinks K only once the cache is full): both start at the ceiling
+    assert exact.cache.capacity_entries == s.meta.capacity_max == adaptive.cache.capacity_entries
+    small = replace(s, meta=replace(s.meta, capacity_max=5000), adaptive_initial_capacity=10**7)
+    assert cache_config_for("adaptive", small).cache.capacity_entries == 5000
     assert not connector_config_for("exact_only", s, "x").use_embeddings
     assert set(METHODS) == {
         "no_prior",

@@ -102,7 +102,11 @@ class MethodSettings:
             ``exact_only`` keeps up to ``meta.capacity_max`` entries.
         min_cosine_similarity: ``tau`` of ``lru`` and ``static``, and the start of ``adaptive``.
         refresh_probability: ``rho`` of ``static`` and the start of ``adaptive``.
-        adaptive_initial_capacity: Starting ``K`` of ``adaptive``.
+        adaptive_initial_capacity: Starting ``K`` of ``adaptive`` (clipped to
+            ``meta.capacity_max``). By default the ceiling, as ``exact_only``'s: a smaller
+            start evicted states the agent met again before capacity misses could grow ``K``
+            (ALFWorld, 10 000 steps from ``K = 1000``: about 310 such misses per run). The
+            meta-optimiser shrinks ``K`` only once the cache is full.
         meta: Meta-optimiser of ``adaptive``.
         correctness: The reuse labels' ``epsilon`` (``max_tv``), the error budget ``delta``,
             the exploration rate and the correctness model of ``adaptive``.
@@ -158,7 +162,7 @@ class MethodSettings:
     capacity_entries: int = 1000
     min_cosine_similarity: float = 0.95
     refresh_probability: float = 0.05
-    adaptive_initial_capacity: int = 1000
+    adaptive_initial_capacity: int = 1_000_000
     meta: MetaConfig = field(
         default_factory=lambda: MetaConfig(
             mode="heuristic",
@@ -288,7 +292,11 @@ def cache_config_for(
     adaptive = method == "adaptive"
     cache = CacheConfig(
         dim=dim,
-        capacity_entries=s.adaptive_initial_capacity if adaptive else s.capacity_entries,
+        capacity_entries=(
+            min(s.adaptive_initial_capacity, s.meta.capacity_max)
+            if adaptive
+            else s.capacity_entries
+        ),
         min_cosine_similarity=s.min_cosine_similarity,
         refresh_probability=s.refresh_probability,
         learn_entry_radius=False,  # static keeps one fixed radius; adaptive uses the delta rule
