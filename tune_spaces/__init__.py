@@ -34,7 +34,9 @@ def cache_meta() -> dict[str, Any]:
     and start, the exploration rate of the delta rule and its step, the meta step sizes and
     the meta-optimiser's window."""
     return {
-        "adaptive_initial_capacity": tune.lograndint(64, 4096),
+        # up to the meta-optimiser's ceiling (the default start): a small start evicts states
+        # the agent meets again before capacity misses can grow K (docs/cache.md)
+        "adaptive_initial_capacity": tune.lograndint(64, 1_000_001),
         "refresh_probability": tune.uniform(0.05, 0.2),
         "meta.rho_min": tune.uniform(0.0, 0.05),
         "meta.rho_max": tune.uniform(0.2, 0.5),
