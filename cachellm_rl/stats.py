@@ -73,6 +73,18 @@ _MEMO: dict[tuple, Interval] = {}
 _MEMO_SIZE = 4096
 
 
+def _memo_key(kind: str, arrays: tuple[np.ndarray, ...], reps: int, seed: int) -> tuple:
+    return (kind, reps, seed, *((a.shape, a.tobytes()) for a in arrays))
+
+
+def _remember(key: tuple, out: Interval) -> Interval:
+    """Keep ``out`` under ``key`` (the oldest estimate goes when the memo is full)."""
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = out
+    return out
+
+
 def _estimate(kind: str, scores: tuple[np.ndarray, ...], func, reps: int, seed: int) -> Interval:
     """rliable's stratified-bootstrap estimate of ``func`` on ``scores``, memoised.
 
@@ -84,7 +96,7 @@ def _estimate(kind: str, scores: tuple[np.ndarray, ...], func, reps: int, seed: 
     interval (every resample is the same), without a bootstrap.
     """
     arrays = tuple(np.asarray(x, dtype=np.float64) for x in scores)
-    key = (kind, reps, seed, *((a.shape, a.tobytes()) for a in arrays))
+    key = _memo_key(kind, arrays, reps, seed)
     hit = _MEMO.get(key)
     if hit is not None:
         return hit
@@ -108,10 +120,7 @@ def _estimate(kind: str, scores: tuple[np.ndarray, ...], func, reps: int, seed: 
         finally:
             np.random.set_state(saved)
         out = Interval(float(np.ravel(point["m"])[0]), float(ci["m"][0][0]), float(ci["m"][1][0]))
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.pop(next(iter(_MEMO)))
-    _MEMO[key] = out
-    return out
+    return _remember(key, out)
 
 
 def mean_interval(scores: np.ndarray, *, reps: int = DEFAULT_REPS, seed: int = 0) -> Interval:
@@ -160,17 +169,15 @@ def probability_of_improvement(
         raise ValueError(f"paired scores need equal shapes, got {a.shape} and {b.shape}")
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    key = ("poi", reps, seed, a.shape, a.tobytes(), b.tobytes())
+    key = _memo_key("poi", (a, b), reps, seed)
     hit = _MEMO.get(key)
     if hit is not None:
         return hit
     point = float(metrics.probability_of_improvement(a, b))
     draws = _poi_bootstrap(a, b, reps=reps, seed=seed)
-    out = Interval(point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
-    if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.pop(next(iter(_MEMO)))
-    _MEMO[key] = out
-    return out
+    return _remember(
+        key, Interval(point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+    )
 
 
 def _poi_bootstrap(a: np.ndarray, b: np.ndarray, *, reps: int, seed: int) -> np.ndarray:
