@@ -1081,10 +1081,28 @@ def get_or_create_cache(
 
 
 def kill_cache(
-    name: str = DEFAULT_CACHE_NAME, namespace: str = DEFAULT_NAMESPACE, *, no_restart: bool = True
+    name: str = DEFAULT_CACHE_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    *,
+    no_restart: bool = True,
+    wait_s: float = 30.0,
 ) -> bool:
-    """Kill the named cache actor (every shard of a sharded one); returns False when there was
-    none."""
+    """Kill the named cache actor (every shard of a sharded one).
+
+    ``ray.kill`` only asks for the kill: an actor call sent right after it may still be served
+    by the dying actor, and ``get_or_create_cache`` with the same name may still find it. With
+    ``no_restart`` this therefore waits until Ray has released the name (at most ``wait_s``
+    seconds; a warning is logged if it has not), so that callers see the actor gone.
+
+    Args:
+        name: Actor name (shard 0's).
+        namespace: Ray namespace.
+        no_restart: Kill for good; ``False`` lets Ray restart it (``max_restarts``).
+        wait_s: How long to wait for the name to be released after a kill for good.
+
+    Returns:
+        False when there was no such actor, else True.
+    """
     try:
         handle = ray.get_actor(name, namespace=namespace)
     except ValueError:
@@ -1099,4 +1117,19 @@ def kill_cache(
     ray.kill(handle, no_restart=no_restart)
     if no_restart:
         _SHARD_HANDLES.pop((name, namespace), None)
+        _wait_until_released(name, namespace, wait_s)
     return True
+
+
+def _wait_until_released(name: str, namespace: str, wait_s: float) -> None:
+    """Poll until no actor is registered as ``name``, or ``wait_s`` has passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        if time.monotonic() >= deadline:
+            logger.warning("cache actor %r still registered %.0f s after its kill", name, wait_s)
+            return
+        time.sleep(0.05)

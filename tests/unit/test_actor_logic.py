@@ -96,3 +96,34 @@ def test_near_inflight_reuse_under_delta_only_without_the_guard_and_the_verifier
     assert free._near_inflight(follower) == (leader.exact_key, pytest.approx(0.99, abs=1e-4))
     free._cache.verifier = object()  # type: ignore[assignment]  # any verifier
     assert free._near_inflight(follower) is None
+
+
+def test_kill_cache_returns_only_once_the_name_is_released(monkeypatch):
+    """``ray.kill`` is asynchronous: ``kill_cache`` must wait until Ray no longer knows the
+    name, so a call or a ``get_or_create_cache`` right after it cannot reach the dying actor."""
+    from cachellm_rl.cache import actor as actor_mod
+
+    class Handle:
+        class topology:  # stands in for the actor method
+            @staticmethod
+            def remote():
+                return None
+
+    state = {"killed": False, "lookups_after_kill": 0}
+
+    def get_actor(name, namespace=None):
+        if state["killed"]:
+            state["lookups_after_kill"] += 1
+            if state["lookups_after_kill"] > 3:  # Ray releases the name a little later
+                raise ValueError(name)
+        return Handle()
+
+    def kill(handle, no_restart=True):
+        state["killed"] = True
+
+    monkeypatch.setattr(actor_mod.ray, "get_actor", get_actor)
+    monkeypatch.setattr(actor_mod.ray, "get", lambda ref, timeout=None: [1])
+    monkeypatch.setattr(actor_mod.ray, "kill", kill)
+    assert actor_mod.kill_cache("c", "ns")
+    with pytest.raises(ValueError):
+        actor_mod.ray.get_actor("c", namespace="ns")
